@@ -1,0 +1,5 @@
+import sys
+
+from mcpft.cli import main
+
+sys.exit(main())

