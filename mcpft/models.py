@@ -119,6 +119,7 @@ def convert_gguf(gguf: Path, out_dir: Path) -> None:
     steps = tqdm(total=3, desc=f"Converting {gguf.name} to safetensors (once)", file=sys.stderr, unit="step")
     with steps:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        tokenizer.clean_up_tokenization_spaces = False  # the GGUF says True, which corrupts BPE text (and warns)
         ensure_tool_template(tokenizer)
         steps.update()
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)

@@ -37,6 +37,14 @@ _CORPUS = [
     '- generic [ref=e1]:\n  - heading "Welcome" [level=1] [ref=e2]\n  - link "About us" [ref=e3]:\n'
     '    - /url: /about\n  - textbox "Search" [ref=e4]\n  - button "Search" [ref=e5] [cursor=pointer]\n```',
     "### Result\nNavigated to https://example.com/\n### Error\nTimeoutError: locator.click: Timeout 5000ms exceeded.",
+    "Looking at the tool response, there is a section with the page title. The answer should mention the three "
+    "approaches covered in the article: program synthesis, test-time training and domain-specific languages.",
+    "Please book a table for two people tomorrow evening, compare prices across shops, and report the cheapest "
+    "option with its delivery date. Remember to check the cart before paying and confirm the order number.",
+    '{"id": "call_0", "type": "function", "function": {"name": "browser_wait_for", "arguments": "{\\"time\\": 2}"}}',
+    '{"role": "assistant", "content": "Done.", "tool_calls": []} {"role": "tool", "tool_call_id": "call_0"}',
+    '- list [ref=e20]:\n  - listitem [ref=e21]:\n    - checkbox "Remember me" [checked] [ref=e22]\n'
+    '  - combobox "Country" [ref=e23]: Germany\n  - img "Logo" [ref=e24]\n  - paragraph [ref=e25]: Price 19.99 EUR',
     "0123456789 ,.;:!?()[]{}<>/\\|@#$%^&*-_=+'\"`~ \n\t",
 ]
 

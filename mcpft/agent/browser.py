@@ -1,0 +1,136 @@
+"""The Playwright MCP browser server: find Chromium and the installed `@playwright/mcp`, write its config.
+
+`playwright_server(output_dir)` returns a stdio `ServerSpec` for `ToolHub`; the server runs with `output_dir`
+as its working folder, so its snapshot files, screenshots and any file the model names land there.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mcpft.agent.mcp import PLAYWRIGHT_UNSAFE_TOOLS, ServerSpec
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+PLAYWRIGHT_CLI = Path("@playwright") / "mcp" / "cli.js"
+CONFIG_FILE = "playwright-mcp.json"
+
+# Tests only: Chromium resolves no host but this machine (it otherwise looks up Google hosts at start).
+OFFLINE_ARGS = ("--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1, EXCLUDE localhost",)
+
+_CHROMIUM_PATHS = (
+    "/usr/bin/chromium",
+    "/usr/bin/chromium-browser",
+    "/usr/bin/google-chrome",
+    "/usr/bin/google-chrome-stable",
+    "/opt/google/chrome/chrome",
+)
+_CHROMIUM_COMMANDS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+_PLAYWRIGHT_CACHE_GLOBS = ("chromium-*/chrome-linux*/chrome",)
+
+
+class BrowserSetupError(RuntimeError):
+    """Something the browser needs is missing; the message says how to install it."""
+
+
+def find_chromium() -> str:
+    """The Chromium/Chrome executable to use: $CHROME_PATH, system installs, then Playwright's download cache."""
+    chosen = os.environ.get("CHROME_PATH")
+    if chosen:
+        if not _is_executable(chosen):
+            raise BrowserSetupError(f"CHROME_PATH is {chosen!r}, which is not an executable file")
+        return chosen
+    candidates = [*_CHROMIUM_PATHS, *filter(None, map(shutil.which, _CHROMIUM_COMMANDS)), *_playwright_cache()]
+    for candidate in candidates:
+        if _is_executable(candidate):
+            return candidate
+    raise BrowserSetupError(
+        "No Chromium or Chrome found. Install one with `apt-get install chromium` (Debian/Ubuntu), "
+        "or set CHROME_PATH to a Chrome/Chromium executable. Looked at: " + ", ".join(_CHROMIUM_PATHS)
+        + ", the PATH, and Playwright's cache (~/.cache/ms-playwright)."
+    )
+
+
+def _playwright_cache() -> list[str]:
+    cache = Path(os.environ.get("PLAYWRIGHT_BROWSERS_PATH") or Path.home() / ".cache" / "ms-playwright")
+    found = [path for pattern in _PLAYWRIGHT_CACHE_GLOBS for path in glob.glob(str(cache / pattern))]
+    return sorted(found, reverse=True)  # the newest revision first
+
+
+def _is_executable(path: str) -> bool:
+    return os.path.isfile(path) and os.access(path, os.X_OK)
+
+
+def find_playwright_cli() -> Path:
+    """`@playwright/mcp`'s cli.js in $MCPFT_NODE_MODULES or the node_modules beside the package (repo root)."""
+    override = os.environ.get("MCPFT_NODE_MODULES")
+    node_modules = Path(override) if override else REPO_ROOT / "node_modules"
+    cli = node_modules / PLAYWRIGHT_CLI
+    if not cli.is_file():
+        where = "MCPFT_NODE_MODULES" if override else "the repository"
+        raise BrowserSetupError(
+            f"Playwright MCP is not installed: {cli} is missing (node_modules from {where}). "
+            f"Run `make` (or `npm ci` in {REPO_ROOT}) to install it, or set MCPFT_NODE_MODULES to a "
+            "node_modules folder that has @playwright/mcp."
+        )
+    return cli
+
+
+def find_node() -> str:
+    node = shutil.which("node")
+    if node is None:
+        raise BrowserSetupError("Node.js is not installed (no `node` on the PATH); Playwright MCP needs it. "
+                                "Install it with `apt-get install nodejs` (Debian/Ubuntu), then run `make`.")
+    return node
+
+
+def playwright_config(output_dir: Path, *, headless: bool, offline: bool, extra_args: Sequence[str]) -> dict[str, Any]:
+    """Playwright MCP's config: an isolated Chromium we found ourselves (it would look for Chrome in /opt)."""
+    launch: dict[str, Any] = {"executablePath": find_chromium(), "headless": headless}
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        launch["chromiumSandbox"] = False  # Chromium refuses to start sandboxed as root
+    launch["args"] = [*extra_args, *(OFFLINE_ARGS if offline else ())]
+    return {
+        "browser": {"browserName": "chromium", "isolated": True, "launchOptions": launch},
+        "outputDir": str(output_dir),
+    }
+
+
+def playwright_server(output_dir: str | os.PathLike[str], headless: bool = True, offline: bool = False,
+                      extra_args: Sequence[str] = (), *, allow_unsafe_tools: bool = False,
+                      name: str = "playwright") -> ServerSpec:
+    """Write the Playwright MCP config under `output_dir` and return the stdio spec that runs it.
+
+    Headless unless `headless=False` and a display exists. `offline=True` keeps Chromium off the network
+    (tests only). Unsafe tools (`browser_run_code_unsafe`) stay hidden unless `allow_unsafe_tools`.
+    """
+    output_dir = Path(output_dir).resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if not headless and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        log.warning("a visible browser was asked for, but there is no DISPLAY: running headless")
+        headless = True
+    config = playwright_config(output_dir, headless=headless, offline=offline, extra_args=extra_args)
+    config_path = output_dir / CONFIG_FILE
+    config_path.write_text(json.dumps(config, indent=2), encoding="utf-8")
+    return ServerSpec(
+        name,
+        command=find_node(),
+        args=(str(find_playwright_cli()), "--config", str(config_path)),
+        cwd=str(output_dir),
+        inline_snapshots=True,
+        disabled_tools=frozenset() if allow_unsafe_tools else PLAYWRIGHT_UNSAFE_TOOLS,
+    )
+
+
+def default_mcp_config(data_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The `{"mcpServers": {...}}` config with the browser, its files under `data_dir/browser`."""
+    spec = playwright_server(Path(data_dir) / "browser")
+    return {"mcpServers": {spec.name: spec.to_config()}}

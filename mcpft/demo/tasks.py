@@ -1,0 +1,539 @@
+"""The demo task suite: prompts from templates × parameters, each with a checker tolerant of phrasing.
+
+Tasks are built deterministically from `mcpft.demo.data`, the same facts the site renders. Two fixed splits:
+`train`, and `heldout`, which holds parameters no train task uses (three products, two doc pages, some queries,
+facts, forms and questions) and two whole templates train never shows (`compare_price`,
+`docs_search_first_result`).
+
+    for task in load_tasks("train"):
+        prompt = task.prompt_for(site.base_url)
+        ...
+        result = task.check(final_answer, site)   # CheckResult(ok, reason)
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, Callable, Mapping, Protocol
+
+from mcpft.demo import data
+from mcpft.demo.data import Product
+
+SPLITS = ("train", "heldout")
+HELDOUT_PRODUCTS = frozenset({"alpine-trekking-poles", "ember-camp-stove", "horizon-binoculars"})
+HELDOUT_DOCS = frozenset({"warranty", "trail-safety"})
+HELDOUT_TEMPLATES = frozenset({"compare_price", "docs_search_first_result"})
+
+ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh")
+NUMBER_WORDS = {"zero": 0, "no": 0, "none": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6,
+                "seven": 7, "eight": 8, "nine": 9, "ten": 10, "eleven": 11, "twelve": 12}
+
+
+class SiteState(Protocol):
+    """What a checker may read of the browser's effects: the site's recorded contact-form submissions."""
+
+    @property
+    def submissions(self) -> list[dict[str, str]]: ...
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    ok: bool
+    reason: str
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+Checker = Callable[[str, "SiteState | None"], CheckResult]
+
+
+@dataclass(frozen=True)
+class Task:
+    """One task. `prompt` holds a `{base_url}` placeholder; `expected` is a right answer, `wrong` a plausible wrong one."""
+
+    id: str
+    template: str
+    split: str
+    prompt: str
+    needs_tools: bool
+    params: Mapping[str, Any]
+    expected: str
+    wrong: str
+    checker: Checker = field(repr=False, compare=False)
+
+    def prompt_for(self, base_url: str) -> str:
+        return self.prompt.format(base_url=base_url.rstrip("/"))
+
+    def check(self, answer: str, site_state: SiteState | None = None) -> CheckResult:
+        if not isinstance(answer, str):
+            raise TypeError(f"task {self.id}: answer must be a string, got {type(answer).__name__}")
+        return self.checker(answer, site_state)
+
+
+# ---- answer reading helpers -----------------------------------------------------------------------------------
+
+def words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def compact(text: str) -> str:
+    """Lower-case letters and digits only, so "HyperText" matches "Hypertext" and "12,400" matches "12400"."""
+    return "".join(words(text))
+
+
+def numbers(text: str) -> list[float]:
+    """Every number in the text, digits ("$1,450.00", "68%") or small number words ("three")."""
+    found = [float(raw.replace(",", "")) for raw in re.findall(r"\d[\d,]*(?:\.\d+)?|\.\d+", text)
+             if re.fullmatch(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+", raw)]
+    found += [float(NUMBER_WORDS[word]) for word in words(text) if word in NUMBER_WORDS and word != "no"]
+    if re.search(r"\bno (?:results?|matches|pages)\b", text.lower()):
+        found.append(0.0)
+    return found
+
+
+def mentions_number(text: str, value: float) -> bool:
+    return any(abs(number - value) < 0.005 for number in numbers(text))
+
+
+def mentions_words(answer: str, phrase: str) -> bool:
+    """All words of `phrase` occur in `answer`, in any order and casing."""
+    present = set(words(answer))
+    return all(word in present for word in words(phrase))
+
+
+def mentions_product(answer: str, product: Product) -> bool:
+    return product.short_name.lower() in words(answer)
+
+
+def _ok(reason: str = "matches") -> CheckResult:
+    return CheckResult(True, reason)
+
+
+def _fail(reason: str) -> CheckResult:
+    return CheckResult(False, reason)
+
+
+# ---- checkers -------------------------------------------------------------------------------------------------
+
+def check_price(product: Product, require_name: bool = False) -> Checker:
+    other_prices = {p.price for p in data.PRODUCTS if p.price != product.price}
+
+    def check(answer: str, _: SiteState | None) -> CheckResult:
+        if not mentions_number(answer, product.price):
+            return _fail(f"expected the price {product.price_text}")
+        hedged = sorted(price for price in other_prices if mentions_number(answer, price))
+        if hedged:
+            return _fail(f"also names other catalogue prices {hedged}")
+        if require_name and not mentions_product(answer, product):
+            return _fail(f"expected the product name {product.name!r}")
+        return _ok()
+    return check
+
+
+def check_spec(product: Product, spec: str) -> Checker:
+    value = product.specs[spec]
+
+    def check(answer: str, _: SiteState | None) -> CheckResult:
+        if spec == "Weight":
+            grams = product.weight_g
+            kilos = [n for n in numbers(answer) if "kg" in answer.lower() and abs(n * 1000 - grams) < 0.5]
+            ok = mentions_number(answer, grams) or bool(kilos)
+        elif spec == "Warranty":
+            ok = mentions_number(answer, product.warranty_years) and "year" in answer.lower()
+        else:
+            ok = mentions_words(answer, value)
+        return _ok() if ok else _fail(f"expected the {spec.lower()} {value!r}")
+    return check
+
+
+def check_first_of(items: tuple[str, ...], what: str) -> Checker:
+    """The answer names items[0] and does not hedge by also naming the other items of the list."""
+    def check(answer: str, _: SiteState | None) -> CheckResult:
+        if not mentions_words(answer, items[0]):
+            return _fail(f"expected the first {what} {items[0]!r}")
+        others = [item for item in items[1:] if mentions_words(answer, item)]
+        if others:
+            return _fail(f"also names later {what}s {others}")
+        return _ok()
+    return check
+
+
+def check_choice(right: Product, other: Product, what: str) -> Checker:
+    """The answer names `right`; when it names both, `right` must come first ("A is lighter than B")."""
+    def check(answer: str, _: SiteState | None) -> CheckResult:
+        answer_words = words(answer)
+        right_key, other_key = right.short_name.lower(), other.short_name.lower()
+        if right_key not in answer_words:
+            return _fail(f"expected {right.name!r} as the {what} one")
+        if other_key in answer_words and answer_words.index(other_key) < answer_words.index(right_key):
+            return _fail(f"names {other.name!r} before {right.name!r}: ambiguous which is {what}")
+        return _ok()
+    return check
+
+
+def check_price_difference(dearer: Product, cheaper: Product) -> Checker:
+    difference = round(dearer.price - cheaper.price, 2)
+    name_check = check_choice(dearer, cheaper, "more expensive")
+
+    def check(answer: str, state: SiteState | None) -> CheckResult:
+        named = name_check(answer, state)
+        if not named.ok:
+            return named
+        if not mentions_number(answer, difference):
+            return _fail(f"expected the difference ${difference:,.2f}")
+        return _ok()
+    return check
+
+
+def check_count(expected: int, ceiling: int) -> Checker:
+    """The expected count is stated and no other count up to `ceiling` is."""
+    def check(answer: str, _: SiteState | None) -> CheckResult:
+        counts = {int(n) for n in numbers(answer) if n == int(n) and 0 <= n <= ceiling}
+        if expected not in counts:
+            return _fail(f"expected the count {expected}")
+        if counts - {expected}:
+            return _fail(f"also states other counts {sorted(counts - {expected})}")
+        return _ok()
+    return check
+
+
+def check_fact(key: str) -> Checker:
+    value = data.STORY_FACTS[key]
+    needle = {"founder": "Lindqvist", "headquarters": "Boulder"}.get(key)
+
+    def check(answer: str, _: SiteState | None) -> CheckResult:
+        ok = mentions_words(answer, needle) if needle else mentions_number(answer, float(compact(value)))
+        return _ok() if ok else _fail(f"expected {value!r}")
+    return check
+
+
+def check_number(expected: float) -> Checker:
+    def check(answer: str, _: SiteState | None) -> CheckResult:
+        return _ok() if mentions_number(answer, expected) else _fail(f"expected {expected:g}")
+    return check
+
+
+def check_phrase(phrase: str) -> Checker:
+    def check(answer: str, _: SiteState | None) -> CheckResult:
+        return _ok() if compact(phrase) in compact(answer) else _fail(f"expected {phrase!r}")
+    return check
+
+
+def normalise_field(name: str, value: str) -> str:
+    collapsed = " ".join(value.split())
+    return collapsed.lower() if name == "email" else collapsed
+
+
+def check_submission(expected: Mapping[str, str]) -> Checker:
+    """The site recorded a contact submission whose fields all equal `expected` (whitespace and email case aside)."""
+    def check(_: str, state: SiteState | None) -> CheckResult:
+        if state is None:
+            return _fail("needs the site state (its submissions) to check a form task")
+        submissions = state.submissions
+        if not submissions:
+            return _fail("no contact form submission was recorded")
+        for submission in reversed(submissions):
+            wrong = [name for name, value in expected.items()
+                     if normalise_field(name, submission.get(name, "")) != normalise_field(name, value)]
+            if not wrong:
+                return _ok("submission recorded")
+        closest = min(submissions, key=lambda s: sum(normalise_field(k, s.get(k, "")) != normalise_field(k, v)
+                                                     for k, v in expected.items()))
+        diffs = [f"{name}={closest.get(name, '')!r} (expected {value!r})" for name, value in expected.items()
+                 if normalise_field(name, closest.get(name, "")) != normalise_field(name, value)]
+        return _fail("closest submission differs: " + ", ".join(diffs))
+    return check
+
+
+# ---- templates ------------------------------------------------------------------------------------------------
+
+SPEC_QUESTIONS = {
+    "Weight": "How much does the {name} weigh",
+    "Material": "What material is the {name} made of",
+    "Warranty": "How long is the warranty on the {name}",
+    "Made in": "In which country is the {name} made",
+}
+SPEC_KEYS = tuple(SPEC_QUESTIONS)
+
+FACT_QUESTIONS = {
+    "founded": "the year Acme was founded",
+    "founder": "who founded Acme",
+    "headquarters": "which city Acme's headquarters are in",
+    "stores": "how many stores Acme has",
+    "employees": "how many people work at Acme",
+    "trees": "how many trees Acme planted in 2024",
+    "recycled": "what share of Acme's range uses recycled materials",
+}
+FACT_ANSWERS = {
+    "founded": "Acme was founded in 1987.", "founder": "Acme was founded by Marta Lindqvist.",
+    "headquarters": "Acme's headquarters are in Boulder, Colorado.", "stores": "Acme has 23 stores.",
+    "employees": "410 people work at Acme.", "trees": "Acme planted 12,400 trees in 2024.",
+    "recycled": "68% of Acme's range uses recycled materials.",
+}
+FACT_WRONG = {"founded": "1978", "founder": "Marta Lindgren", "headquarters": "Denver, Colorado", "stores": "32",
+              "employees": "401", "trees": "14,200", "recycled": "86%"}
+HELDOUT_FACTS = frozenset({"employees", "recycled"})
+
+SEARCHES_TRAIN = ("wash", "delivery", "order", "card", "weather", "zip", "account", "kayak", "page", "store")
+SEARCHES_HELDOUT = ("tent", "gift", "water", "days", "hour")
+FIRST_RESULT_SEARCHES = ("refund", "label", "voucher", "hour")
+
+CONTACTS = (  # (name, email, topic, message, split)
+    ("Ada Byron", "ada@example.com", "Order status", "Where is order 1042?", "train"),
+    ("Ben Okafor", "ben.okafor@example.org", "Returns", "The boots are a size too small.", "train"),
+    ("Chen Wei", "chen.wei@example.net", "Product question", "Is the tent good for snow?", "train"),
+    ("Dana Ruiz", "dana@ruiz.example", "Wholesale", "We run a climbing gym and want 40 bottles.", "train"),
+    ("Emil Sorensen", "emil@example.com", "Feedback", "Great service in the Boulder store.", "train"),
+    ("Fatima Noor", "f.noor@example.org", "Order status", "My parcel tracking has not updated.", "train"),
+    ("Gus Harlan", "gus.harlan@example.com", "Returns", "Please send a label for my jacket.", "heldout"),
+    ("Hana Sato", "hana@sato.example", "Product question", "Does the stove work at altitude?", "heldout"),
+)
+
+ARITHMETIC = (  # (question, answer, split)
+    ("What is 17 times 23?", 391, "train"),
+    ("What is 144 divided by 12?", 12, "train"),
+    ("What is 15% of 80?", 12, "train"),
+    ("What is 1,250 plus 4,375?", 5625, "train"),
+    ("What is 9 squared?", 81, "train"),
+    ("What is 1000 minus 358?", 642, "train"),
+    ("What is 36 times 25?", 900, "heldout"),
+    ("What is 20% of 450?", 90, "heldout"),
+)
+
+ABBREVIATIONS = (  # (abbreviation, expansion, split)
+    ("HTTP", "Hypertext Transfer Protocol", "train"),
+    ("URL", "Uniform Resource Locator", "train"),
+    ("HTML", "HyperText Markup Language", "train"),
+    ("CSS", "Cascading Style Sheets", "train"),
+    ("JSON", "JavaScript Object Notation", "train"),
+    ("SQL", "Structured Query Language", "train"),
+    ("API", "Application Programming Interface", "heldout"),
+    ("PDF", "Portable Document Format", "heldout"),
+)
+
+
+def _split_for(*products: Product) -> str:
+    return "heldout" if any(p.slug in HELDOUT_PRODUCTS for p in products) else "train"
+
+
+def _neighbour(product: Product, offset: int = 1) -> Product:
+    return data.PRODUCTS[(data.PRODUCTS.index(product) + offset) % len(data.PRODUCTS)]
+
+
+def price_by_position_tasks() -> list[Task]:
+    tasks = []
+    for index, product in enumerate(data.products_page(1)):
+        ordinal = ORDINALS[index]
+        tasks.append(Task(
+            id=f"price_by_position-{index + 1}", template="price_by_position", split=_split_for(product),
+            prompt=f"Go to the Acme Outfitters shop at {{base_url}}, open the {ordinal} product in the catalogue "
+                   "and tell me its price.",
+            needs_tools=True, params={"position": index + 1, "product": product.slug},
+            expected=f"The {ordinal} product, the {product.name}, costs {product.price_text}.",
+            wrong=f"It costs {_neighbour(product).price_text}.", checker=check_price(product)))
+    return tasks
+
+
+def page2_product_tasks() -> list[Task]:
+    tasks = []
+    for index, product in enumerate(data.products_page(2)):
+        ordinal = ORDINALS[index]
+        other = _neighbour(product)
+        tasks.append(Task(
+            id=f"page2_product-{index + 1}", template="page2_product", split=_split_for(product),
+            prompt=f"On the shop at {{base_url}}, go to page 2 of the product catalogue and tell me the name and "
+                   f"price of the {ordinal} product listed there.",
+            needs_tools=True, params={"position": index + 1, "product": product.slug},
+            expected=f"The {ordinal} product on page 2 is the {product.name}, priced at {product.price_text}.",
+            wrong=f"It is the {other.name}, priced at {other.price_text}.",
+            checker=check_price(product, require_name=True)))
+    return tasks
+
+
+def product_spec_tasks() -> list[Task]:
+    tasks = []
+    for index, product in enumerate(data.PRODUCTS):
+        for spec in (SPEC_KEYS[index % 4], SPEC_KEYS[(index + 2) % 4]):
+            other = next(p for offset in range(1, len(data.PRODUCTS))
+                         if (p := _neighbour(product, offset)).specs[spec] != product.specs[spec])
+            question = SPEC_QUESTIONS[spec].format(name=product.name)
+            tasks.append(Task(
+                id=f"product_spec-{product.slug}-{spec.lower().replace(' ', '_')}", template="product_spec",
+                split=_split_for(product),
+                prompt=f"{question}? Look it up on the shop at {{base_url}}.",
+                needs_tools=True, params={"product": product.slug, "spec": spec},
+                expected=f"{spec} of the {product.name}: {product.specs[spec]}.",
+                wrong=f"{spec}: {other.specs[spec]}.", checker=check_spec(product, spec)))
+    return tasks
+
+
+def product_first_feature_tasks() -> list[Task]:
+    return [Task(
+        id=f"product_first_feature-{product.slug}", template="product_first_feature", split=_split_for(product),
+        prompt=f"Open the {product.name} page on the shop at {{base_url}} and tell me the first feature listed.",
+        needs_tools=True, params={"product": product.slug},
+        expected=f"The first feature listed is: {product.features[0]}.",
+        wrong=f"The first feature listed is: {product.features[1]}.",
+        checker=check_first_of(product.features, "feature")) for product in data.PRODUCTS]
+
+
+def _pairs() -> list[tuple[Product, Product]]:
+    """Each product against the one seven places on (other page), plus neighbours on the same page."""
+    products = data.PRODUCTS
+    across = [(products[i], products[i + data.PRODUCTS_PER_PAGE]) for i in range(data.PRODUCTS_PER_PAGE)]
+    beside = [(products[i], products[i + 1]) for i in range(0, len(products) - 1, 2)]
+    return across + beside
+
+
+def compare_weight_tasks() -> list[Task]:
+    tasks = []
+    for first, second in _pairs():
+        lighter, heavier = sorted((first, second), key=lambda p: p.weight_g)
+        tasks.append(Task(
+            id=f"compare_weight-{first.slug}-{second.slug}", template="compare_weight",
+            split=_split_for(first, second),
+            prompt=f"Which is lighter, the {first.name} or the {second.name}? Compare their weights on the shop "
+                   "at {base_url}.",
+            needs_tools=True, params={"products": [first.slug, second.slug]},
+            expected=f"The {lighter.name} is lighter ({lighter.weight_g} g vs {heavier.weight_g} g).",
+            wrong=f"The {heavier.name} is lighter.", checker=check_choice(lighter, heavier, "lighter")))
+    return tasks
+
+
+def compare_price_tasks() -> list[Task]:
+    tasks = []
+    for first, second in _pairs()[::3]:
+        cheaper, dearer = sorted((first, second), key=lambda p: p.price)
+        difference = f"${dearer.price - cheaper.price:,.2f}"
+        tasks.append(Task(
+            id=f"compare_price-{first.slug}-{second.slug}", template="compare_price", split="heldout",
+            prompt=f"Which costs more, the {first.name} or the {second.name}, and by how much? Check both on the "
+                   "shop at {base_url}.",
+            needs_tools=True, params={"products": [first.slug, second.slug]},
+            expected=f"The {dearer.name} costs {difference} more ({dearer.price_text} vs {cheaper.price_text}).",
+            wrong=f"The {cheaper.name} costs {difference} more.",
+            checker=check_price_difference(dearer, cheaper)))
+    return tasks
+
+
+def docs_first_item_tasks() -> list[Task]:
+    tasks = []
+    for doc in data.DOCS:
+        for section in doc.sections:
+            tasks.append(Task(
+                id=f"docs_first_item-{doc.slug}-{compact(section.heading)}", template="docs_first_item",
+                split="heldout" if doc.slug in HELDOUT_DOCS else "train",
+                prompt=f"Find the docs page about {doc.topic} on {{base_url}} and tell me the first item under "
+                       f"\"{section.heading}\".",
+                needs_tools=True, params={"doc": doc.slug, "heading": section.heading},
+                expected=f"The first item under \"{section.heading}\" is: {section.items[0]}.",
+                wrong=f"The first item is: {section.items[1]}.",
+                checker=check_first_of(section.items, "item")))
+    return tasks
+
+
+def docs_search_count_tasks() -> list[Task]:
+    tasks = []
+    for split, queries in (("train", SEARCHES_TRAIN), ("heldout", SEARCHES_HELDOUT)):
+        for query in queries:
+            count = len(data.search_docs(query))
+            tasks.append(Task(
+                id=f"docs_search_count-{query}", template="docs_search_count", split=split,
+                prompt=f"Search the docs at {{base_url}} for \"{query}\" and tell me how many results there are.",
+                needs_tools=True, params={"query": query},
+                expected=f"The search for \"{query}\" gives {count} result{'' if count == 1 else 's'}.",
+                wrong=f"There are {count + 1} results.", checker=check_count(count, len(data.DOCS))))
+    return tasks
+
+
+def docs_search_first_result_tasks() -> list[Task]:
+    tasks = []
+    for query in FIRST_RESULT_SEARCHES:
+        results = data.search_docs(query)
+        titles = tuple(doc.title for doc in results)
+        wrong = next(doc.title for doc in data.DOCS if doc.title not in titles)
+        tasks.append(Task(
+            id=f"docs_search_first_result-{query}", template="docs_search_first_result", split="heldout",
+            prompt=f"Search the docs at {{base_url}} for \"{query}\" and tell me the title of the first result.",
+            needs_tools=True, params={"query": query},
+            expected=f"The first result is \"{titles[0]}\".", wrong=f"The first result is \"{wrong}\".",
+            checker=check_first_of(titles, "result")))
+    return tasks
+
+
+def learn_more_fact_tasks() -> list[Task]:
+    return [Task(
+        id=f"learn_more_fact-{key}", template="learn_more_fact",
+        split="heldout" if key in HELDOUT_FACTS else "train",
+        prompt=f"On {{base_url}}, click the \"Learn more\" link on the home page, switch to the new tab it opens "
+               f"and tell me {question}.",
+        needs_tools=True, params={"fact": key},
+        expected=FACT_ANSWERS[key], wrong=f"The answer is {FACT_WRONG[key]}.", checker=check_fact(key))
+        for key, question in FACT_QUESTIONS.items()]
+
+
+def contact_form_tasks() -> list[Task]:
+    tasks = []
+    for name, email, topic, message, split in CONTACTS:
+        fields = {"name": name, "email": email, "topic": topic, "message": message}
+        tasks.append(Task(
+            id=f"contact_form-{compact(name)}", template="contact_form", split=split,
+            prompt=f"Use the contact form on {{base_url}} to send a message with name \"{name}\", email "
+                   f"\"{email}\", topic \"{topic}\" and message \"{message}\".",
+            needs_tools=True, params=fields,
+            expected=f"I sent the message as {name} ({email}) under \"{topic}\".",
+            wrong="I could not find the contact form.", checker=check_submission(fields)))
+    return tasks
+
+
+def no_tool_arithmetic_tasks() -> list[Task]:
+    return [Task(
+        id=f"no_tool_arithmetic-{index + 1}", template="no_tool_arithmetic", split=split, prompt=question,
+        needs_tools=False, params={"answer": answer}, expected=f"{answer:,}", wrong=f"{answer + 1:,}",
+        checker=check_number(answer)) for index, (question, answer, split) in enumerate(ARITHMETIC)]
+
+
+def no_tool_definition_tasks() -> list[Task]:
+    expansions = [expansion for _, expansion, _ in ABBREVIATIONS]
+    return [Task(
+        id=f"no_tool_definition-{abbreviation.lower()}", template="no_tool_definition", split=split,
+        prompt=f"What does the abbreviation {abbreviation} stand for?", needs_tools=False,
+        params={"abbreviation": abbreviation, "expansion": expansion},
+        expected=f"{abbreviation} stands for {expansion}.",
+        wrong=f"{abbreviation} stands for {expansions[(index + 1) % len(expansions)]}.",
+        checker=check_phrase(expansion)) for index, (abbreviation, expansion, split) in enumerate(ABBREVIATIONS)]
+
+
+TEMPLATE_BUILDERS = (
+    price_by_position_tasks, page2_product_tasks, product_spec_tasks, product_first_feature_tasks,
+    compare_weight_tasks, compare_price_tasks, docs_first_item_tasks, docs_search_count_tasks,
+    docs_search_first_result_tasks, learn_more_fact_tasks, contact_form_tasks, no_tool_arithmetic_tasks,
+    no_tool_definition_tasks,
+)
+
+
+@lru_cache(maxsize=1)
+def all_tasks() -> tuple[Task, ...]:
+    tasks = tuple(task for build in TEMPLATE_BUILDERS for task in build())
+    ids = [task.id for task in tasks]
+    duplicates = sorted({task_id for task_id in ids if ids.count(task_id) > 1})
+    if duplicates:
+        raise RuntimeError(f"duplicate demo task ids: {duplicates}")
+    return tasks
+
+
+def load_tasks(split: str | None = None) -> list[Task]:
+    """The tasks of `split` ("train" or "heldout"), or all tasks when `split` is None, in a fixed order."""
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS} or None")
+    return [task for task in all_tasks() if split is None or task.split == split]
+
+
+def task_by_id(task_id: str) -> Task:
+    for task in all_tasks():
+        if task.id == task_id:
+            return task
+    raise KeyError(f"no demo task with id {task_id!r}")
