@@ -75,14 +75,13 @@ def _import_document(store: Store, where: str, document, owner: str, tags: tuple
         return
     trace.owner = owner or trace.owner
     trace.tags = list(dict.fromkeys([*trace.tags, *tags]))
-    trace_id, added = store.add_trace(trace, original=text)
-    if not added:
+    result = store.add_trace(trace, original=text)
+    if not result.added:
         report.duplicates += 1
         return
-    report.imported.append(trace_id)
-    flags = store.get(trace_id).flags
-    if flags:
-        report.flagged.append({"file": where, "id": trace_id, "reasons": [f["message"] for f in flags]})
+    report.imported.append(result.id)
+    if result.flags:
+        report.flagged.append({"file": where, "id": result.id, "reasons": [f["message"] for f in result.flags]})
 
 
 def _problem(error: Exception, where: str) -> str:

@@ -6,6 +6,7 @@ completed step, and an imported trace lands whole or not at all.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 import threading
@@ -13,8 +14,9 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
-from mcpft.trace import Trace, TraceError, content_hash, normalize_message, now_iso, validate
+from mcpft.trace import Trace, TraceError, normalize_message, now_iso, validate
 
 # Each entry migrates the schema from version i to i + 1; the file's `PRAGMA user_version` says where it stands.
 MIGRATIONS = [
@@ -84,6 +86,25 @@ class TraceSummary:
     source: str
 
 
+class Added(NamedTuple):
+    id: str
+    added: bool  # False: the owner already had this content; `id` is that trace
+    flags: list[dict]
+
+
+def message_bodies(messages: list[dict]) -> list[str]:
+    """Each message's stored JSON. Normalised messages have a fixed key order, so equal content gives equal text."""
+    return [json.dumps(m, ensure_ascii=False) for m in messages]
+
+
+def content_hash(bodies: list[str], tools_json: str) -> str:
+    """Identity of a conversation's content (messages and tools), for skipping duplicates on import."""
+    digest = hashlib.sha256(tools_json.encode())
+    for body in bodies:
+        digest.update(b"\x00" + body.encode())
+    return digest.hexdigest()
+
+
 class Store:
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -129,29 +150,28 @@ class Store:
 
     # -- writing ---------------------------------------------------------------------------------------------------
 
-    def add_trace(self, trace: Trace, original: str | None = None) -> tuple[str, bool]:
-        """Store a whole trace in one transaction. Returns (id, added); a duplicate of the owner's is not added."""
-        digest = trace.content_hash()
+    def add_trace(self, trace: Trace, original: str | None = None) -> Added:
+        """Store a whole trace in one transaction; a duplicate of one the owner has is not added again."""
+        bodies = message_bodies(trace.messages)
+        digest = content_hash(bodies, json.dumps(trace.tools, ensure_ascii=False))
+        flags = validate(trace.messages, trace.tools)
         with self._transaction() as db:
             row = db.execute("SELECT id FROM traces WHERE owner=? AND content_hash=?", (trace.owner, digest)).fetchone()
             if row:
-                return row[0], False
+                return Added(row[0], False, [])
             trace_id = trace.id or new_id()
-            flags = validate(trace.messages, trace.tools)
             db.execute(*_insert_trace_sql(trace, trace_id, flags, digest, original))
-            db.executemany(
-                "INSERT INTO messages(trace_id, idx, body) VALUES (?,?,?)",
-                [(trace_id, i, json.dumps(m, ensure_ascii=False)) for i, m in enumerate(trace.messages)],
-            )
-        return trace_id, True
+            db.executemany("INSERT INTO messages(trace_id, idx, body) VALUES (?,?,?)",
+                           [(trace_id, i, body) for i, body in enumerate(bodies)])
+        return Added(trace_id, True, flags)
 
     def start_trace(self, trace: Trace) -> str:
         """Open a trace to be appended to message by message (the agent's way); `trace.messages` may be empty."""
         trace_id = trace.id or new_id()
         with self._transaction() as db:
             db.execute(*_insert_trace_sql(trace, trace_id, [], "", None))
-            for i, m in enumerate(trace.messages):
-                db.execute("INSERT INTO messages(trace_id, idx, body) VALUES (?,?,?)", (trace_id, i, json.dumps(m)))
+            db.executemany("INSERT INTO messages(trace_id, idx, body) VALUES (?,?,?)",
+                           [(trace_id, i, body) for i, body in enumerate(message_bodies(trace.messages))])
             self._refresh(db, trace_id)
         return trace_id
 
@@ -162,7 +182,7 @@ class Store:
             self._require(db, trace_id)
             idx = db.execute("SELECT COALESCE(MAX(idx) + 1, 0) FROM messages WHERE trace_id=?", (trace_id,)).fetchone()[0]
             db.execute("INSERT INTO messages(trace_id, idx, body) VALUES (?,?,?)",
-                       (trace_id, idx, json.dumps(message, ensure_ascii=False)))
+                       (trace_id, idx, message_bodies([message])[0]))
             self._refresh(db, trace_id)
         return idx
 
@@ -212,7 +232,7 @@ class Store:
         if messages is not None:
             db.execute("DELETE FROM messages WHERE trace_id=?", (trace_id,))
             db.executemany("INSERT INTO messages(trace_id, idx, body) VALUES (?,?,?)",
-                           [(trace_id, i, json.dumps(m, ensure_ascii=False)) for i, m in enumerate(messages)])
+                           [(trace_id, i, body) for i, body in enumerate(message_bodies(messages))])
         for key, value in fields.items():
             value = json.dumps(value, ensure_ascii=False) if key in JSON_COLUMNS else value
             db.execute(f"UPDATE traces SET {key}=? WHERE id=?", (value, trace_id))  # key checked against META_FIELDS
@@ -220,10 +240,11 @@ class Store:
 
     def _refresh(self, db, trace_id: str):
         """Recompute what derives from the content: flags and the content hash."""
-        trace = self._read(db, trace_id)
-        flags = validate(trace.messages, trace.tools)
+        tools_json = db.execute("SELECT tools FROM traces WHERE id=?", (trace_id,)).fetchone()[0]
+        bodies = [b for (b,) in db.execute("SELECT body FROM messages WHERE trace_id=? ORDER BY idx", (trace_id,))]
+        flags = validate([json.loads(b) for b in bodies], json.loads(tools_json))
         db.execute("UPDATE traces SET flags=?, content_hash=?, updated=? WHERE id=?",
-                   (json.dumps(flags), content_hash(trace.messages, trace.tools), now_iso(), trace_id))
+                   (json.dumps(flags), content_hash(bodies, tools_json), now_iso(), trace_id))
 
     # -- reading ---------------------------------------------------------------------------------------------------
 
@@ -275,7 +296,8 @@ class Store:
         """Whole traces, oldest first, selected by owner, tags (all must be present), inclusion and flags."""
         selected = []
         for trace_id in self.ids(owner):
-            trace = self.get(trace_id)
+            with self._lock:
+                trace = self._read(self._db, trace_id)
             if tags and not set(tags) <= set(trace.tags):
                 continue
             if (included_only and not trace.included) or (not include_flagged and trace.flags):
@@ -298,7 +320,8 @@ def new_id() -> str:
 def _insert_trace_sql(trace: Trace, trace_id: str, flags: list[dict], digest: str, original: str | None):
     values = {
         "id": trace_id, "created": trace.created or now_iso(), "updated": now_iso(), "model": trace.model,
-        "base_url": trace.base_url, "settings": json.dumps(trace.settings), "tools": json.dumps(trace.tools),
+        "base_url": trace.base_url, "settings": json.dumps(trace.settings),
+        "tools": json.dumps(trace.tools, ensure_ascii=False),
         "tags": json.dumps(trace.tags), "rating": trace.rating, "notes": trace.notes, "source": trace.source,
         "owner": trace.owner, "included": int(trace.included), "train_system": int(trace.train_system),
         "flags": json.dumps(flags), "content_hash": digest, "original": original,
@@ -324,4 +347,4 @@ def summarize(trace: Trace) -> TraceSummary:
     )
 
 
-__all__ = ["Store", "NotFound", "TraceSummary", "TraceError", "summarize", "SCHEMA_VERSION"]
+__all__ = ["Store", "Added", "NotFound", "TraceSummary", "TraceError", "summarize", "SCHEMA_VERSION"]

@@ -6,7 +6,6 @@ never fixes anything: it returns flags, and flagged traces are left out of datas
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass, field
@@ -47,15 +46,6 @@ class Trace:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-    def content_hash(self) -> str:
-        return content_hash(self.messages, self.tools)
-
-
-def content_hash(messages: list[dict], tools: list[dict]) -> str:
-    """Identity of a conversation's content, for skipping duplicates on import."""
-    blob = json.dumps([messages, tools], sort_keys=True, ensure_ascii=False)
-    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def canonical_json(value) -> str:

@@ -69,7 +69,7 @@ def test_unanswered_last_turn_and_trailing_tool_results_are_not_rows():
 
 
 def test_excluded_and_flagged_traces_are_left_out(store):
-    good, _ = store.add_trace(THREE_TURNS)
+    good = store.add_trace(THREE_TURNS).id
     store.update(good, "exclude", included=False)
     assert rows_from_traces(store.traces()) == []
     store.update(good, "include", included=True)

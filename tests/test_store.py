@@ -76,16 +76,16 @@ def test_flags_follow_appends(store):
 
 def test_duplicates_are_per_owner(store):
     trace = normalize_trace({"messages": CONVERSATION, "tools": TOOLS})
-    first, added = store.add_trace(trace)
-    assert added
-    assert store.add_trace(trace) == (first, False)
+    first = store.add_trace(trace)
+    assert first.added
+    assert store.add_trace(trace)[:2] == (first.id, False)
     trace.owner = "someone-else"
     assert store.add_trace(trace)[1]
     assert len(store.ids(owner="")) == 1 and len(store.ids(owner="someone-else")) == 1
 
 
 def test_every_edit_is_undoable(store):
-    trace_id, _ = store.add_trace(normalize_trace({"messages": CONVERSATION, "tools": TOOLS}))
+    trace_id = store.add_trace(normalize_trace({"messages": CONVERSATION, "tools": TOOLS})).id
     original = store.get(trace_id)
     curate.merge_user_turns(store, trace_id, 1)
     curate.delete_messages(store, trace_id, [0])
@@ -107,7 +107,7 @@ def test_every_edit_is_undoable(store):
 
 
 def test_curate_errors(store):
-    trace_id, _ = store.add_trace(normalize_trace({"messages": CONVERSATION, "tools": TOOLS}))
+    trace_id = store.add_trace(normalize_trace({"messages": CONVERSATION, "tools": TOOLS})).id
     with pytest.raises(IndexError, match="has no message 9"):
         curate.delete_messages(store, trace_id, [9])
     with pytest.raises(ValueError, match="nothing to merge"):
@@ -122,7 +122,7 @@ def test_curate_errors(store):
 def test_original_json_stays_retrievable(store, trelis_dir):
     path = sorted(trelis_dir.glob("get_the_title*.json"))[0]
     text = path.read_text()
-    trace_id, _ = store.add_trace(normalize_trace(json.loads(text)), original=text)
+    trace_id = store.add_trace(normalize_trace(json.loads(text)), original=text).id
     original = store.original(trace_id)
     assert isinstance(original["messages"][1]["tool_calls"][0]["function"]["arguments"], dict)
     assert isinstance(store.get(trace_id).messages[1]["tool_calls"][0]["function"]["arguments"], str)

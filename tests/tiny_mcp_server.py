@@ -15,8 +15,14 @@ import anyio
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.mcpserver.utilities.types import Image
+from pydantic import BaseModel
 
 LONG_TOOL_NAME = "tiny." + "very_long_tool_name_" * 4 + "end"  # 89 chars, with a dot
+
+
+class Measure(BaseModel):
+    chars: int
+    words: int
 
 
 def tiny_png(width: int = 2, height: int = 2) -> bytes:
@@ -60,9 +66,9 @@ def build_server(instance: str) -> MCPServer:
         return ["a red square", Image(data=tiny_png(), format="png")]
 
     @server.tool()
-    def measure(text: str) -> dict:
+    def measure(text: str) -> Measure:
         """Structured output: the text's length and word count."""
-        return {"chars": len(text), "words": len(text.split())}
+        return Measure(chars=len(text), words=len(text.split()))
 
     @server.tool()
     def header(name: str, ctx: Context) -> str:

@@ -67,6 +67,7 @@ _SNAPSHOT_LINK = re.compile(r"^- \[Snapshot\]\((?P<path>[^)\n]+\.yml)\)$", re.MU
 DEFAULT_MAX_CHARS = 16_000  # the Trelis workshop's limit, with its notice below
 TRUNCATION_NOTICE = "\n[Content truncated to {n} characters]"
 ERROR_PREFIX = "Error: "
+MAX_STRUCTURED_CHARS = 100_000  # structured content larger than this is left out of results and traces
 
 # Playwright MCP is the browser mcpft ships; a config that runs it gets these defaults unless it says otherwise.
 PLAYWRIGHT_PACKAGE = "@playwright/mcp"
@@ -392,6 +393,11 @@ def convert_result(result: mcp_types.CallToolResult, *, saver: _FileSaver, max_c
     for raw_block in raw.get("content", []):  # keep the trace bounded too
         if isinstance(raw_block.get("text"), str):
             raw_block["text"] = truncate(raw_block["text"], max_chars)
+    if structured is not None:
+        size = len(json.dumps(structured, ensure_ascii=False))
+        if size > MAX_STRUCTURED_CHARS:
+            structured = None
+            raw["structuredContent"] = f"<omitted: {size} characters of JSON>"
     return ToolResult(truncate(text, max_chars), bool(result.is_error), images, structured, raw)
 
 
@@ -423,7 +429,7 @@ def _block_text(block: Any, raw_block: dict[str, Any], saver: _FileSaver, images
 def _as_error_text(text: str) -> str:
     if not text.strip():
         return ERROR_PREFIX + "the tool reported an error without a message"
-    if text.lstrip().startswith(("### Error", ERROR_PREFIX)):  # Playwright's own error header is already clear
+    if text.lstrip().startswith(("### Error", "Error")):  # e.g. Playwright's own header: already clear
         return text
     return ERROR_PREFIX + text
 
@@ -499,8 +505,9 @@ class ToolHub:
 
     async def __aexit__(self, *exc_info: Any) -> None:
         with anyio.CancelScope(shield=True):  # closing must finish, or server processes would leak
-            for link in list(self._links.values()):
-                await self._stop(link)
+            async with anyio.create_task_group() as group:
+                for link in self._links.values():
+                    group.start_soon(self._stop, link)
         self._links.clear()
         tasks, self._tasks = self._tasks, None
         if tasks is not None:
@@ -583,9 +590,9 @@ class ToolHub:
     def _refresh_tools(self) -> None:
         listings = {name: self._links[name].tools for name in self._specs if name in self._links}
         self._tools = {tool.name: tool for tool in expose_tools(listings)}
-        for tool in self._tools.values():
-            if tool.name != tool.tool:
-                log.warning("MCP tool %r of server %r is exposed as %r", tool.tool, tool.server, tool.name)
+        if self.renamed:
+            log.warning("MCP tools renamed for the model (clashing or invalid names): %s",
+                        ", ".join(f"{server}/{tool} -> {name}" for name, (server, tool) in self.renamed.items()))
 
     # -- what the model sees
 

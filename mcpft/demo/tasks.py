@@ -50,7 +50,7 @@ class CheckResult:
 Checker = Callable[[str, "SiteState | None"], CheckResult]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Task:
     """One task. `prompt` holds a `{base_url}` placeholder; `expected` is a right answer, `wrong` a plausible wrong one."""
 
@@ -86,8 +86,7 @@ def compact(text: str) -> str:
 
 def numbers(text: str) -> list[float]:
     """Every number in the text, digits ("$1,450.00", "68%") or small number words ("three")."""
-    found = [float(raw.replace(",", "")) for raw in re.findall(r"\d[\d,]*(?:\.\d+)?|\.\d+", text)
-             if re.fullmatch(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+", raw)]
+    found = [float(raw.replace(",", "")) for raw in re.findall(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?", text)]
     found += [float(NUMBER_WORDS[word]) for word in words(text) if word in NUMBER_WORDS and word != "no"]
     if re.search(r"\bno (?:results?|matches|pages)\b", text.lower()):
         found.append(0.0)
