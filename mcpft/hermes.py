@@ -1,7 +1,8 @@
 """Hermes-style model text: `<think>` reasoning, `<tool_call>` JSON blocks, and the content around them.
 
 `parse_assistant_text` turns raw generated text into content, reasoning and OpenAI `tool_calls`; it never raises on
-bad model output: a block it cannot read stays in the text and is described in `flags`. `format_tool_calls` and
+bad model output: a block it cannot read stays in the text where it was (the content, or the reasoning when it was
+written inside `<think>`) and is described in `flags`. `format_tool_calls` and
 `format_assistant_text` write the same text back, exactly as `templates/hermes.jinja` renders an assistant turn.
 `ThinkStreamSplitter` separates reasoning from content while text is still streaming.
 """

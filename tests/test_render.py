@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -31,7 +32,8 @@ MULTI_TURN_ROW = {
         {"role": "tool", "tool_call_id": "call_1", "content": "- Page Title: Example Domain"},
         {"role": "assistant", "content": "Opened.", "train": False},
         {"role": "user", "content": "What is the title?"},
-        {"role": "assistant", "content": "Example Domain", "reasoning_content": "The snapshot shows it.", "train": True},
+        {"role": "assistant", "content": "Example Domain", "reasoning_content": "The snapshot shows it.",
+         "train": True},
     ],
 }
 
@@ -242,5 +244,5 @@ def test_render_many_matches_render(trelis_rows, hermes_tokenizer):
                    {"role": "assistant", "content": "hi"}]}, "2 assistant blocks"),
 ])
 def test_bad_rows_are_named(change, problem, hermes_tokenizer):
-    with pytest.raises(RenderError, match=problem.replace("|", r"\|").replace("[", r"\[")):
+    with pytest.raises(RenderError, match=re.escape(problem)):
         render(hermes_tokenizer, {**MULTI_TURN_ROW, **change})

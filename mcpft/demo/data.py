@@ -88,6 +88,7 @@ PRODUCTS: tuple[Product, ...] = (
             90, "Merino wool and nylon", 1, "United States"),
 )
 
+PRODUCT_NAMES = frozenset(product.name for product in PRODUCTS)
 PRODUCT_PAGES = (len(PRODUCTS) + PRODUCTS_PER_PAGE - 1) // PRODUCTS_PER_PAGE
 
 

@@ -1,0 +1,147 @@
+"""The agent loop end to end: the real embedded endpoint (scripted model), a real MCP server, a real store."""
+
+import asyncio
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mcpft.agent.endpoint import Endpoint
+from mcpft.agent.loop import REJECTED, Agent, AgentConfig, endpoint_generate
+from mcpft.agent.mcp import ToolHub, load_mcp_config
+from mcpft.recording import open_trace, sink_for
+from mcpft.serve import create_app, serve_in_thread
+from tests.scripted import ScriptedBackend
+
+TINY_SERVER = Path(__file__).parent / "tiny_mcp_server.py"
+MCP_CONFIG = {"mcpServers": {"tiny": {"command": sys.executable, "args": [str(TINY_SERVER), "one"]}}}
+
+
+@pytest.fixture(scope="module")
+def endpoint_url():
+    backends = {"scripted": ScriptedBackend(calls=1), "looping": ScriptedBackend(calls=10**6),
+                "hanging": ScriptedBackend(calls=1, tool="hang")}
+    url, stop = serve_in_thread(create_app(backends))
+    yield url
+    stop()
+
+
+async def run_agent(store, url, text, model="scripted", approve=None, config=None, tmp=None, on_delta=None):
+    async with ToolHub(load_mcp_config(MCP_CONFIG), tmp) as hub:
+        endpoint = Endpoint(base_url=url, model=model)
+        trace_id = open_trace(store, model=model, base_url=url, tools=hub.openai_tools(), settings={"max_steps": 5})
+        agent = Agent(endpoint_generate(endpoint), hub, sink=sink_for(store, trace_id), approve=approve,
+                      on_delta=on_delta, system_prompt="Use the tools.", config=config)
+        result = await agent.send(text)
+        return agent, trace_id, result
+
+
+def test_approved_call_runs_and_every_step_is_stored(store, endpoint_url, tmp_path):
+    deltas = []
+    agent, trace_id, result = asyncio.run(run_agent(store, endpoint_url, "hello", tmp=tmp_path,
+                                                    on_delta=lambda kind, text: deltas.append((kind, text))))
+    assert (result.stop_reason, result.answer, result.tool_calls, result.tool_errors) == \
+        ("answer", "The tool said: one: hello", 1, 0)
+    trace = store.get(trace_id)
+    assert [m["role"] for m in trace.messages] == ["system", "user", "assistant", "tool", "assistant"]
+    call = trace.messages[2]["tool_calls"][0]["function"]
+    assert (call["name"], json.loads(call["arguments"])) == ("echo", {"text": "hello"})
+    assert trace.messages[2]["reasoning_content"] == "I should call echo."
+    assert trace.messages[3]["content"] == "one: hello" and trace.messages[3]["name"] == "echo"
+    assert trace.flags == [] and trace.base_url == endpoint_url and len(trace.tools) >= 5
+    assert "".join(t for k, t in deltas if k == "reasoning").strip().startswith("I should call echo.")
+    assert "The tool said" in "".join(t for k, t in deltas if k == "content")
+
+
+def test_rejected_call_never_runs(store, endpoint_url, tmp_path):
+    asked = []
+
+    async def reject_all(calls):
+        asked.append([c["function"]["name"] for c in calls])
+        return [False] * len(calls)
+
+    _, trace_id, result = asyncio.run(run_agent(store, endpoint_url, "hi", approve=reject_all, tmp=tmp_path))
+    trace = store.get(trace_id)
+    assert asked == [["echo"]] and result.rejected == 1
+    assert trace.messages[3] == {"role": "tool", "tool_call_id": trace.messages[2]["tool_calls"][0]["id"],
+                                 "name": "echo", "content": REJECTED}
+    assert result.answer == f"The tool said: {REJECTED}"
+
+
+def test_step_limit(store, endpoint_url, tmp_path):
+    _, trace_id, result = asyncio.run(run_agent(store, endpoint_url, "again", model="looping",
+                                                config=AgentConfig(max_steps=3), tmp=tmp_path))
+    assert (result.stop_reason, result.steps, result.tool_calls) == ("step_limit", 3, 3)
+    assert [f["code"] for f in store.get(trace_id).flags] == ["no_final_assistant"]
+
+
+def test_stop_during_a_hanging_tool_call(store, endpoint_url, tmp_path):
+    async def main():
+        async def approve_then_stop(calls):
+            asyncio.get_running_loop().call_later(0.2, agent_box[0].stop)
+            return [True] * len(calls)
+
+        agent_box = []
+        async with ToolHub(load_mcp_config(MCP_CONFIG), tmp_path) as hub:
+            trace_id = open_trace(store, model="hanging", base_url=endpoint_url, tools=hub.openai_tools())
+            agent = Agent(endpoint_generate(Endpoint(endpoint_url, "hanging")), hub, sink=sink_for(store, trace_id),
+                          approve=approve_then_stop, config=AgentConfig(tool_timeout=120))
+            agent_box.append(agent)
+            started = time.monotonic()
+            result = await agent.send("wait")
+            return trace_id, result, time.monotonic() - started
+
+    trace_id, result, seconds = asyncio.run(main())
+    assert result.stop_reason == "stopped" and seconds < 60
+    assert [m["role"] for m in store.get(trace_id).messages] == ["user", "assistant"]
+
+
+def test_unreachable_endpoint_is_recorded_and_flagged(store, tmp_path):
+    _, trace_id, result = asyncio.run(run_agent(store, "http://127.0.0.1:9/v1", "hello", tmp=tmp_path))
+    assert result.stop_reason == "error" and "127.0.0.1:9" in result.error
+    trace = store.get(trace_id)
+    assert trace.messages[-1]["content"] == "" and trace.messages[-1]["flags"][0].startswith("endpoint error")
+    assert {f["code"] for f in trace.flags} >= {"malformed_output"}
+
+
+KILLED_AGENT = """
+import asyncio, sys
+from tests.test_agent import run_agent
+from mcpft.store import Store
+asyncio.run(run_agent(Store(sys.argv[1]), sys.argv[2], "forever", model="looping", tmp=sys.argv[3],
+                      config=__import__("mcpft.agent.loop", fromlist=["AgentConfig"]).AgentConfig(max_steps=10**6)))
+"""
+
+
+def test_kill_9_mid_run_keeps_every_completed_step(endpoint_url, tmp_path):
+    db = tmp_path / "agent.db"
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_AGENT, str(db), endpoint_url, str(tmp_path)],
+                            cwd=Path(__file__).parent.parent)
+    deadline = time.monotonic() + 90
+    count = 0
+    while time.monotonic() < deadline and proc.poll() is None and count < 12:
+        try:
+            with sqlite3.connect(db) as conn:
+                count = conn.execute("SELECT COUNT(*) FROM messages").fetchone()[0]
+        except sqlite3.OperationalError:
+            pass
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert count >= 12, "the agent did not get far enough before the deadline"
+    from mcpft.store import Store
+
+    with Store(db) as store:
+        assert store._db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        (trace_id,) = store.ids()
+        messages = store.get(trace_id).messages
+        assert len(messages) >= 12
+        assert [m["role"] for m in messages[:2]] == ["system", "user"]
+        steps = messages[2:]
+        assert [m["role"] for m in steps] == ["assistant", "tool"] * (len(steps) // 2) + ["assistant"] * (len(steps) % 2)
+        for assistant, tool in zip(steps[0::2], steps[1::2]):
+            assert tool["tool_call_id"] == assistant["tool_calls"][0]["id"] and tool["content"] == "one: forever"

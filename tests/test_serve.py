@@ -1,0 +1,256 @@
+"""The embedded OpenAI-compatible endpoint, driven by the real `openai` SDK.
+
+A tiny random Qwen3 model exercises the transformers path (rendering, sampling, streaming, stop strings, usage, a
+LoRA adapter beside its base); a scripted backend (a `Backend` like the demo's scripted teacher) writes fixed Hermes
+text, so that tool call and reasoning parsing can be checked exactly. One test serves the real SmolLM2.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from mcpft.agent.endpoint import Endpoint, probe
+from mcpft.models import load_model
+from mcpft.serve import Generation, GenerationRequest, TransformersBackend, create_app, load_backends, serve_in_thread
+
+TOOLS = [{"type": "function", "function": {
+    "name": "browser_navigate", "description": "Navigate to a URL",
+    "parameters": {"type": "object", "properties": {"url": {"type": "string"}}, "required": ["url"]}}}]
+HI = [{"role": "user", "content": "Find the title of example.com"}]
+SCRIPT = ("<think>\nThe user wants the title. I will open the page.\n</think>\n\nOpening it now.\n"
+          '<tool_call>\n{"name": "browser_navigate", "arguments": {"url": "https://example.com/"}}\n</tool_call>\n'
+          '<tool_call>\n{"name": "browser_snapshot", "arguments": {}}\n</tool_call>')
+
+
+class ScriptedBackend:
+    """Writes a fixed text a few characters at a time, and keeps the requests it got."""
+
+    def __init__(self, text: str, piece: int = 5):
+        self.text, self.piece = text, piece
+        self.requests: list[GenerationRequest] = []
+
+    def start(self, request: GenerationRequest) -> Generation:
+        self.requests.append(request)
+        pieces = [self.text[i:i + self.piece] for i in range(0, len(self.text), self.piece)]
+        return Generation(chunks=iter(pieces), prompt_tokens=1, completion_tokens=len(pieces))
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir, tmp_path_factory):
+    return load_model(str(tiny_model_dir), tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def scripted():
+    return ScriptedBackend(SCRIPT)
+
+
+@pytest.fixture(scope="module")
+def server(tiny, scripted):
+    model, tokenizer = tiny
+    base_url, stop = serve_in_thread(create_app({"tiny": TransformersBackend(model, tokenizer),
+                                                 "scripted": scripted}))
+    yield base_url
+    stop()
+
+
+@pytest.fixture(scope="module")
+def api(server):
+    return openai.OpenAI(base_url=server, api_key="unused", max_retries=0, timeout=60)
+
+
+def sampled(api, **kwargs):
+    request = dict(model="tiny", messages=HI, temperature=1.0, seed=7, max_tokens=24) | kwargs
+    return api.chat.completions.create(**request)
+
+
+def streamed(api, **kwargs):
+    """(content, reasoning, tool call deltas, finish_reason, usage) gathered from a streamed reply."""
+    request = dict(model="tiny", messages=HI, temperature=1.0, seed=7, max_tokens=24, stream=True,
+                   stream_options={"include_usage": True}) | kwargs
+    content, reasoning, calls, finish, usage = [], [], [], None, None
+    for chunk in api.chat.completions.create(**request):
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            content.append(choice.delta.content or "")
+            reasoning.append((choice.delta.model_extra or {}).get("reasoning_content") or "")
+            calls += choice.delta.tool_calls or []
+            finish = choice.finish_reason or finish
+    return "".join(content), "".join(reasoning), calls, finish, usage
+
+
+def test_models_lists_every_backend(api):
+    assert sorted(model.id for model in api.models.list().data) == ["scripted", "tiny"]
+
+
+def test_sampled_reply_is_reproducible_and_counted(api):
+    first, second = sampled(api), sampled(api)
+    assert first.choices[0].message.content == second.choices[0].message.content
+    assert first.choices[0].finish_reason == "length"  # a random model does not stop by itself in 24 tokens
+    assert first.usage.completion_tokens == 24
+    assert first.usage.total_tokens == first.usage.prompt_tokens + 24
+    assert sampled(api, seed=8).choices[0].message.content != first.choices[0].message.content
+
+
+def test_stream_matches_the_plain_reply(api):
+    reply = sampled(api).choices[0].message
+    content, reasoning, calls, finish, usage = streamed(api)
+    assert " ".join(content.split()) == " ".join((reply.content or "").split())
+    assert " ".join(reasoning.split()) == " ".join(((reply.model_extra or {}).get("reasoning_content") or "").split())
+    assert finish == "length" and usage.completion_tokens == 24
+
+
+def test_tools_are_rendered_unless_tool_choice_is_none(api):
+    plain = sampled(api, max_tokens=1).usage.prompt_tokens
+    with_tools = sampled(api, max_tokens=1, tools=TOOLS).usage.prompt_tokens
+    tool_choice_none = sampled(api, max_tokens=1, tools=TOOLS, tool_choice="none").usage.prompt_tokens
+    assert with_tools > plain + 20  # the tool schema is in the system turn
+    assert tool_choice_none == plain
+
+
+def test_stop_string_cuts_the_text_and_the_generation(api):
+    full = sampled(api, max_tokens=40)
+    text = full.choices[0].message.content
+    words = text.split()
+    assert len(words) > 4, text
+    stop = words[len(words) // 2]
+    cut = sampled(api, max_tokens=40, stop=[stop])
+    assert cut.choices[0].message.content == text[:text.index(stop)].strip()
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.usage.completion_tokens < full.usage.completion_tokens  # generation stopped there, no wasted tokens
+    content, _, _, finish, _ = streamed(api, max_tokens=40, stop=stop)
+    assert content.strip() == cut.choices[0].message.content and finish == "stop"
+
+
+def test_scripted_backend_reply_has_parsed_calls_and_reasoning(api, scripted):
+    reply = api.chat.completions.create(model="scripted", messages=HI, tools=TOOLS)
+    choice = choice_message = reply.choices[0]
+    message = choice_message.message
+    assert choice.finish_reason == "tool_calls"
+    assert message.content == "Opening it now."
+    assert message.model_extra["reasoning_content"] == "The user wants the title. I will open the page."
+    assert [(c.function.name, c.function.arguments) for c in message.tool_calls] == [
+        ("browser_navigate", '{"url": "https://example.com/"}'), ("browser_snapshot", "{}")]
+    assert all(c.id.startswith("call_") and c.type == "function" for c in message.tool_calls)
+    assert scripted.requests[-1].tools == TOOLS
+
+
+def test_scripted_backend_stream_has_reasoning_then_content_then_calls(api):
+    content, reasoning, calls, finish, _ = streamed(api, model="scripted", tools=TOOLS)
+    assert reasoning == "The user wants the title. I will open the page.\n"
+    assert content.strip() == "Opening it now."
+    assert [(c.index, c.function.name) for c in calls] == [(0, "browser_navigate"), (1, "browser_snapshot")]
+    assert calls[0].function.arguments == '{"url": "https://example.com/"}'
+    assert finish == "tool_calls"
+
+
+def test_tool_choice_none_keeps_call_text_as_content(api, scripted):
+    reply = api.chat.completions.create(model="scripted", messages=HI, tools=TOOLS, tool_choice="none")
+    message = reply.choices[0].message
+    assert scripted.requests[-1].tools is None
+    assert not message.tool_calls and reply.choices[0].finish_reason == "stop"
+    assert message.content.startswith("Opening it now.\n<tool_call>\n")
+    assert '"name": "browser_snapshot"' in message.content
+
+
+def test_history_with_tool_results_renders(api, scripted):
+    history = HI + [
+        {"role": "assistant", "content": None, "reasoning_content": "Open it.", "tool_calls": [
+            {"id": "call_1", "type": "function",
+             "function": {"name": "browser_navigate", "arguments": '{"url": "https://example.com/"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "- Page Title: Example Domain"}]
+    reply = sampled(api, messages=history, tools=TOOLS, max_tokens=2)
+    assert reply.usage.prompt_tokens > sampled(api, tools=TOOLS, max_tokens=2).usage.prompt_tokens + 10
+
+
+@pytest.mark.parametrize("kwargs, status, fragment", [
+    ({"model": "nope"}, 404, "model 'nope' is not served here"),
+    ({"frequency_penalty": 0.5}, 400, "unsupported parameter(s): frequency_penalty"),
+    ({"tool_choice": "required", "tools": TOOLS}, 400, "tool_choice 'required' is not supported"),
+    ({"messages": []}, 400, "'messages' must be a non-empty list"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, 400, "messages[0].role 'robot'"),
+    ({"temperature": 3}, 400, "'temperature' must be a number in [0, 2]"),
+    ({"max_tokens": 0}, 400, "'max_tokens' must be at least 1"),
+    ({"n": 2}, 400, "only n=1"),
+])
+def test_bad_requests_get_openai_errors(api, kwargs, status, fragment):
+    with pytest.raises(openai.APIStatusError) as raised:
+        api.chat.completions.create(**(dict(model="tiny", messages=HI) | kwargs))
+    assert raised.value.status_code == status
+    assert fragment in raised.value.body["message"]
+    assert raised.value.body["type"] == "invalid_request_error"
+
+
+def test_bad_json_body_and_unknown_route(server):
+    reply = httpx.post(f"{server}/chat/completions", content=b"{nope", headers={"content-type": "application/json"})
+    assert reply.status_code == 400
+    assert "not valid JSON" in reply.json()["error"]["message"]
+    missing = httpx.get(f"{server}/completions")
+    assert missing.status_code == 404 and "/v1/completions" in missing.json()["error"]["message"]
+
+
+def test_probe_of_the_embedded_server(server):
+    report = asyncio.run(probe(Endpoint(server, "tiny"), timeout=60, max_tokens=8))
+    assert report.ok, report.summary()
+    assert report.models == ["tiny", "scripted"] and report.model_listed
+    assert report.tool_calls == "none" and report.reasoning_field == "none"  # greedy random text: blank lines
+    assert set(report.latencies_s) == {"models", "chat", "tools"}
+    scripted_report = asyncio.run(probe(Endpoint(server, "scripted"), timeout=60))
+    assert scripted_report.tool_calls == "native" and scripted_report.reasoning_field == "reasoning_content"
+
+
+def test_adapter_is_served_beside_its_base(tiny_model_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    adapter_dir = tmp_path / "my-adapter"
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)  # random: changes outputs
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), lora).save_pretrained(adapter_dir)
+
+    backends = load_backends(str(tiny_model_dir), adapter_dir, tmp_path / "data")
+    assert list(backends) == ["model", "my-adapter"]
+    plain = load_backends(str(tiny_model_dir), None, tmp_path / "data")
+    texts = {}
+    for label, chosen in (("base", backends), ("plain", plain)):
+        base_url, stop = serve_in_thread(create_app(chosen))
+        try:
+            api = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0)
+            for name in chosen:
+                texts[label, name] = sampled(api, model=name).choices[0].message.content
+        finally:
+            stop()
+    assert texts["base", "model"] == texts["plain", "model"]  # adapter disabled: the base weights exactly
+    assert texts["base", "my-adapter"] != texts["base", "model"]
+
+
+def test_adapter_folder_must_hold_an_adapter(tiny_model_dir, tmp_path):
+    from mcpft.models import ModelError
+
+    with pytest.raises(ModelError, match="no adapter_config.json"):
+        load_backends(str(tiny_model_dir), tmp_path, tmp_path / "data")
+
+
+@pytest.mark.slow
+def test_smollm2_answers_through_the_endpoint():
+    data_dir = Path(os.environ.get("MCPFT_TEST_CACHE", "/tmp/mcpft-test-cache"))
+    backends = load_backends(None, None, data_dir)
+    base_url, stop = serve_in_thread(create_app(backends))
+    try:
+        api = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=300)
+        question = [{"role": "user", "content": "What is the capital of France?"}]
+        reply = api.chat.completions.create(model="SmolLM2-135M-Instruct", messages=question, temperature=0,
+                                            max_tokens=30)
+        assert "Paris" in reply.choices[0].message.content
+        assert reply.choices[0].finish_reason == "stop"
+        stream = api.chat.completions.create(model="SmolLM2-135M-Instruct", messages=question, temperature=0,
+                                             max_tokens=30, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == \
+            reply.choices[0].message.content
+    finally:
+        stop()
