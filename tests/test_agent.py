@@ -145,3 +145,29 @@ def test_kill_9_mid_run_keeps_every_completed_step(endpoint_url, tmp_path):
         assert [m["role"] for m in steps] == ["assistant", "tool"] * (len(steps) // 2) + ["assistant"] * (len(steps) % 2)
         for assistant, tool in zip(steps[0::2], steps[1::2]):
             assert tool["tool_call_id"] == assistant["tool_calls"][0]["id"] and tool["content"] == "one: forever"
+
+
+def test_cli_run_prints_trace_id_and_answer(endpoint_url, tmp_path):
+    config = tmp_path / "mcp.json"
+    config.write_text(json.dumps(MCP_CONFIG))
+    db = tmp_path / "cli.db"
+    done = subprocess.run(
+        [sys.executable, "-m", "mcpft", "run", "--task", "ping", "--base-url", endpoint_url, "--model", "scripted",
+         "--mcp-config", str(config), "--auto-approve", "--db", str(db), "--json", "--api-key", "sk-never-stored"],
+        capture_output=True, text=True, timeout=120, env={**__import__("os").environ, "MCPFT_HOME": str(tmp_path)})
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert (summary["answer"], summary["steps"], summary["tool_calls"]) == ("The tool said: one: ping", 2, 1)
+    from mcpft.store import Store
+
+    with Store(db) as store:
+        trace = store.get(summary["trace_id"])
+        assert trace.source == "cli" and trace.settings["max_steps"] == 20
+    for written in tmp_path.rglob("*"):
+        assert not written.is_file() or b"sk-never-stored" not in written.read_bytes(), written
+
+
+def test_cli_run_without_a_terminal_needs_auto_approve(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "mcpft", "run", "--task", "x", "--db", str(tmp_path / "x.db")],
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert done.returncode == 2 and "--auto-approve" in done.stderr

@@ -302,6 +302,31 @@ async def test_crashed_server_gives_clear_errors_and_restarts(tmp_path):
             await live.restart("nope")
 
 
+async def test_wedged_server_times_out_and_restarts(tmp_path):
+    marker = f"wedge-{uuid.uuid4().hex[:8]}"
+    async with ToolHub([tiny("stuck", marker)], tmp_path) as live:
+        pid = child_pid(marker)
+        os.kill(pid, signal.SIGSTOP)  # the process still exists but answers nothing
+        try:
+            frozen = await live.call("echo", {"text": "anyone?"}, timeout=0.5)
+            assert frozen.is_error and "echo did not answer within 0.5 s" in frozen.text
+            with anyio.fail_after(20):
+                await live.restart("stuck")  # the SDK escalates to SIGKILL, which a stopped process obeys
+        finally:
+            if Path(f"/proc/{pid}").exists():
+                os.kill(pid, signal.SIGCONT)
+        assert (await live.call("echo", {"text": "back"})).text == f"{marker}: back"
+
+
+async def test_server_that_never_answers_initialize_fails_to_start_in_time(tmp_path):
+    silent = ServerSpec("silent", command=sys.executable, args=("-c", "import sys; sys.stdin.read()"))
+    started = time.monotonic()
+    with pytest.raises(MCPServerError, match="'silent' did not start: no answer in time"):
+        async with ToolHub([silent], tmp_path, connect_timeout=1):
+            pass
+    assert time.monotonic() - started < 10
+
+
 async def test_server_that_cannot_start_is_named_with_its_stderr(tmp_path):
     missing = ServerSpec("ghost", command="/nonexistent/mcp-server-binary")
     with pytest.raises(MCPServerError, match="'ghost' did not start.*nonexistent"):

@@ -35,6 +35,7 @@ _CHROMIUM_PATHS = (
 )
 _CHROMIUM_COMMANDS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 _PLAYWRIGHT_CACHE_GLOBS = ("chromium-*/chrome-linux*/chrome",)
+_DISPLAY_VARIABLES = ("DISPLAY", "WAYLAND_DISPLAY", "XAUTHORITY", "XDG_RUNTIME_DIR")
 
 
 class BrowserSetupError(RuntimeError):
@@ -120,10 +121,13 @@ def playwright_server(output_dir: str | os.PathLike[str], headless: bool = True,
     config = playwright_config(output_dir, headless=headless, offline=offline, extra_args=extra_args)
     config_path = output_dir / CONFIG_FILE
     config_path.write_text(json.dumps(config, indent=2), encoding="utf-8")
+    # The SDK passes a server only a few variables (PATH, HOME, ...): a visible browser needs the display's too.
+    display_env = {} if headless else {k: os.environ[k] for k in _DISPLAY_VARIABLES if k in os.environ}
     return ServerSpec(
         name,
         command=find_node(),
         args=(str(find_playwright_cli()), "--config", str(config_path)),
+        env=display_env,
         cwd=str(output_dir),
         inline_snapshots=True,
         disabled_tools=frozenset() if allow_unsafe_tools else PLAYWRIGHT_UNSAFE_TOOLS,

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import anyio
+import anyio.abc
 import mcp.types as mcp_types
 from mcp import ClientSession, StdioServerParameters, stdio_client
 from mcp.client.streamable_http import streamable_http_client
@@ -406,24 +407,29 @@ def _block_text(block: Any, raw_block: dict[str, Any], saver: _FileSaver, images
         return block.text
     if isinstance(block, (mcp_types.ImageContent, mcp_types.AudioContent)):
         kind = "image" if isinstance(block, mcp_types.ImageContent) else "audio"
-        try:
-            path = saver.save(kind, block.data, block.mime_type)
-        except (binascii.Error, ValueError):
-            return f"[{kind}: undecodable {block.mime_type} data]"
-        if kind == "image":
+        placeholder, path = _save_binary(saver, kind, block.data, block.mime_type, raw_block, "data")
+        if path is not None and kind == "image":
             images.append(path)
-        raw_block["data"] = f"<saved as {path.name}>"  # the bytes live in the file, not the trace
-        return f"[{kind}: {path.name}]"
+        return placeholder
     if isinstance(block, mcp_types.EmbeddedResource):
         resource = block.resource
         if isinstance(resource, mcp_types.TextResourceContents):
             return resource.text
-        path = saver.save("resource", resource.blob, resource.mime_type or "")
-        raw_block["resource"]["blob"] = f"<saved as {path.name}>"
-        return f"[resource: {path.name} ({resource.uri})]"
+        return _save_binary(saver, "resource", resource.blob, resource.mime_type or "", raw_block["resource"], "blob")[0]
     if isinstance(block, mcp_types.ResourceLink):
         return f"[resource link: {block.name} {block.uri}]"
     return json.dumps(raw_block, ensure_ascii=False)  # a content type newer than this code: show it as JSON
+
+
+def _save_binary(saver: _FileSaver, kind: str, data_b64: str, mime_type: str, raw_holder: dict[str, Any],
+                 key: str) -> tuple[str, Path | None]:
+    """Save base64 content to a file; return the placeholder the model sees and the file's path."""
+    try:
+        path = saver.save(kind, data_b64, mime_type)
+    except (binascii.Error, ValueError):
+        return f"[{kind}: undecodable {mime_type} data]", None
+    raw_holder[key] = f"<saved as {path.name}>"  # the bytes live in the file, not the trace
+    return f"[{kind}: {path.name}]", path
 
 
 def _as_error_text(text: str) -> str:
