@@ -199,13 +199,28 @@ async def test_crashed_browser_server_errors_then_restarts(hub, spec, site):
 # ------------------------------------------------------------------------------------------- launch config
 
 
+def launch_options(folder: Path) -> dict:
+    return json.loads((folder / browser.CONFIG_FILE).read_text())["browser"]["launchOptions"]
+
+
+def test_visible_browser_only_when_asked_and_a_display_exists(tmp_path, monkeypatch):
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    assert not playwright_server(tmp_path / "a", headless=False).env
+    assert launch_options(tmp_path / "a")["headless"] is True
+    monkeypatch.setenv("DISPLAY", ":42")
+    assert playwright_server(tmp_path / "b").env == {}
+    assert launch_options(tmp_path / "b")["headless"] is True
+    assert playwright_server(tmp_path / "c", headless=False).env["DISPLAY"] == ":42"  # the SDK would drop it
+    assert launch_options(tmp_path / "c")["headless"] is False
+
+
 def test_config_file_and_spec(tmp_path):
-    spec = playwright_server(tmp_path / "b", headless=False, offline=True, extra_args=("--lang=en-GB",))
+    spec = playwright_server(tmp_path / "b", offline=True, extra_args=("--lang=en-GB",))
     config = json.loads((tmp_path / "b" / browser.CONFIG_FILE).read_text())
     launch = config["browser"]["launchOptions"]
     assert config["browser"]["browserName"] == "chromium" and config["browser"]["isolated"] is True
-    assert launch["executablePath"] == find_chromium()
-    assert launch["headless"] is (not os.environ.get("DISPLAY") and not os.environ.get("WAYLAND_DISPLAY"))
+    assert launch["executablePath"] == find_chromium() and launch["headless"] is True
     assert launch.get("chromiumSandbox", True) is (os.geteuid() != 0)
     assert launch["args"] == ["--lang=en-GB", *browser.OFFLINE_ARGS]
     assert config["outputDir"] == str((tmp_path / "b").resolve()) == spec.cwd

@@ -1,0 +1,612 @@
+"""LoRA supervised fine-tuning on training rows: TRL + PEFT everywhere, Unsloth on CUDA when it is installed.
+
+The rows come from the dataset stage (unroll) and are rendered here with `mcpft.render`, so the trained tokens are
+exactly render's `train_mask`: the trainer gets a pre-tokenized dataset (`input_ids` + `assistant_masks`), from which
+TRL's SFTTrainer builds the labels (-100 wherever the mask is 0). Rows longer than `max_length` are reported and left
+out, never cut. Batch size 1 with gradient accumulation means no padding at all.
+
+The output folder holds the PEFT adapter, the tokenizer with a chat template that renders tools, `mcpft_run.json`
+(config, data summary, losses, outcome) and TensorBoard logs under `runs/`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from mcpft.config import data_dir as default_data_dir
+from mcpft.dataset import rows_from_traces
+from mcpft.models import HUB_ID, load_tokenizer, model_name, resolve_model
+from mcpft.render import Rendered, render_many
+from mcpft.trace import now_iso
+
+RUN_RECORD = "mcpft_run.json"
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+GPU_MAX_LENGTH = 32768
+CPU_MAX_LENGTH = 4096
+BACKENDS = ("auto", "unsloth", "trl+peft")
+END_OF_TURN = "<|im_end|>"
+
+
+class TrainError(Exception):
+    """Training cannot start or went wrong in a way the user can fix; the message says what to change."""
+
+
+@dataclass
+class TrainConfig:
+    """The Trelis workshop's LoRA SFT recipe; `None` fields are resolved per device when training starts."""
+
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    target_modules: tuple[str, ...] = LORA_TARGETS
+    learning_rate: float = 2e-4
+    epochs: float = 1.0
+    batch_size: int = 1
+    gradient_accumulation_steps: int = 4
+    max_steps: int | None = None  # overrides epochs
+    max_length: int | None = None  # None: 32768 on CUDA (capped by the model's context), 4096 on CPU
+    optim: str | None = None  # None: adamw_8bit on CUDA when bitsandbytes is there, else adamw_torch
+    lr_scheduler_type: str = "linear"
+    warmup_steps: float = 0.0  # below 1: a fraction of the steps
+    weight_decay: float = 0.0
+    seed: int = 42
+    eval_fraction: float = 0.0  # share of traces held out for an eval loss (split by trace, never by row)
+    load_in_4bit: bool = False  # QLoRA; Unsloth path only
+    gradient_checkpointing: bool | None = None  # None: on with CUDA, off on CPU (where memory is rarely the limit)
+    backend: str = "auto"  # auto | unsloth | trl+peft
+
+    def __post_init__(self):
+        self.target_modules = tuple(self.target_modules)
+        if self.backend not in BACKENDS:
+            raise TrainError(f"backend {self.backend!r}: choose one of {', '.join(BACKENDS)}")
+        for name in ("lora_r", "lora_alpha", "batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                raise TrainError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise TrainError(f"max_steps must be at least 1, got {self.max_steps}")
+        if self.max_length is not None and self.max_length < 16:
+            raise TrainError(f"max_length must be at least 16 tokens, got {self.max_length}")
+        if not 0 <= self.eval_fraction < 1:
+            raise TrainError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.learning_rate <= 0 or self.epochs <= 0:
+            raise TrainError("learning_rate and epochs must be positive")
+
+
+@dataclass
+class Progress:
+    """One finished optimizer step, as the progress callback sees it."""
+
+    step: int
+    total: int
+    loss: float | None
+    lr: float | None
+    tokens_per_s: float | None
+    eta_s: float | None
+    epoch: float | None = None
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    path: str  # "unsloth" or "trl+peft"
+    why: str
+    steps: int  # finished optimizer steps
+    total_steps: int
+    final_loss: float | None
+    stopped: bool  # a stop request ended training early
+    adapter_dir: Path | None  # None when stopped before the first step finished
+    rows_used: int
+    rows_left_out: list[dict]
+    eval_loss: float | None = None
+    runtime_s: float = 0.0
+
+    def summary(self) -> dict:
+        return {"out": str(self.out_dir), "path": self.path, "why": self.why, "steps": self.steps,
+                "total_steps": self.total_steps, "final_loss": self.final_loss, "eval_loss": self.eval_loss,
+                "stopped": self.stopped, "adapter_dir": str(self.adapter_dir) if self.adapter_dir else None,
+                "rows_used": self.rows_used, "rows_left_out": self.rows_left_out,
+                "runtime_s": round(self.runtime_s, 2)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Choices made before anything is loaded
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def choose_path(backend: str = "auto") -> tuple[str, str]:
+    """("unsloth" | "trl+peft", why): Unsloth on CUDA when it is importable, TRL + PEFT otherwise."""
+    if backend == "trl+peft":
+        return "trl+peft", "TRL + PEFT was asked for"
+    has_cuda = cuda_available()
+    has_unsloth = importlib.util.find_spec("unsloth") is not None
+    if backend == "unsloth":
+        if not (has_cuda and has_unsloth):
+            missing = "a CUDA device" if not has_cuda else "the unsloth package (pip install -r requirements.txt)"
+            raise TrainError(f"the Unsloth path was asked for, but it needs {missing}")
+        return "unsloth", "Unsloth was asked for"
+    if not has_cuda:
+        return "trl+peft", "no CUDA device, so TRL + PEFT (Unsloth needs CUDA)"
+    if not has_unsloth:
+        return "trl+peft", "CUDA is available but unsloth is not installed, so TRL + PEFT"
+    import torch
+
+    return "unsloth", f"CUDA device {torch.cuda.get_device_name(0)} and unsloth installed"
+
+
+def resolve_max_length(config: TrainConfig, model_context: int | None, on_cuda: bool) -> int:
+    """The configured max_length, else the device default; never beyond the model's context."""
+    length = config.max_length or (GPU_MAX_LENGTH if on_cuda else CPU_MAX_LENGTH)
+    return min(length, model_context) if model_context else length
+
+
+def resolve_optim(config: TrainConfig, on_cuda: bool) -> str:
+    if config.optim:
+        return config.optim
+    if on_cuda and importlib.util.find_spec("bitsandbytes") is not None:
+        return "adamw_8bit"
+    return "adamw_torch"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data: a store selection, an exported dataset, or a Hub dataset
+
+
+def select_rows(data: str | Path | None = None, store=None, tags: list[str] | None = None,
+                include_flagged: bool = False) -> tuple[list[dict], dict]:
+    """(rows, where they came from): `data` None or "store" = the store's included traces, an existing path = an
+    export (JSONL / Parquet / `datasets` folder), else a Hugging Face Hub dataset id."""
+    if data in (None, "", "store"):
+        if store is None:
+            raise TrainError("no data: pass a dataset path or Hub id, or a store to select traces from")
+        return store_rows(store, tags, include_flagged)
+    path = Path(data).expanduser()
+    if path.exists():
+        from mcpft.dataset import load_rows
+
+        rows = load_rows(path)
+        source = {"kind": "file", "path": str(path)}
+    elif HUB_ID.match(str(data)):
+        rows = hub_rows(str(data))
+        source = {"kind": "hub", "dataset": str(data)}
+    else:
+        raise TrainError(f"data {str(data)!r}: no such file or folder, and not a Hub dataset id of the form 'org/name'")
+    if not rows:
+        raise TrainError(f"data {str(data)!r} holds no rows")
+    return rows, source
+
+
+def store_rows(store, tags: list[str] | None, include_flagged: bool) -> tuple[list[dict], dict]:
+    traces = store.traces(tags=tags or None)
+    rows = rows_from_traces(traces, by_turn=True, include_flagged=include_flagged)
+    if not rows:
+        excluded = sum(not t.included for t in traces)
+        flagged = sum(bool(t.flags) and t.included for t in traces)
+        where = f" with tags {', '.join(tags)}" if tags else ""
+        raise TrainError(
+            f"no training rows: {len(traces)} trace(s) selected{where}, {excluded} excluded, {flagged} flagged"
+            + ("" if include_flagged else " (include_flagged / --include-flagged keeps flagged ones)"))
+    source = {"kind": "store", "tags": list(tags or []), "include_flagged": include_flagged,
+              "traces": len({r["trace_id"] for r in rows})}
+    return rows, source
+
+
+def hub_rows(dataset_id: str, split: str = "train") -> list[dict]:
+    """Rows of a dataset pushed by `mcpft push` (or any with the same columns), via `datasets.load_dataset`."""
+    import datasets
+
+    from mcpft.dataset import _clean_rows
+
+    try:
+        loaded = datasets.load_dataset(dataset_id, split=split)
+    except (FileNotFoundError, ValueError) as error:
+        raise TrainError(f"dataset {dataset_id!r}: {error}") from None
+    missing = {"messages", "tools"} - set(loaded.column_names)
+    if missing:
+        raise TrainError(f"dataset {dataset_id!r} has no {', '.join(sorted(missing))} column: not mcpft training rows")
+    rows = _clean_rows(loaded.to_list())
+    for i, row in enumerate(rows):
+        row.setdefault("id", f"{dataset_id}-{i}")
+        row.setdefault("trace_id", row["id"])
+    return rows
+
+
+@dataclass
+class PreparedRows:
+    train: list[tuple[dict, Rendered]]
+    eval: list[tuple[dict, Rendered]]
+    left_out: list[dict]  # {"id", "reason", "n_tokens"}
+    max_length: int
+
+    def summary(self) -> dict:
+        kept = self.train + self.eval
+        return {
+            "rows": len(kept) + len(self.left_out), "rows_used": len(self.train), "eval_rows": len(self.eval),
+            "rows_left_out": self.left_out, "traces": len({row["trace_id"] for row, _ in self.train}),
+            "tokens": sum(r.n_tokens for _, r in self.train),
+            "trained_tokens": sum(sum(r.train_mask) for _, r in self.train),
+            "longest": max((r.n_tokens for _, r in kept), default=0), "max_length": self.max_length,
+        }
+
+
+def prepare_rows(tokenizer, rows: list[dict], max_length: int, eval_fraction: float = 0.0,
+                 seed: int = 42) -> PreparedRows:
+    """Render every row, leave out (and report) those over `max_length` or with nothing to train, split by trace."""
+    kept, left_out = [], []
+    for row, rendered in zip(rows, render_many(tokenizer, rows, max_length=max_length)):
+        if rendered.over_length:
+            left_out.append({"id": row.get("id"), "reason": f"longer than max_length {max_length}",
+                             "n_tokens": rendered.n_tokens})
+        elif not any(rendered.train_mask):
+            left_out.append({"id": row.get("id"), "reason": "no trained assistant message",
+                             "n_tokens": rendered.n_tokens})
+        else:
+            kept.append((row, rendered))
+    if not kept:
+        raise TrainError(f"all {len(rows)} row(s) were left out: " + "; ".join(
+            f"{item['id']}: {item['reason']} ({item['n_tokens']} tokens)" for item in left_out[:5]))
+    held_out = _held_out_traces([row.get("trace_id", row.get("id")) for row, _ in kept], eval_fraction, seed)
+    train = [pair for pair in kept if pair[0].get("trace_id", pair[0].get("id")) not in held_out]
+    evaluation = [pair for pair in kept if pair[0].get("trace_id", pair[0].get("id")) in held_out]
+    return PreparedRows(train=train, eval=evaluation, left_out=left_out, max_length=max_length)
+
+
+def _held_out_traces(trace_ids: list[str], fraction: float, seed: int) -> set[str]:
+    """A seeded share of the traces (at least one, never all), so no trace has rows on both sides."""
+    unique = sorted(set(trace_ids))
+    if fraction <= 0 or len(unique) < 2:
+        return set()
+    random.Random(seed).shuffle(unique)
+    count = min(len(unique) - 1, max(1, round(fraction * len(unique))))
+    return set(unique[:count])
+
+
+def to_dataset(pairs: list[tuple[dict, Rendered]]):
+    """The pre-tokenized dataset TRL trains on: `assistant_masks` becomes the labels' mask (see module doc)."""
+    import datasets
+
+    return datasets.Dataset.from_dict({
+        "input_ids": [r.input_ids for _, r in pairs],
+        "assistant_masks": [r.train_mask for _, r in pairs],
+    })
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run record
+
+
+def read_run_record(folder: str | Path) -> dict:
+    path = Path(folder) / RUN_RECORD
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def write_run_record(folder: str | Path, record: dict) -> None:
+    """Write `mcpft_run.json` whole (a temporary file renamed over it, so a reader never sees half a file)."""
+    path = Path(folder) / RUN_RECORD
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def update_run_record(folder: str | Path, **fields) -> dict:
+    record = {**read_run_record(folder), **fields}
+    write_run_record(folder, record)
+    return record
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training
+
+
+class _ProgressCallback:
+    """Reports every logged step, records losses, and turns a stop request into a clean stop after that step."""
+
+    def __init__(self, on_progress: Callable[[Progress], None] | None, stop_event: threading.Event | None):
+        self.on_progress, self.stop_event = on_progress, stop_event
+        self.losses: list[dict] = []
+        self.started = time.monotonic()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = time.monotonic()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._maybe_stop(control)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        if "loss" not in logs:
+            return  # an eval or end-of-training summary, not a step
+        elapsed = time.monotonic() - self.started
+        step, total = state.global_step, state.max_steps
+        entry = {"step": step, "loss": logs["loss"], "lr": logs.get("learning_rate"), "epoch": logs.get("epoch")}
+        self.losses.append(entry)
+        if self.on_progress:
+            tokens = logs.get("num_tokens")
+            self.on_progress(Progress(
+                step=step, total=total, loss=entry["loss"], lr=entry["lr"], epoch=entry["epoch"],
+                tokens_per_s=tokens / elapsed if tokens and elapsed > 0 else None,
+                eta_s=elapsed / step * (total - step) if step else None))
+        self._maybe_stop(control)
+
+    def _maybe_stop(self, control):
+        if self.stop_event is not None and self.stop_event.is_set():
+            control.should_training_stop = True
+
+
+@dataclass
+class Prepared:
+    """Everything set up for a run; `trainer` is TRL's SFTTrainer, ready for `.train()`."""
+
+    trainer: object
+    tokenizer: object
+    path: str
+    why: str
+    rows: PreparedRows
+    record: dict
+    callback: _ProgressCallback = field(repr=False)
+
+
+def prepare_training(config: TrainConfig, rows: list[dict], out_dir: str | Path, base_model: str | None = None,
+                     data_dir: Path | None = None, on_progress: Callable[[Progress], None] | None = None,
+                     stop_event: threading.Event | None = None, source: dict | None = None) -> Prepared:
+    """Load the tokenizer and model, render and check the rows, and build the trainer (nothing trained yet)."""
+    if not rows:
+        raise TrainError("no training rows: the selection is empty (are all traces flagged or excluded?)")
+    data_dir = Path(data_dir) if data_dir else default_data_dir()
+    path, why = choose_path(config.backend)
+    if config.load_in_4bit and path != "unsloth":
+        raise TrainError("load_in_4bit needs the Unsloth path (a CUDA device with unsloth installed)")
+    if path == "unsloth":
+        import unsloth  # noqa: F401  (must come before trl/transformers are used, so that its patches apply)
+    on_cuda = cuda_available()
+    folder = resolve_model(base_model, data_dir)
+    tokenizer = load_tokenizer(str(folder), data_dir)
+    _check_chat_markup(tokenizer, base_model)
+    from transformers import AutoConfig
+
+    model_context = getattr(AutoConfig.from_pretrained(folder), "max_position_embeddings", None)
+    max_length = resolve_max_length(config, model_context, on_cuda)
+    prepared_rows = prepare_rows(tokenizer, rows, max_length, config.eval_fraction, config.seed)
+    if not prepared_rows.train:
+        raise TrainError("every row was held out for evaluation: lower eval_fraction")
+    gradient_checkpointing = on_cuda if config.gradient_checkpointing is None else config.gradient_checkpointing
+    if path == "unsloth":
+        model, peft_config = _unsloth_model(folder, config, max_length, gradient_checkpointing), None
+    else:
+        model, peft_config = _plain_model(folder, on_cuda), _lora_config(config)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    args = _sft_config(config, out_dir, max_length, on_cuda, gradient_checkpointing)
+    callback = _ProgressCallback(on_progress, stop_event)
+    trainer = _sft_trainer(model, args, tokenizer, prepared_rows, peft_config, callback)
+    record = {
+        "status": "prepared", "created": now_iso(), "path": path, "why": why,
+        "base_model": base_model, "base_model_name": model_name(base_model), "base_model_path": str(folder),
+        "config": {**asdict(config), "max_length": max_length, "optim": args.optim,
+                   "gradient_checkpointing": gradient_checkpointing, "device": "cuda" if on_cuda else "cpu"},
+        "data": {"source": source or {"kind": "rows"}, **prepared_rows.summary()},
+    }
+    return Prepared(trainer=trainer, tokenizer=tokenizer, path=path, why=why, rows=prepared_rows, record=record,
+                    callback=callback)
+
+
+def _check_chat_markup(tokenizer, spec: str | None) -> None:
+    """Rows render as ChatML; a vocabulary without `<|im_end|>` would train the end of a turn as plain text."""
+    if END_OF_TURN not in tokenizer.get_vocab():
+        raise TrainError(
+            f"model {model_name(spec)!r}: its chat template cannot render tool calls, and its tokenizer has no "
+            f"{END_OF_TURN} token, so mcpft's Hermes/ChatML template cannot be given to it either; "
+            "pick a ChatML model (Qwen, SmolLM2, Hermes)")
+
+
+def _lora_config(config: TrainConfig):
+    from peft import LoraConfig
+
+    return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=list(config.target_modules), bias="none", task_type="CAUSAL_LM")
+
+
+def _plain_model(folder: Path, on_cuda: bool):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    return model.to("cuda") if on_cuda else model
+
+
+def _unsloth_model(folder: Path, config: TrainConfig, max_length: int, gradient_checkpointing: bool):
+    from unsloth import FastLanguageModel
+
+    model, _ = FastLanguageModel.from_pretrained(model_name=str(folder), max_seq_length=max_length, dtype=None,
+                                                 load_in_4bit=config.load_in_4bit)
+    return FastLanguageModel.get_peft_model(
+        model, r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+        target_modules=list(config.target_modules), bias="none", random_state=config.seed,
+        use_gradient_checkpointing="unsloth" if gradient_checkpointing else False)
+
+
+def _sft_config(config: TrainConfig, out_dir: Path, max_length: int, on_cuda: bool, gradient_checkpointing: bool):
+    import torch
+    from trl import SFTConfig
+
+    bf16 = on_cuda and torch.cuda.is_bf16_supported()
+    return SFTConfig(
+        output_dir=str(out_dir), max_length=max_length, packing=False, padding_free=False,
+        per_device_train_batch_size=config.batch_size, per_device_eval_batch_size=1,
+        gradient_accumulation_steps=config.gradient_accumulation_steps, num_train_epochs=config.epochs,
+        max_steps=config.max_steps or -1, learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_scheduler_type, warmup_steps=config.warmup_steps,
+        weight_decay=config.weight_decay, optim=resolve_optim(config, on_cuda), seed=config.seed,
+        bf16=bf16, fp16=on_cuda and not bf16, use_cpu=not on_cuda,
+        gradient_checkpointing=gradient_checkpointing, logging_steps=1, save_strategy="no", eval_strategy="no",
+        report_to=["tensorboard"], disable_tqdm=True, dataloader_pin_memory=on_cuda)
+
+
+def _sft_trainer(model, args, tokenizer, rows: PreparedRows, peft_config, callback: _ProgressCallback):
+    from transformers import PrinterCallback, TrainerCallback
+    from trl import SFTTrainer
+
+    bridge = type("MCPFTProgress", (TrainerCallback,), {
+        name: getattr(callback, name) for name in ("on_train_begin", "on_step_end", "on_log")})()
+    trainer = SFTTrainer(model=model, args=args, train_dataset=to_dataset(rows.train),
+                         eval_dataset=to_dataset(rows.eval) if rows.eval else None, processing_class=tokenizer,
+                         peft_config=peft_config, callbacks=[bridge])
+    trainer.remove_callback(PrinterCallback)  # it prints every log dict on stdout, which `--json` owns
+    return trainer
+
+
+def train(config: TrainConfig, rows: list[dict], out_dir: str | Path, base_model: str | None = None,
+          data_dir: Path | None = None, on_progress: Callable[[Progress], None] | None = None,
+          stop_event: threading.Event | None = None, source: dict | None = None,
+          record_extra: dict | None = None) -> TrainResult:
+    """Fine-tune `base_model` (None = packaged SmolLM2) on `rows`; the adapter and tokenizer land in `out_dir`.
+
+    `stop_event` stops after the step in progress; the adapter of the last finished step is kept. `record_extra`
+    goes into `mcpft_run.json` as is (the CLI puts the baseline evaluation there).
+    """
+    prepared = prepare_training(config, rows, out_dir, base_model, data_dir, on_progress, stop_event, source)
+    out_dir = Path(out_dir)
+    record = {**prepared.record, **(record_extra or {}), "status": "running", "started": now_iso()}
+    write_run_record(out_dir, record)
+    started = time.monotonic()
+    try:
+        prepared.trainer.train()
+    except Exception as error:
+        write_run_record(out_dir, {**record, "status": "failed", "error": str(error),
+                                   "losses": prepared.callback.losses})
+        raise _explained(error, prepared) from error
+    state = prepared.trainer.state
+    stopped = stop_event is not None and stop_event.is_set() and state.global_step < state.max_steps
+    adapter_dir = _save(prepared, out_dir) if state.global_step else None
+    eval_loss = None
+    if prepared.rows.eval and state.global_step:
+        eval_loss = prepared.trainer.evaluate().get("eval_loss")
+    losses = prepared.callback.losses
+    result = TrainResult(
+        out_dir=out_dir, path=prepared.path, why=prepared.why, steps=state.global_step, total_steps=state.max_steps,
+        final_loss=losses[-1]["loss"] if losses else None, stopped=stopped, adapter_dir=adapter_dir,
+        rows_used=len(prepared.rows.train), rows_left_out=prepared.rows.left_out, eval_loss=eval_loss,
+        runtime_s=time.monotonic() - started)
+    write_run_record(out_dir, {**record, "status": "stopped" if stopped else "finished", "finished": now_iso(),
+                               "losses": losses, **result.summary()})
+    return result
+
+
+def _save(prepared: Prepared, out_dir: Path) -> Path:
+    """The adapter and the tokenizer (its chat template renders tools) side by side in `out_dir`."""
+    prepared.trainer.model.save_pretrained(out_dir)
+    prepared.tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def _explained(error: Exception, prepared: Prepared) -> Exception:
+    import torch
+
+    if isinstance(error, torch.OutOfMemoryError):
+        config = prepared.record["config"]
+        return TrainError(
+            f"the GPU ran out of memory (longest kept row: {prepared.rows.summary()['longest']} tokens). Lower "
+            f"max_length (now {config['max_length']}: longer rows are left out), keep batch_size at 1 and raise "
+            f"gradient_accumulation_steps (now {config['gradient_accumulation_steps']}) instead, or set "
+            "load_in_4bit (Unsloth path) to halve the weights' memory")
+    return error
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Using an adapter: load it, merge it
+
+
+def check_adapter_dir(adapter_dir: str | Path) -> Path:
+    folder = Path(adapter_dir).expanduser()
+    if not folder.is_dir():
+        raise TrainError(f"adapter {str(adapter_dir)!r}: no such folder")
+    if not (folder / "adapter_config.json").is_file():
+        raise TrainError(f"adapter {str(adapter_dir)!r}: no adapter_config.json there, so it is not a PEFT adapter "
+                         "(train one with `mcpft train --out DIR`)")
+    return folder
+
+
+def adapter_base(adapter_dir: Path) -> str | None:
+    """The base model spec an adapter was trained on: the run record's, else the adapter config's."""
+    record = read_run_record(adapter_dir)
+    if "base_model" in record:
+        return record["base_model"]
+    config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    return config.get("base_model_name_or_path")
+
+
+def load_adapter_tokenizer(adapter_dir: Path):
+    from transformers import AutoTokenizer
+
+    from mcpft.chat_template import ensure_tool_template
+
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    ensure_tool_template(tokenizer)
+    return tokenizer
+
+
+def load_adapter_model(adapter_dir: str | Path, base_model: str | None = None, data_dir: Path | None = None,
+                       device: str | None = None, dtype=None):
+    """`(PeftModel, tokenizer)` for inference: the base (`base_model`, else the one it was trained on) + the adapter."""
+    from peft import PeftModel
+
+    from mcpft.models import load_model
+
+    folder = check_adapter_dir(adapter_dir)
+    spec = base_model if base_model is not None else adapter_base(folder)
+    model, _ = load_model(spec, Path(data_dir) if data_dir else default_data_dir(), dtype=dtype, device=device)
+    peft_model = PeftModel.from_pretrained(model, folder)
+    peft_model.eval()
+    return peft_model, load_adapter_tokenizer(folder)
+
+
+MERGE_DTYPES = ("bf16", "fp16", "fp32")
+
+
+def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "bf16", base_model: str | None = None,
+                  data_dir: Path | None = None) -> Path:
+    """Base + adapter merged into plain safetensors weights (`dtype`), with the tool-calling chat template."""
+    import torch
+
+    if dtype not in MERGE_DTYPES:
+        raise TrainError(f"dtype {dtype!r}: choose one of {', '.join(MERGE_DTYPES)}")
+    folder = check_adapter_dir(adapter_dir)
+    # Merge in fp32 on the CPU (exact), then cast once.
+    model, tokenizer = load_adapter_model(folder, base_model, data_dir, device="cpu", dtype=torch.float32)
+    merged = model.merge_and_unload()
+    merged = merged.to({"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype])
+    end_of_turn = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    eos = merged.generation_config.eos_token_id
+    eos_ids = list(eos) if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else [])
+    if end_of_turn is not None and end_of_turn not in eos_ids:
+        merged.generation_config.eos_token_id = [*eos_ids, end_of_turn]  # generation must stop at the end of turn
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    record = read_run_record(folder)
+    write_run_record(out_dir, {**record, "merged": {"adapter": str(folder.resolve()), "dtype": dtype,
+                                                    "at": now_iso()}})
+    return out_dir
+
+
+def steps_estimate(rows: int, config: TrainConfig) -> int:
+    """Optimizer steps a run over `rows` rows will take (what the progress bar's total will be)."""
+    if config.max_steps:
+        return config.max_steps
+    per_epoch = math.ceil(rows / config.batch_size / config.gradient_accumulation_steps)
+    return math.ceil(per_epoch * config.epochs)
