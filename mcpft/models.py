@@ -32,7 +32,7 @@ class ModelError(Exception):
 
 
 def resolve_model(spec: str | None, data_dir: Path) -> Path:
-    """The local folder holding the model `spec` names: a folder as is, a Hub id via the HF cache, or packaged SmolLM2."""
+    """The local folder of the model `spec` names: a folder as is, a Hub id via the HF cache, or packaged SmolLM2."""
     if spec in PACKAGED_SPECS:
         return packaged_smollm2(Path(data_dir))
     folder = Path(spec).expanduser()
@@ -156,7 +156,8 @@ def _hub_snapshot(repo_id: str) -> Path:
             + (" and HF_HUB_OFFLINE is set" if offline else " and the Hub cannot be reached")
         ) from None
     except RepositoryNotFoundError:
-        raise ModelError(f"model {repo_id!r}: no such repository on the Hugging Face Hub (or it needs HF_TOKEN)") from None
+        raise ModelError(
+            f"model {repo_id!r}: no such repository on the Hugging Face Hub (or it needs HF_TOKEN)") from None
     except HfHubHTTPError as error:
         raise ModelError(f"model {repo_id!r}: the Hugging Face Hub answered {error}") from None
     return _checked_folder(Path(folder), repo_id)

@@ -6,16 +6,28 @@ assistant messages, and the blocks of messages with `train` not false are traine
 `<|im_end|>`. Characters become tokens the way transformers' `return_assistant_tokens_mask` does it (`char_to_token`
 on a span's first and last character), so with our Hermes template the mask equals the one TRL trains on.
 Nothing is ever cut: `over_length` says when a row is longer than `max_length`.
+
+Speed: the rows of one trace repeat its prefix and its tool results, and a tokenizer splits its special tokens out
+before anything else, so the text between two ChatML markers tokenizes the same alone as in the whole row. Each
+distinct piece is tokenized once per `render_many` call and the pieces' ids are joined; offsets are computed only for
+the pieces a trained span starts or ends inside. Tokenizers where that does not hold exactly (a marker that strips
+whitespace, a pre-tokenizer that treats the text's start specially) are detected and tokenized row by row.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 ASSISTANT_HEADER = "<|im_start|>assistant\n"
 END_OF_TURN = "<|im_end|>"
+CHATML_MARKERS = ("<|im_start|>", "<|im_end|>")
 _BATCH = 256  # rows tokenized per call: the Rust tokenizer parallelises within a batch
+# A ChatML conversation that exercises the markers' neighbourhoods (whitespace on both sides, text right against
+# them): a tokenizer whose pieces between markers tokenize differently alone fails to reproduce it piece by piece.
+_PROBE = ("<|im_start|>system\nYou are a helper.<|im_end|>\n<|im_start|>user\n  Hi there \n<|im_end|>\n"
+          "<|im_start|>assistant\n<think>\nok\n</think>\n\nDone<|im_end|>\n<|im_start|>assistant\n")
 
 
 class RenderError(ValueError):
@@ -37,17 +49,15 @@ def render(tokenizer, row: dict, max_length: int | None = None) -> Rendered:
 
 
 def render_many(tokenizer, rows: list[dict], max_length: int | None = None) -> list[Rendered]:
-    """Render rows in batches (templates one by one, tokenization a batch at a time)."""
+    """Render rows in batches (templates one by one, tokenization a batch at a time, shared pieces once)."""
     if not getattr(tokenizer, "is_fast", False):
         raise RenderError(f"{type(tokenizer).__name__} is not a fast tokenizer: character offsets are needed")
+    encoder = PieceEncoder.for_tokenizer(tokenizer) or WholeTextEncoder(tokenizer)
     rendered = []
     for first in range(0, len(rows), _BATCH):
         batch = rows[first:first + _BATCH]
         texts, spans = zip(*(render_text(tokenizer, row, where=_where(row, first + i)) for i, row in enumerate(batch)))
-        encoded = tokenizer(list(texts), add_special_tokens=False)
-        for i, (text, row_spans) in enumerate(zip(texts, spans)):
-            input_ids = encoded["input_ids"][i]
-            mask = _token_mask(encoded.encodings[i], len(input_ids), row_spans)
+        for text, (input_ids, mask) in zip(texts, encoder.encode(texts, spans)):
             rendered.append(Rendered(text=text, input_ids=input_ids, train_mask=mask, n_tokens=len(input_ids),
                                      over_length=max_length is not None and len(input_ids) > max_length))
     return rendered
@@ -96,6 +106,136 @@ def assistant_blocks(text: str) -> list[tuple[int, int]]:
     return spans
 
 
+class WholeTextEncoder:
+    """Tokenizes each row's whole text; the mask from the offsets (`char_to_token`)."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+
+    def encode(self, texts, spans) -> list[tuple[list[int], list[int]]]:
+        encoded = self._tokenizer(list(texts), add_special_tokens=False)
+        return [(ids, _token_mask(encoding, len(ids), row_spans))
+                for ids, encoding, row_spans in zip(encoded["input_ids"], encoded.encodings, spans)]
+
+
+class PieceEncoder:
+    """Tokenizes each distinct piece between ChatML markers once and joins the pieces' ids per row.
+
+    Gives the ids and mask of `WholeTextEncoder` exactly (`for_tokenizer` checks that it can); the mask of a piece
+    wholly inside or outside every trained span needs no offsets, so only the pieces a span starts or ends inside
+    are tokenized with offsets."""
+
+    def __init__(self, backend, marker_ids: dict[str, int]):
+        self._backend = backend
+        self._marker_ids = marker_ids
+        self._split = re.compile("(" + "|".join(map(re.escape, marker_ids)) + ")").split
+        self._ids: dict[str, list[int]] = {"": []}  # piece text -> its token ids
+        self._encodings: dict = {}  # piece text -> its Encoding (offsets), for pieces a span starts or ends inside
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer) -> PieceEncoder | None:
+        """An encoder for this tokenizer, or None when its pieces between markers do not tokenize independently."""
+        marker_ids = _independent_markers(tokenizer)
+        if marker_ids is None:
+            return None
+        encoder = cls(tokenizer.backend_tokenizer, marker_ids)
+        probe_spans = [assistant_blocks(_PROBE)]
+        same = encoder.encode([_PROBE], probe_spans) == WholeTextEncoder(tokenizer).encode([_PROBE], probe_spans)
+        return encoder if same else None
+
+    def encode(self, texts, spans) -> list[tuple[list[int], list[int]]]:
+        rows = [self._pieces(text) for text in texts]
+        self._tokenize_new(rows, spans)
+        return [self._assemble(pieces, row_spans) for pieces, row_spans in zip(rows, spans)]
+
+    def _pieces(self, text: str) -> list[tuple[int, int, str]]:
+        """(start, end, text) of every piece: the markers and the text between them, in order."""
+        pieces, position = [], 0
+        for piece in self._split(text):
+            pieces.append((position, position + len(piece), piece))
+            position += len(piece)
+        return pieces
+
+    def _tokenize_new(self, rows, spans):
+        """Tokenize, in two batches, the pieces not seen before: with offsets those a span starts or ends inside."""
+        plain, with_offsets = {}, {}
+        for pieces, row_spans in zip(rows, spans):
+            for start, end, piece in pieces:
+                if piece in self._marker_ids:
+                    continue
+                if any(_cuts(start, end, s, e) for s, e in row_spans):
+                    if piece not in self._encodings:
+                        with_offsets[piece] = None
+                elif piece not in self._ids:
+                    plain[piece] = None
+        if with_offsets:
+            encodings = self._backend.encode_batch(list(with_offsets), add_special_tokens=False)
+            for piece, encoding in zip(with_offsets, encodings):
+                self._encodings[piece] = encoding
+                self._ids[piece] = encoding.ids
+        plain = [piece for piece in plain if piece not in self._ids]
+        if plain:
+            for piece, encoding in zip(plain, self._backend.encode_batch_fast(plain, add_special_tokens=False)):
+                self._ids[piece] = encoding.ids
+
+    def _assemble(self, pieces, row_spans) -> tuple[list[int], list[int]]:
+        input_ids, placed = [], []  # placed: (start, end, text, index of its first token, number of tokens)
+        for start, end, piece in pieces:
+            ids = [self._marker_ids[piece]] if piece in self._marker_ids else self._ids[piece]
+            placed.append((start, end, piece, len(input_ids), len(ids)))
+            input_ids += ids
+        mask = [0] * len(input_ids)
+        for s, e in row_spans:
+            inside = [p for p in placed if p[0] < e and s < p[1] and p[4]]  # overlapping pieces that have tokens
+            first = self._edge_token(inside, s, e, first=True)
+            if first is None:
+                continue  # the span holds no token (an empty span)
+            last = self._edge_token(reversed(inside), s, e, first=False)
+            mask[first:last + 1] = [1] * (last + 1 - first)
+        return input_ids, mask
+
+    def _edge_token(self, inside, s: int, e: int, first: bool) -> int | None:
+        """The row-level index of the span's first (or, walking the pieces backwards, last) token."""
+        for start, end, piece, base, count in inside:
+            if piece in self._marker_ids:
+                return base
+            if not _cuts(start, end, s, e):  # the whole piece is in the span: its first (last) token is the span's
+                return base if first else base + count - 1
+            local = range(max(s, start) - start, min(e, end) - start)
+            token = _first_token(self._encodings[piece], local if first else reversed(local))
+            if token is not None:
+                return base + token
+        return None
+
+
+def _cuts(start: int, end: int, s: int, e: int) -> bool:
+    """Whether the span [s, e) starts or ends strictly inside the piece [start, end)."""
+    return start < s < end or start < e < end
+
+
+def _independent_markers(tokenizer) -> dict[str, int] | None:
+    """The ChatML markers' ids when both are added tokens matched as they are (no stripping, no word boundary, not
+    normalised) that no other added token overlaps; else None."""
+    added = {token.content: (token_id, token) for token_id, token in tokenizer.added_tokens_decoder.items()}
+    marker_ids = {}
+    for marker in CHATML_MARKERS:
+        if marker not in added:
+            return None
+        token_id, token = added[marker]
+        if token.lstrip or token.rstrip or token.single_word or token.normalized:
+            return None
+        marker_ids[marker] = token_id
+    if any(_overlaps(other, marker) for other in added if other not in marker_ids for marker in marker_ids):
+        return None
+    return marker_ids
+
+
+def _overlaps(other: str, marker: str) -> bool:
+    """Whether a match of `other` could cover part of `marker` (so splitting at the marker could change it)."""
+    return marker in other or any(
+        other.endswith(marker[:k]) or other.startswith(marker[-k:]) for k in range(1, len(marker)))
+
+
 def _token_mask(encoding, n_tokens: int, spans: list[tuple[int, int]]) -> list[int]:
     """Tokens from the one holding a span's first character to the one holding its last, for every span."""
     mask = [0] * n_tokens
@@ -108,7 +248,7 @@ def _token_mask(encoding, n_tokens: int, spans: list[tuple[int, int]]) -> list[i
     return mask
 
 
-def _first_token(encoding, characters: range) -> int | None:
+def _first_token(encoding, characters) -> int | None:
     """The token of the first character in `characters` that belongs to a token (normalizers may drop some)."""
     for char in characters:
         token = encoding.char_to_token(char)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
 import os
 import random
 import threading
@@ -391,12 +390,14 @@ def prepare_training(config: TrainConfig, rows: list[dict], out_dir: str | Path,
     out_dir.mkdir(parents=True, exist_ok=True)
     args = _sft_config(config, out_dir, max_length, on_cuda, gradient_checkpointing)
     callback = _ProgressCallback(on_progress, stop_event)
-    trainer = _sft_trainer(model, args, tokenizer, prepared_rows, peft_config, callback)
+    fused = path == "unsloth" or fused_loss_available(on_cuda)
+    trainer = _sft_trainer(model, args, tokenizer, prepared_rows, peft_config, callback, fused)
     record = {
         "status": "prepared", "created": now_iso(), "path": path, "why": why,
         "base_model": base_model, "base_model_name": model_name(base_model), "base_model_path": str(folder),
         "config": {**asdict(config), "max_length": max_length, "optim": args.optim,
-                   "gradient_checkpointing": gradient_checkpointing, "device": "cuda" if on_cuda else "cpu"},
+                   "gradient_checkpointing": gradient_checkpointing, "device": "cuda" if on_cuda else "cpu",
+                   "loss": "trl fused (triton)" if fused else "model causal-LM loss"},
         "data": {"source": source or {"kind": "rows"}, **prepared_rows.summary()},
     }
     return Prepared(trainer=trainer, tokenizer=tokenizer, path=path, why=why, rows=prepared_rows, record=record,
@@ -456,10 +457,38 @@ def _sft_config(config: TrainConfig, out_dir: Path, max_length: int, on_cuda: bo
         report_to=["tensorboard"], disable_tqdm=True, dataloader_pin_memory=on_cuda)
 
 
-def _sft_trainer(model, args, tokenizer, rows: PreparedRows, peft_config, callback: _ProgressCallback):
-    from transformers import PrinterCallback, TrainerCallback
+def fused_loss_available(on_cuda: bool) -> bool:
+    """TRL 1.15 computes the SFT loss with a Triton kernel (fused LM head): CUDA with Triton only."""
+    return on_cuda and importlib.util.find_spec("triton") is not None
+
+
+def _sft_trainer_class(fused: bool):
+    from transformers import Trainer
     from trl import SFTTrainer
 
+    if fused:
+        return SFTTrainer
+
+    class PlainLossSFTTrainer(SFTTrainer):
+        """SFTTrainer with the model's own causal-LM loss (as TRL's docs advise: override `compute_loss`), for
+        devices where its Triton kernel cannot run. Counts tokens the way SFTTrainer does, for tokens/s."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            mode = "train" if self.model.training else "eval"
+            if mode == "train":
+                self._total_train_tokens += int(inputs["attention_mask"].sum())
+                self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+            return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+
+    return PlainLossSFTTrainer
+
+
+def _sft_trainer(model, args, tokenizer, rows: PreparedRows, peft_config, callback: _ProgressCallback,
+                 fused: bool):
+    from transformers import PrinterCallback, TrainerCallback
+
+    SFTTrainer = _sft_trainer_class(fused)
     bridge = type("MCPFTProgress", (TrainerCallback,), {
         name: getattr(callback, name) for name in ("on_train_begin", "on_step_end", "on_log")})()
     trainer = SFTTrainer(model=model, args=args, train_dataset=to_dataset(rows.train),
@@ -485,10 +514,12 @@ def train(config: TrainConfig, rows: list[dict], out_dir: str | Path, base_model
     started = time.monotonic()
     try:
         prepared.trainer.train()
-    except Exception as error:
-        write_run_record(out_dir, {**record, "status": "failed", "error": str(error),
+    except BaseException as error:  # also a second Ctrl-C: the record must not stay "running"
+        write_run_record(out_dir, {**record, "status": "failed", "error": repr(error),
                                    "losses": prepared.callback.losses})
-        raise _explained(error, prepared) from error
+        if isinstance(error, Exception):
+            raise _explained(error, prepared) from error
+        raise
     state = prepared.trainer.state
     stopped = stop_event is not None and stop_event.is_set() and state.global_step < state.max_steps
     adapter_dir = _save(prepared, out_dir) if state.global_step else None
@@ -603,10 +634,3 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "bf
                                                     "at": now_iso()}})
     return out_dir
 
-
-def steps_estimate(rows: int, config: TrainConfig) -> int:
-    """Optimizer steps a run over `rows` rows will take (what the progress bar's total will be)."""
-    if config.max_steps:
-        return config.max_steps
-    per_epoch = math.ceil(rows / config.batch_size / config.gradient_accumulation_steps)
-    return math.ceil(per_epoch * config.epochs)

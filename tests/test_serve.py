@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from concurrent.futures import wait
 from pathlib import Path
 
 import httpx
@@ -17,7 +18,8 @@ import pytest
 
 from mcpft.agent.endpoint import Endpoint, probe
 from mcpft.models import load_model
-from mcpft.serve import Generation, GenerationRequest, TransformersBackend, create_app, load_backends, serve_in_thread
+from mcpft.serve import (
+    MODEL_THREAD, Generation, GenerationRequest, TransformersBackend, create_app, load_backends, serve_in_thread)
 
 TOOLS = [{"type": "function", "function": {
     "name": "browser_navigate", "description": "Navigate to a URL",
@@ -123,7 +125,7 @@ def test_stop_string_cuts_the_text_and_the_generation(api):
     cut = sampled(api, max_tokens=40, stop=[stop])
     assert cut.choices[0].message.content == text[:text.index(stop)].strip()
     assert cut.choices[0].finish_reason == "stop"
-    assert cut.usage.completion_tokens < full.usage.completion_tokens  # generation stopped there, no wasted tokens
+    assert 0 < cut.usage.completion_tokens < full.usage.completion_tokens  # generation stopped there: no waste
     content, _, _, finish, _ = streamed(api, max_tokens=40, stop=stop)
     assert content.strip() == cut.choices[0].message.content and finish == "stop"
 
@@ -148,6 +150,42 @@ def test_scripted_backend_stream_has_reasoning_then_content_then_calls(api):
     assert [(c.index, c.function.name) for c in calls] == [(0, "browser_navigate"), (1, "browser_snapshot")]
     assert calls[0].function.arguments == '{"url": "https://example.com/"}'
     assert finish == "tool_calls"
+
+
+def test_reply_after_a_prompt_that_opened_think(api):
+    class OpenedThink(ScriptedBackend):
+        def start(self, request):
+            generation = super().start(request)
+            generation.think_opened = True  # as when a template ends its generation prompt with "<think>\n"
+            return generation
+
+    base_url, stop = serve_in_thread(create_app({"thinker": OpenedThink("Two and two.\n</think>\n\nFour.")}))
+    try:
+        thinker = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0)
+        message = thinker.chat.completions.create(model="thinker", messages=HI).choices[0].message
+        content, reasoning, _, finish, _ = streamed(thinker, model="thinker")
+    finally:
+        stop()
+    assert (message.content, message.model_extra["reasoning_content"]) == ("Four.", "Two and two.")
+    assert (content, reasoning.strip(), finish) == ("Four.", "Two and two.", "stop")
+
+
+def test_a_client_that_leaves_stops_the_generation(tiny_model_dir, tmp_path):
+    model, tokenizer = load_model(str(tiny_model_dir), tmp_path)
+    model.generation_config.eos_token_id = None  # so that only a cancel can end it before max_tokens
+    backend = TransformersBackend(model, tokenizer)
+    base_url, stop = serve_in_thread(create_app({"tiny": backend}))
+    try:
+        api = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0)
+        stream = api.chat.completions.create(model="tiny", messages=HI, temperature=1.0, seed=7, max_tokens=100_000,
+                                             stream=True)
+        next(chunk for chunk in stream if chunk.choices and chunk.choices[0].delta.content)
+        stream.close()
+        # the model thread runs one job at a time: this one waits until the 100,000-token generation has ended
+        done, _ = wait([MODEL_THREAD.submit(lambda: None)], timeout=60)
+        assert done, "the generation went on after the client left"
+    finally:
+        stop()
 
 
 def test_tool_choice_none_keeps_call_text_as_content(api, scripted):

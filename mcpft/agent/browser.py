@@ -113,6 +113,7 @@ def playwright_server(output_dir: str | os.PathLike[str], headless: bool = True,
     Headless unless `headless=False` and a display exists. `offline=True` keeps Chromium off the network
     (tests only). Unsafe tools (`browser_run_code_unsafe`) stay hidden unless `allow_unsafe_tools`.
     """
+    node, cli = find_node(), find_playwright_cli()  # fail before writing anything
     output_dir = Path(output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     if not headless and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
@@ -125,8 +126,8 @@ def playwright_server(output_dir: str | os.PathLike[str], headless: bool = True,
     display_env = {} if headless else {k: os.environ[k] for k in _DISPLAY_VARIABLES if k in os.environ}
     return ServerSpec(
         name,
-        command=find_node(),
-        args=(str(find_playwright_cli()), "--config", str(config_path)),
+        command=node,
+        args=(str(cli), "--config", str(config_path)),
         env=display_env,
         cwd=str(output_dir),
         inline_snapshots=True,

@@ -20,7 +20,7 @@ import openai
 from openai.pagination import AsyncPage
 from openai.types.chat import ChatCompletion
 
-from mcpft.hermes import THINK_CLOSE, ThinkStreamSplitter, new_call_id, parse_assistant_text
+from mcpft.hermes import THINK_CLOSE, ParsedAssistant, ThinkStreamSplitter, new_call_id, parse_assistant_text
 
 REASONING_FIELDS = ("reasoning_content", "reasoning")  # where servers put reasoning in a message / delta
 LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1", "0.0.0.0"}
@@ -249,6 +249,7 @@ class CompletionSettings:
     tool_choice: str | None = None  # "auto" / "none"; None: the server's default
     timeout: float = 600.0
     think_opened: bool = False  # for servers returning raw text after a prompt that opened <think>
+    reasoning_field: str | None = "reasoning_content"  # where past reasoning goes back (ProbeReport.reasoning_field)
     extra_body: dict | None = None  # e.g. {"chat_template_kwargs": {"enable_thinking": False}} for vLLM
 
 
@@ -268,14 +269,7 @@ class Completion:
 
     def to_message(self) -> dict:
         """The assistant message in mcpft's format."""
-        message = {"role": "assistant", "content": self.content}
-        if self.reasoning:
-            message["reasoning_content"] = self.reasoning
-        if self.tool_calls:
-            message["tool_calls"] = self.tool_calls
-        if self.flags:
-            message["flags"] = list(self.flags)
-        return message
+        return ParsedAssistant(self.content, self.reasoning, self.tool_calls, self.flags).to_message()
 
 
 StreamCallback = Callable[[str, str], None]  # (kind: "content" | "reasoning", text)
@@ -288,17 +282,20 @@ class EndpointError(Exception):
 async def complete(endpoint: Endpoint, messages: list[dict], tools: list[dict] | None = None,
                    stream_cb: StreamCallback | None = None,
                    settings: CompletionSettings | None = None) -> Completion:
-    """Stream one assistant turn, passing content and reasoning to `stream_cb` as they come."""
+    """Stream one assistant turn, passing content and reasoning to `stream_cb` as they come.
+
+    `messages` are in mcpft's format; past assistant turns go out through `assistant_message_for_history`.
+    """
     settings = settings or CompletionSettings()
+    messages = [assistant_message_for_history(m, settings.reasoning_field) if m.get("role") == "assistant" else m
+                for m in messages]
     stream_cb = stream_cb or (lambda kind, text: None)
     started = time.perf_counter()
-    turn = _Turn(ThinkStreamSplitter(think_opened=settings.think_opened), stream_cb)
+    turn = _Turn(ThinkStreamSplitter(think_opened=settings.think_opened), stream_cb, started)
     try:
         async with client(endpoint, timeout=settings.timeout) as api:
             stream = await api.chat.completions.create(**_request(endpoint, messages, tools, settings))
             async for chunk in stream:
-                if turn.first_token_s is None and chunk.choices:
-                    turn.first_token_s = round(time.perf_counter() - started, 3)
                 turn.add(chunk)
     except (openai.OpenAIError, json.JSONDecodeError) as error:
         raise EndpointError(describe_error(error, endpoint, settings.timeout)) from error
@@ -323,8 +320,8 @@ def _request(endpoint: Endpoint, messages: list[dict], tools: list[dict] | None,
 class _Turn:
     """Accumulates a streamed reply: content, server-side reasoning, tool call deltas merged by index."""
 
-    def __init__(self, splitter: ThinkStreamSplitter, stream_cb: StreamCallback):
-        self.splitter, self.stream_cb = splitter, stream_cb
+    def __init__(self, splitter: ThinkStreamSplitter, stream_cb: StreamCallback, started: float):
+        self.splitter, self.stream_cb, self.started = splitter, stream_cb, started
         self.content: list[str] = []
         self.reasoning: list[str] = []
         self.calls: dict[int, dict] = {}
@@ -344,6 +341,8 @@ class _Turn:
     def _add_delta(self, delta) -> None:
         extra = delta.model_extra or {}
         reasoning = next((extra[name] for name in REASONING_FIELDS if extra.get(name)), None)
+        if self.first_token_s is None and (reasoning or delta.content or delta.tool_calls):
+            self.first_token_s = round(time.perf_counter() - self.started, 3)
         if reasoning:
             self.reasoning.append(reasoning)
             self.stream_cb("reasoning", reasoning)
@@ -362,9 +361,9 @@ class _Turn:
     def result(self, think_opened: bool) -> Completion:
         for kind, text in self.splitter.finish():
             self.stream_cb(kind, text)
-        content, reasoning = "".join(self.content), "".join(self.reasoning)
+        content, reasoning = "".join(self.content), "".join(self.reasoning).strip()
         completion = Completion(content=content, reasoning=reasoning, finish_reason=self.finish_reason,
-                                usage=self.usage)
+                                usage=self.usage, first_token_s=self.first_token_s)
         if self.calls:
             completion.tool_calls = [self.calls[i] for i in sorted(self.calls)]
             completion.flags = [flag for call in completion.tool_calls if (flag := _complete_call(call))]
@@ -373,7 +372,7 @@ class _Turn:
         parsed = parse_assistant_text(content, think_opened=think_opened and not reasoning)
         completion.parsed_client_side = bool(parsed.tool_calls or parsed.reasoning)
         completion.content, completion.tool_calls, completion.flags = parsed.content, parsed.tool_calls, parsed.flags
-        completion.reasoning = "\n\n".join(part for part in (reasoning.strip(), parsed.reasoning) if part)
+        completion.reasoning = "\n\n".join(part for part in (reasoning, parsed.reasoning) if part)
         return completion
 
 

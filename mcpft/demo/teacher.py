@@ -21,8 +21,7 @@ from mcpft.hermes import format_assistant_text, parse_assistant_text
 
 MAX_ASSISTANT_TURNS = 16
 # Calls after which the last snapshot no longer shows the page (unless their own result holds a new one).
-PAGE_CHANGING_TOOLS = frozenset({"browser_navigate", "browser_navigate_back", "browser_click", "browser_tabs",
-                                 "browser_press_key", "browser_type"})
+PAGE_CHANGING_TOOLS = frozenset({"browser_navigate", "browser_navigate_back", "browser_click", "browser_press_key"})
 FILL_TOOLS = frozenset({"browser_fill_form", "browser_type", "browser_select_option"})
 GIVE_UP = "I'm sorry: I could not finish this task in the browser within the steps I allow myself."
 _URL = re.compile(r"https?://[^\s\"'<>]+")
@@ -118,8 +117,25 @@ class Browsing:
             self.page = page
             if page.h1:
                 self.seen[page.h1] = page
-        elif call.is_error or call.name in PAGE_CHANGING_TOOLS:
+        elif call.is_error or changes_page(call):
             self.page = None
+
+    def form_filled(self) -> bool:
+        """The latest round of calls other than snapshots filled fields, without an error."""
+        for calls in reversed(self.turns):
+            if all(call.name == "browser_snapshot" for call in calls):
+                continue
+            return bool(calls) and all(call.name in FILL_TOOLS and not call.is_error for call in calls)
+        return False
+
+
+def changes_page(call: Call) -> bool:
+    """Whether the call may have changed what the page shows (typing changes it only when it submits)."""
+    if call.name == "browser_tabs":
+        return call.arguments.get("action") != "list"
+    if call.name == "browser_type":
+        return bool(call.arguments.get("submit"))
+    return call.name in PAGE_CHANGING_TOOLS
 
 
 def _task_index(base_url: str) -> dict[str, Task]:
@@ -183,6 +199,11 @@ def _ref_key(schema: Mapping[str, Any]) -> str:
     return "ref" if "ref" in properties else "target"
 
 
+def _describe(node: Node | None) -> str:
+    """The human-readable element description Playwright MCP asks for, e.g. "Docs link"."""
+    return f"{node.name} {node.role}".strip() if node else "element"
+
+
 class Actions:
     """Builds steps with the tools the conversation offers, reading refs from the current page."""
 
@@ -210,12 +231,12 @@ class Actions:
         return Step(think, [("browser_snapshot", {})])
 
     def click(self, node: Node | None, think: str) -> Step:
-        what = f"{node.name} {node.role}" if node else "element"
-        return Step(think, [("browser_click", self._target("browser_click", node, what))])
+        return Step(think, [("browser_click", self._target("browser_click", node, _describe(node)))])
 
     def type(self, node: Node | None, text: str, think: str, submit: bool = False) -> Step:
-        arguments = self._target("browser_type", node, f"{node.name if node else ''} {node.role if node else ''}")
-        arguments.update(text=text, **({"submit": True} if submit else {}))
+        arguments = {**self._target("browser_type", node, _describe(node)), "text": text}
+        if submit:
+            arguments["submit"] = True
         return Step(think, [("browser_type", arguments)])
 
     def select_tab(self, tab: Tab, think: str) -> Step:
@@ -495,13 +516,13 @@ def solve_contact_form(task: Task, act: Actions, page: Page) -> Step:
               "Message": task.params["message"]}
     if page.h1 == "Message sent":
         sent = page.items_under("What you sent")
-        return Step("The confirmation page echoes what was sent: " + "; ".join(sent) + ".",
+        echoed = "; ".join(sent)
+        return Step(f"The confirmation page echoes what was sent: {echoed}" + ("" if echoed[-1:] in ".?!" else "."),
                     answer=f"Done: I sent the message through the contact form as {task.params['name']} "
                            f"({task.params['email']}) with the topic \"{task.params['topic']}\". "
                            "The site confirmed it and will reply within two working days.")
     if page.find("textbox", "Name") is not None:
-        filled = act.browsing.last_calls
-        if filled and all(call.name in FILL_TOOLS and not call.is_error for call in filled):
+        if act.browsing.form_filled():
             return act.click(page.find("button", "Send message"), "The form is filled in; I'll send it.")
         return act.fill_form(page, values, "This is the contact form; I'll fill in the name, email, topic and "
                                            "message.")
@@ -556,6 +577,16 @@ def goal(task: Task) -> str:
         doc_topic=doc.topic if doc else "", query=params.get("query", ""))
 
 
+def _why_snapshot(calls: list[Call]) -> str:
+    if any(call.is_error for call in calls):
+        return "That did not work; I'll look at the page again."
+    if any(call.name == "browser_tabs" for call in calls):
+        return "I'm on the new tab now; I'll take a snapshot to read it."
+    if any("[Snapshot](" in (call.result or "") for call in calls):
+        return "The result only links to the page snapshot, so I'll ask for the snapshot itself."
+    return "I need to see the page as it is now."
+
+
 def plan(browsing: Browsing, tools: Sequence[Mapping[str, Any]]) -> Step:
     task = browsing.task
     if not task.needs_tools:
@@ -570,9 +601,7 @@ def plan(browsing: Browsing, tools: Sequence[Mapping[str, Any]]) -> Step:
         return act.select_tab(waiting[-1], f"The link opened \"{waiting[-1].title}\" in tab {waiting[-1].index}; "
                                            "I'll switch to it.")
     if browsing.page is None:
-        failed = any(call.is_error for call in browsing.last_calls)
-        return act.snapshot("That did not work; I'll look at the page again." if failed
-                            else "I need to see the page as it is now.")
+        return act.snapshot(_why_snapshot(browsing.last_calls))
     return SOLVERS[task.template](task, act, browsing.page)
 
 

@@ -1,0 +1,48 @@
+"""The Gradio app: five tabs (Endpoint, Agent, Curate, Train, Evaluate), each a thin wiring of the library.
+
+    ctx = make_context()                 # store, data dir, space.yaml settings, the embedded endpoint
+    demo, url = launch(ctx, port=7860)   # serves the page first, then loads the model in the background
+"""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from mcpft.ui import agent_tab, curate_tab, endpoint_tab, evaluate_tab, train_tab
+from mcpft.ui.owner import resolve_owner
+from mcpft.ui.state import AppContext, Shared, make_context
+
+CSS = """
+#approval-box {border: 2px solid var(--color-accent); border-radius: 8px; padding: 6px;}
+"""
+
+
+def build_app(ctx: AppContext) -> gr.Blocks:
+    with gr.Blocks(title="mcpft") as demo:
+        gr.Markdown("## mcpft · agent traces → curated data → LoRA fine-tune → before/after")
+        shared = Shared(owner=gr.State(""))
+        browser_id = gr.BrowserState(None, storage_key="mcpft-visitor", secret=ctx.browser_secret)
+        with gr.Tabs():
+            endpoint_tab.build(ctx, shared)
+            agent_tab.build(ctx, shared)
+            curate_tab.build(ctx, shared)
+            train_tab.build(ctx, shared)
+            evaluate_tab.build(ctx, shared)
+        demo.load(resolve_owner, [browser_id], [browser_id, shared.owner])
+    # Visitors' agent turns and edits run side by side; training and evaluation set their own limit of one.
+    demo.queue(default_concurrency_limit=None)
+    return demo
+
+
+def launch(ctx: AppContext, port: int | None = None, host: str | None = None,
+           start_model: bool = True) -> tuple[gr.Blocks, str]:
+    """Serve the app (returns once the page is up), then start the embedded endpoint in the background."""
+    demo = build_app(ctx)
+    demo.launch(server_port=port, server_name=host, prevent_thread_lock=True, css=CSS, footer_links=["gradio"],
+                show_error=True)
+    if start_model:
+        ctx.embedded.start_in_background(ctx.default_model)
+    return demo, demo.local_url
+
+
+__all__ = ["build_app", "launch", "make_context", "AppContext"]

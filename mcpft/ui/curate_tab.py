@@ -1,0 +1,398 @@
+"""Curate tab: the visitor's traces (include, rate, tag in the table), a message editor with undo, the unroll preview
+through a model's chat template (trained spans highlighted, tokens against the max length), import, export, push."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from functools import lru_cache
+from pathlib import Path
+
+import gradio as gr
+
+from mcpft import curate
+from mcpft.dataset import count_tokens, export_rows, push_rows, rows_from_traces, unroll
+from mcpft.ingest import import_paths
+from mcpft.models import ModelError, load_tokenizer
+from mcpft.render import RenderError, render, render_text
+from mcpft.store import summarize
+from mcpft.trace import Trace
+from mcpft.ui.owner import owned_trace, owner_slug, require_owner
+from mcpft.ui.state import AppContext, Shared
+
+TRACE_COLUMNS = ["id", "date", "model", "first user message", "turns", "tool calls", "flags", "included", "rating",
+                 "tags"]
+TRACE_TYPES = ["str", "str", "str", "str", "number", "number", "str", "bool", "number", "str"]
+EDITABLE = ("included", "rating", "tags")
+MESSAGE_COLUMNS = ["#", "role", "content", "reasoning", "tool calls"]
+FIELDS = ["content", "reasoning_content", "tool_calls"]
+PREVIEW_CHARS = 400
+DEFAULT_MAX_LENGTH = 4096
+
+
+def _short(text: str, limit: int) -> str:
+    text = " ".join((text or "").split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def trace_rows(ctx: AppContext, owner: str) -> list[list]:
+    rows = []
+    for s in ctx.store.summaries(owner):
+        flags = ", ".join(dict.fromkeys(f["code"] for f in s.flags))
+        rows.append([s.id, s.created[:16].replace("T", " "), s.model, _short(s.first_user, 90), s.turns, s.tool_calls,
+                     flags, s.included, s.rating, ", ".join(s.tags)])
+    return rows
+
+
+def _cell_rating(value) -> int | None:
+    if value is None or value == "" or (isinstance(value, float) and math.isnan(value)):
+        return None
+    try:
+        rating = float(value)
+    except (TypeError, ValueError):
+        raise gr.Error(f"rating {value!r} is not a number: use 1-5 or leave it empty") from None
+    if rating != int(rating):
+        raise gr.Error(f"rating {value!r} must be a whole number from 1 to 5")
+    return int(rating)
+
+
+def _cell_tags(value) -> list[str]:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return []
+    return [tag.strip() for tag in str(value).split(",") if tag.strip()]
+
+
+def _cell_bool(value) -> bool:
+    return value if isinstance(value, bool) else str(value).strip().lower() in ("true", "1", "yes")
+
+
+def apply_table_edits(ctx: AppContext, owner: str, table) -> list[str]:
+    """Persist what the visitor changed in the editable columns; returns one line per edit made."""
+    done = []
+    for record in table.to_dict("records"):
+        trace_id = str(record.get("id") or "")
+        if not trace_id:
+            continue
+        trace = owned_trace(ctx.store, trace_id, owner)
+        summary = summarize(trace)
+        included = _cell_bool(record["included"])
+        if included != summary.included:
+            curate.set_included(ctx.store, trace_id, included)
+            done.append(f"{trace_id}: {'included' if included else 'excluded'}")
+        rating = _cell_rating(record["rating"])
+        if rating != summary.rating:
+            try:
+                curate.rate(ctx.store, trace_id, rating)
+            except ValueError as error:
+                raise gr.Error(f"trace {trace_id}: {error}") from None
+            done.append(f"{trace_id}: rated {rating}")
+        tags = _cell_tags(record["tags"])
+        if tags != summary.tags:
+            curate.set_tags(ctx.store, trace_id, tags)
+            done.append(f"{trace_id}: tags {', '.join(tags) or '(none)'}")
+    return done
+
+
+# -- one trace ------------------------------------------------------------------------------------------------
+
+
+def message_rows(trace: Trace) -> list[list]:
+    rows = []
+    for i, m in enumerate(trace.messages):
+        if m["role"] == "tool":
+            calls = f"↩ {m.get('name') or ''} ({m['tool_call_id']})"
+        else:
+            calls = "; ".join(f"{c['function']['name']}({_short(c['function']['arguments'], 120)})"
+                              for c in m.get("tool_calls", []))
+        rows.append([i, m["role"], _short(m["content"], PREVIEW_CHARS), _short(m.get("reasoning_content", ""), 200),
+                     calls])
+    return rows
+
+
+def trace_header(ctx: AppContext, trace: Trace) -> str:
+    lines = [f"**Trace `{trace.id}`** · {trace.model or 'unknown model'} · {trace.created} · source "
+             f"`{trace.source or '-'}` · {'included' if trace.included else '**excluded**'}"]
+    if trace.flags:
+        lines.append("**Flags** (left out of datasets unless you include flagged traces):")
+        lines += [f"- message {f['index']}: {f['message']}" for f in trace.flags]
+    history = ctx.store.history(trace.id)
+    if history:
+        lines.append("**Edits:** " + "; ".join(f"{h['op']}{' (undone)' if h['undone'] else ''}" for h in history))
+    return "\n".join(lines)
+
+
+def field_value(trace: Trace, index, field: str) -> str:
+    if index is None or not 0 <= int(index) < len(trace.messages):
+        return ""
+    value = trace.messages[int(index)].get(field)
+    if field == "tool_calls":
+        return json.dumps(value, indent=2, ensure_ascii=False) if value else ""
+    return value or ""
+
+
+def parse_field(field: str, text: str):
+    """The value to store for a field edited as text (None removes an optional field)."""
+    if field == "tool_calls":
+        if not text.strip():
+            return None
+        try:
+            calls = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise gr.Error(f"tool_calls is not valid JSON (line {error.lineno}, column {error.colno}: {error.msg})")
+        if not isinstance(calls, list):
+            raise gr.Error("tool_calls must be a JSON list of calls")
+        return calls
+    if field == "reasoning_content" and not text.strip():
+        return None
+    return text
+
+
+# -- unroll preview -------------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=4)
+def _tokenizer(spec: str, data_dir: str):
+    return load_tokenizer(spec, Path(data_dir))
+
+
+def tokenizer_for(ctx: AppContext, spec: str | None):
+    try:
+        return _tokenizer(spec or "smollm2", str(ctx.data_dir))
+    except (ModelError, OSError, ValueError) as error:
+        raise gr.Error(f"cannot load the tokenizer of {spec!r}: {error}") from None
+
+
+def preview(ctx: AppContext, trace: Trace, spec: str, max_length, by_turn: bool, row_choice):
+    """(row choices update, highlighted text, token summary) for one unrolled row of the trace."""
+    rows = unroll(trace, by_turn=by_turn)
+    if not rows:
+        return gr.update(choices=[], value=None), None, "This trace has no assistant answer: it gives no training row."
+    ids = [row["id"] for row in rows]
+    chosen = row_choice if row_choice in ids else ids[0]
+    row = rows[ids.index(chosen)]
+    max_length = int(max_length or DEFAULT_MAX_LENGTH)
+    tokenizer = tokenizer_for(ctx, spec)
+    try:
+        text, spans = render_text(tokenizer, row, where=f"row {chosen}")
+        rendered = render(tokenizer, row, max_length)
+        lengths = count_tokens(tokenizer, [dict(r) for r in rows], max_length)
+    except RenderError as error:
+        raise gr.Error(str(error)) from None
+    highlighted = {"text": text, "entities": [{"entity": "trained", "start": a, "end": b} for a, b in spans]}
+    verdict = (f"**over the max length by {rendered.n_tokens - max_length} tokens: left out of training**"
+               if rendered.over_length else "fits")
+    summary = (f"Row `{chosen}`: **{rendered.n_tokens} tokens** of max {max_length} ({verdict}), "
+               f"{sum(rendered.train_mask)} trained. This trace unrolls into {len(rows)} row(s); longest "
+               f"{lengths.longest} tokens; {len(lengths.over)} over the max length."
+               + (" The trace is flagged, so datasets leave it out unless flagged traces are included."
+                  if trace.flags else ""))
+    return gr.update(choices=ids, value=chosen), highlighted, summary
+
+
+# -- the tab --------------------------------------------------------------------------------------------------
+
+
+def build(ctx: AppContext, shared: Shared) -> gr.Tab:
+    with gr.Tab("Curate", id="curate") as tab:
+        gr.Markdown("Your traces. Edit **included**, **rating** (1-5) and **tags** (comma-separated) in the table; "
+                    "select a row to open it.")
+        with gr.Row():
+            refresh_button = gr.Button("Refresh", size="sm", scale=0)
+            table_note = gr.Markdown(elem_id="curate-note")
+        table = gr.Dataframe(headers=TRACE_COLUMNS, datatype=TRACE_TYPES, value=[], interactive=True,
+                             static_columns=list(range(len(TRACE_COLUMNS) - len(EDITABLE))), wrap=True,
+                             max_height=420, elem_id="traces-table", row_count=0)
+        selected = gr.State("")
+        header = gr.Markdown(elem_id="trace-header")
+        with gr.Row():
+            with gr.Column(scale=3):
+                messages = gr.Dataframe(headers=MESSAGE_COLUMNS, value=[], interactive=False, wrap=True,
+                                        max_height=420, label="Messages (select one to edit it)",
+                                        elem_id="messages-table")
+            with gr.Column(scale=2):
+                with gr.Row():
+                    index = gr.Number(label="Message #", precision=0, minimum=0, elem_id="message-index")
+                    field = gr.Radio(FIELDS, value="content", label="Field")
+                value = gr.Textbox(label="Value", lines=8, max_lines=20, elem_id="message-value")
+                with gr.Row():
+                    save_button = gr.Button("Save edit", variant="primary", size="sm", elem_id="save-edit")
+                    delete_button = gr.Button("Delete message", variant="stop", size="sm")
+                    merge_button = gr.Button("Merge with next user turn", size="sm")
+                with gr.Row():
+                    train_system = gr.Checkbox(True, label="Train on the system prompt", elem_id="train-system")
+                    undo_button = gr.Button("Undo last edit", size="sm", elem_id="undo-edit")
+        with gr.Accordion("Unroll preview: the training rows through a model's chat template", open=True):
+            with gr.Row():
+                preview_model = gr.Dropdown([ctx.default_model or "smollm2"], value=ctx.default_model or "smollm2",
+                                            allow_custom_value=True, label="Tokenizer of (model folder or Hub id)")
+                max_length = gr.Number(DEFAULT_MAX_LENGTH, label="Max length (tokens)", precision=0, minimum=16)
+                by_turn = gr.Checkbox(True, label="One row per user turn (unroll)")
+                row_choice = gr.Dropdown([], label="Row", elem_id="row-choice")
+            tokens = gr.Markdown(elem_id="token-summary")
+            highlighted = gr.HighlightedText(label="Rendered row (trained spans highlighted)", combine_adjacent=False,
+                                             show_legend=True, color_map={"trained": "#22c55e"},
+                                             elem_id="unroll-preview")
+        with gr.Accordion("Import, export, push", open=False):
+            with gr.Row():
+                with gr.Column():
+                    uploads = gr.File(label="Import JSON / JSONL traces", file_count="multiple",
+                                      file_types=[".json", ".jsonl"], type="filepath")
+                    import_tags = gr.Textbox(label="Tag the imported traces with (comma-separated)")
+                    import_button = gr.Button("Import")
+                    import_report = gr.Markdown()
+                with gr.Column():
+                    export_format = gr.Radio(["jsonl", "parquet"], value="jsonl", label="Format")
+                    export_unroll = gr.Checkbox(True, label="Unroll (one row per user turn)")
+                    export_flagged = gr.Checkbox(False, label="Include flagged traces")
+                    export_button = gr.Button("Export")
+                    export_file = gr.File(label="Download", interactive=False)
+                with gr.Column():
+                    if ctx.on_space:
+                        gr.LoginButton()
+                    repo_id = gr.Textbox(label="Hub dataset repo (OWNER/NAME)")
+                    private = gr.Checkbox(True, label="Private")
+                    token = gr.Textbox(label="Hugging Face token (or sign in on a Space; HF_TOKEN otherwise)",
+                                       type="password", visible=not ctx.on_space)
+                    push_button = gr.Button("Push to the Hub")
+                    push_report = gr.Markdown()
+
+    trace_outputs = [header, messages, train_system, index, value]
+    preview_outputs = [row_choice, highlighted, tokens]
+
+    def refresh(owner):
+        require_owner(owner)
+        return trace_rows(ctx, owner)
+
+    def table_edited(owner, edited):
+        done = apply_table_edits(ctx, require_owner(owner), edited)
+        return trace_rows(ctx, owner), ("Saved: " + "; ".join(done)) if done else ""
+
+    def show_trace(owner, trace_id, field_name):
+        trace = owned_trace(ctx.store, trace_id, owner)
+        return (trace_header(ctx, trace), message_rows(trace), trace.train_system, gr.update(value=None),
+                field_value(trace, None, field_name))
+
+    def select_trace(owner, field_name, evt: gr.SelectData):
+        trace_id = str(evt.row_value[0]) if evt.row_value else ""
+        return (trace_id, *show_trace(owner, trace_id, field_name))
+
+    def select_message(owner, trace_id, field_name, evt: gr.SelectData):
+        trace = owned_trace(ctx.store, trace_id, owner)
+        message_index = int(evt.row_value[0])
+        return message_index, field_value(trace, message_index, field_name)
+
+    def show_field(owner, trace_id, message_index, field_name):
+        if not trace_id:
+            return ""
+        return field_value(owned_trace(ctx.store, trace_id, owner), message_index, field_name)
+
+    def edited(owner, trace_id, field_name, action):
+        """Run one curation edit (`action` returns the note to show) on the selected trace, then show it again."""
+        owned_trace(ctx.store, trace_id, owner)
+        try:
+            note = action()
+        except (ValueError, IndexError) as error:
+            raise gr.Error(str(error)) from None
+        return (*show_trace(owner, trace_id, field_name), trace_rows(ctx, owner), note)
+
+    def message_index_of(message_index):
+        if message_index is None:
+            raise gr.Error("Select a message (or type its number) first.")
+        return int(message_index)
+
+    def save(owner, trace_id, message_index, field_name, text):
+        def action():
+            at = message_index_of(message_index)
+            curate.edit_message(ctx.store, trace_id, at, field_name, parse_field(field_name, text or ""))
+            return f"Saved message {at}'s {field_name}."
+
+        return edited(owner, trace_id, field_name, action)
+
+    def delete(owner, trace_id, message_index, field_name):
+        def action():
+            at = message_index_of(message_index)
+            curate.delete_messages(ctx.store, trace_id, [at])
+            return f"Deleted message {at}."
+
+        return edited(owner, trace_id, field_name, action)
+
+    def merge(owner, trace_id, message_index, field_name):
+        def action():
+            curate.merge_user_turns(ctx.store, trace_id, message_index_of(message_index))
+            return "Merged the user turns."
+
+        return edited(owner, trace_id, field_name, action)
+
+    def system_training(owner, trace_id, train, field_name):
+        def action():
+            curate.set_system_in_training(ctx.store, trace_id, bool(train))
+            return "The system prompt is trained." if train else "The system prompt is left out of training."
+
+        return edited(owner, trace_id, field_name, action)
+
+    def undo(owner, trace_id, field_name):
+        def action():
+            op = curate.undo(ctx.store, trace_id)
+            return f"Undid: {op}" if op else "Nothing left to undo."
+
+        return edited(owner, trace_id, field_name, action)
+
+    def update_preview(owner, trace_id, spec, length, turn_rows, row):
+        if not trace_id:
+            return gr.update(choices=[], value=None), None, ""
+        return preview(ctx, owned_trace(ctx.store, trace_id, owner), spec, length, bool(turn_rows), row)
+
+    def do_import(owner, files, tags):
+        require_owner(owner)
+        if not files:
+            raise gr.Error("Choose one or more .json / .jsonl files first.")
+        report = import_paths(ctx.store, files, owner=owner, tags=tuple(_cell_tags(tags)))
+        lines = [f"Imported **{len(report.imported)}** trace(s); {report.duplicates} duplicate(s) skipped; "
+                 f"{len(report.flagged)} flagged; {len(report.rejected)} rejected."]
+        lines += [f"- flagged {Path(f['file']).name}: {'; '.join(f['reasons'])}" for f in report.flagged]
+        lines += [f"- rejected {Path(r['file']).name}: {r['error']}" for r in report.rejected]
+        return "\n".join(lines), trace_rows(ctx, owner)
+
+    def rows_of(owner, unrolled, flagged):
+        return rows_from_traces(ctx.store.traces(owner=require_owner(owner)), by_turn=bool(unrolled),
+                                include_flagged=bool(flagged))
+
+    def do_export(owner, fmt, unrolled, flagged):
+        rows = rows_of(owner, unrolled, flagged)
+        out = ctx.scratch_dir / owner_slug(owner) / f"mcpft-rows-{time.strftime('%Y%m%d-%H%M%S')}.{fmt}"
+        try:
+            return str(export_rows(rows, out, fmt))
+        except ValueError as error:
+            raise gr.Error(str(error)) from None
+
+    def do_push(owner, repo, is_private, hf_token, oauth_token: gr.OAuthToken | None = None):
+        rows = rows_of(owner, True, False)
+        if not repo or "/" not in repo:
+            raise gr.Error("Give the dataset repo as OWNER/NAME.")
+        credential = oauth_token.token if oauth_token is not None else (hf_token or None)
+        try:
+            url = push_rows(rows, repo.strip(), private=bool(is_private), token=credential)
+        except Exception as error:  # the Hub's refusals come in many types; the message is what matters
+            raise gr.Error(f"The push failed: {error}") from None
+        return f"Pushed {len(rows)} rows to [{url}]({url})."
+
+    owner = shared.owner
+    note_outputs = [*trace_outputs, table, table_note]
+    gr.on([refresh_button.click, tab.select], refresh, [owner], [table], show_progress="hidden")
+    table.input(table_edited, [owner, table], [table, table_note])
+    table.select(select_trace, [owner, field], [selected, *trace_outputs])
+    messages.select(select_message, [owner, selected, field], [index, value])
+    field.change(show_field, [owner, selected, index, field], [value])
+    save_button.click(save, [owner, selected, index, field, value], note_outputs)
+    delete_button.click(delete, [owner, selected, index, field], note_outputs)
+    merge_button.click(merge, [owner, selected, index, field], note_outputs)
+    train_system.input(system_training, [owner, selected, train_system, field], note_outputs)
+    undo_button.click(undo, [owner, selected, field], note_outputs)
+    preview_inputs = [owner, selected, preview_model, max_length, by_turn, row_choice]
+    gr.on([header.change, preview_model.change, max_length.submit, by_turn.change, row_choice.input],
+          update_preview, preview_inputs, preview_outputs)
+    import_button.click(do_import, [owner, uploads, import_tags], [import_report, table])
+    export_button.click(do_export, [owner, export_format, export_unroll, export_flagged], [export_file])
+    push_button.click(do_push, [owner, repo_id, private, token], [push_report])
+    return tab

@@ -1,0 +1,184 @@
+"""Endpoint tab: where the agent's model runs (presets, URL, model, key, connection test), the embedded endpoint,
+and the MCP servers (editable `mcpServers` JSON, Connect, their tools)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import gradio as gr
+
+from mcpft.agent.endpoint import PRESETS, Endpoint, probe
+from mcpft.agent.mcp import MCPConfigError, MCPServerError
+from mcpft.agent.session import AgentSession
+from mcpft.models import model_name
+from mcpft.ui.owner import owner_slug, require_owner
+from mcpft.ui.state import SESSION_TTL_S, AppContext, Shared, mcp_config_text
+
+PRESET_CHOICES = [("Embedded (in this app)", "embedded"), ("Local vLLM", "vllm"), ("OpenAI", "openai"),
+                  ("Hugging Face router", "hf")]
+EMBEDDED_WAIT_S = 900  # the packaged model's first conversion takes a while on a small CPU
+TOOL_COLUMNS = ["server", "tool", "description"]
+
+
+def endpoint_from_fields(ctx: AppContext, preset: str, base_url: str, model: str, api_key: str) -> Endpoint:
+    """The endpoint the fields describe; the embedded preset follows the embedded server wherever it listens."""
+    if preset == "embedded":
+        status = ctx.embedded.status
+        if status.state != "ready":
+            raise gr.Error(f"The embedded endpoint is {status.state}{': ' + status.error if status.error else ''}. "
+                           "Start it in the Endpoint tab, or pick another preset.")
+        chosen = model if model in status.models else status.models[0]
+        return Endpoint(status.base_url, chosen)
+    if not (base_url or "").startswith(("http://", "https://")):
+        raise gr.Error(f"Base URL {base_url!r} must start with http:// or https:// (e.g. {PRESETS['vllm'].base_url}).")
+    if not model:
+        raise gr.Error("Pick a model: “Test connection” lists the models the endpoint serves.")
+    return Endpoint(base_url.strip(), model.strip(), api_key=api_key or None)
+
+
+def wait_for_embedded(ctx: AppContext, preset: str) -> None:
+    """Block until a loading embedded endpoint is ready (or failed); other presets return at once."""
+    if preset == "embedded" and ctx.embedded.status.state == "loading":
+        ctx.embedded.wait_ready(timeout=EMBEDDED_WAIT_S)
+
+
+def connect_session(ctx: AppContext, session: AgentSession | None, owner: str, mcp_json: str) -> AgentSession:
+    """The visitor's agent session on this MCP config: the running one if its config is unchanged, else a new one."""
+    require_owner(owner)
+    try:
+        config = json.loads(mcp_json or "")
+    except json.JSONDecodeError as error:
+        raise gr.Error(f"The MCP servers JSON is invalid at line {error.lineno}, column {error.colno}: {error.msg}")
+    if session is not None and session.connected and session.config == config:
+        return session
+    if session is not None:
+        session.close()
+    try:
+        fresh = AgentSession(config, ctx.data_dir / "tool-files" / owner_slug(owner), store=ctx.store, owner=owner)
+        fresh.connect()
+    except (MCPConfigError, MCPServerError) as error:
+        raise gr.Error(str(error)) from None
+    return fresh
+
+
+def close_session(session: AgentSession | None) -> None:
+    if session is not None:
+        session.close()
+
+
+def tool_rows(session: AgentSession | None) -> list[list[str]]:
+    if session is None:
+        return []
+    return [[tool.server, tool.name, (tool.description or "").strip().splitlines()[0] if tool.description else ""]
+            for tool in session.tools]
+
+
+def embedded_status_text(ctx: AppContext) -> str:
+    status = ctx.embedded.status
+    name = model_name(status.model_spec) if status.model_spec or status.state != "stopped" else ""
+    if status.state == "ready":
+        return f"**Embedded endpoint: ready** at `{status.base_url}`, serving {', '.join(f'`{m}`' for m in status.models)}"
+    if status.state == "loading":
+        return f"**Embedded endpoint: loading `{name}`…** (the first start converts the packaged model; see the console)"
+    if status.state == "failed":
+        return f"**Embedded endpoint: failed** to load `{name}`: {status.error}"
+    return "**Embedded endpoint: stopped**"
+
+
+def probe_text(report) -> str:
+    tool_calls = {"native": "parsed by the server (`tool_calls`)",
+                  "hermes_text": "returned as Hermes `<tool_call>` text: mcpft parses it client-side",
+                  "none": "the model called no tool on the test prompt", None: "not tested"}[report.tool_calls]
+    reasoning = {"reasoning_content": "parsed by the server (`reasoning_content`)",
+                 "reasoning": "parsed by the server (`reasoning`)",
+                 "think_tags": "`<think>` tags in the content: mcpft splits them client-side",
+                 "none": "none seen", None: "not tested"}[report.reasoning_field]
+    lines = [f"### {'✅ Connected' if report.ok else '⚠️ Problem'}: `{report.base_url}`", "",
+             f"- models: {', '.join(f'`{m}`' for m in report.models) or '(no /v1/models listing)'}",
+             f"- tool calls: {tool_calls}", f"- reasoning: {reasoning}"]
+    lines += [f"- latency of {step}: {seconds:.2f} s" for step, seconds in report.latencies_s.items()]
+    lines += [f"- **error in {step}**: {message}" for step, message in report.errors.items()]
+    return "\n".join(lines)
+
+
+def build(ctx: AppContext, shared: Shared) -> None:
+    with gr.Tab("Endpoint", id="endpoint"):
+        gr.Markdown("Where the agent's model runs, and which MCP tools it may use. The API key stays in this "
+                    "browser tab: it is sent with each request that needs it and never stored or logged.")
+        with gr.Row():
+            shared.preset = gr.Radio(PRESET_CHOICES, value="embedded", label="Preset", scale=2)
+            shared.base_url = gr.Textbox(label="Base URL", scale=3, elem_id="base-url")
+        with gr.Row():
+            shared.model = gr.Dropdown([], label="Model (from /v1/models)", allow_custom_value=True, scale=3,
+                                       elem_id="endpoint-model")
+            shared.api_key = gr.Textbox(label="API key", type="password", scale=2,
+                                        placeholder="only for OpenAI / Hugging Face; kept in this tab only")
+        test_button = gr.Button("Test connection")
+        probe_report = gr.Markdown(elem_id="probe-report")
+
+        gr.Markdown("### Embedded endpoint")
+        with gr.Row():
+            known = [spec for spec in dict.fromkeys([ctx.default_model, *(
+                (ctx.settings.get("base_model") or {}).values() if isinstance(ctx.settings.get("base_model"), dict)
+                else [])]) if spec]
+            embedded_model = gr.Dropdown(known, value=ctx.default_model, label="Model to serve (folder, Hub id, or "
+                                         "smollm2 = the packaged SmolLM2)", allow_custom_value=True, scale=3)
+            start_button = gr.Button("Start", scale=1)
+            stop_button = gr.Button("Stop", scale=1, variant="stop")
+        embedded_status = gr.Markdown(embedded_status_text(ctx), elem_id="embedded-status")
+        status_timer = gr.Timer(2.0, active=True)
+
+        gr.Markdown("### MCP servers")
+        if ctx.mcp_config_error:
+            gr.Markdown(f"⚠️ The default browser is unavailable: {ctx.mcp_config_error}")
+        shared.mcp_json = gr.Code(mcp_config_text(ctx.mcp_config), language="json", label="mcpServers JSON",
+                                  interactive=True, max_lines=20)
+        connect_button = gr.Button("Connect")
+        tools_table = gr.Dataframe(headers=TOOL_COLUMNS, value=[], label="Tools", interactive=False, wrap=True,
+                                   elem_id="tools-table")
+        shared.session = gr.State(None, time_to_live=SESSION_TTL_S, delete_callback=close_session)
+
+    def preset_changed(preset):
+        if preset == "embedded":
+            status = ctx.embedded.status
+            return (gr.update(value=status.base_url, interactive=False),
+                    gr.update(choices=status.models, value=status.models[0] if status.models else None))
+        return gr.update(value=PRESETS[preset].base_url, interactive=True), gr.update(choices=[], value=None)
+
+    def test_connection(preset, base_url, model, api_key):
+        wait_for_embedded(ctx, preset)
+        endpoint = endpoint_from_fields(ctx, preset, base_url, model or "?", api_key)
+        report = asyncio.run(probe(endpoint, timeout=120))
+        models = report.models or ([endpoint.model] if endpoint.model != "?" else [])
+        value = endpoint.model if endpoint.model in models else (models[0] if models else None)
+        return probe_text(report), gr.update(choices=models, value=value)
+
+    def refresh_status(preset):
+        status = ctx.embedded.status
+        updates = [embedded_status_text(ctx), gr.Timer(active=status.state == "loading")]
+        if preset == "embedded" and status.state == "ready":
+            base, model = preset_changed(preset)
+            return [*updates, base, model]
+        return [*updates, gr.update(), gr.update()]
+
+    def start_embedded(spec):
+        ctx.embedded.start_in_background(spec or None)
+        return embedded_status_text(ctx), gr.Timer(active=True)
+
+    def stop_embedded():
+        ctx.embedded.stop()
+        return embedded_status_text(ctx)
+
+    def connect(session, owner, mcp_json):
+        session = connect_session(ctx, session, owner, mcp_json)
+        return session, tool_rows(session)
+
+    shared.preset.change(preset_changed, [shared.preset], [shared.base_url, shared.model])
+    test_button.click(test_connection, [shared.preset, shared.base_url, shared.model, shared.api_key],
+                      [probe_report, shared.model])
+    status_outputs = [embedded_status, status_timer, shared.base_url, shared.model]
+    status_timer.tick(refresh_status, [shared.preset], status_outputs, show_progress="hidden")
+    start_button.click(start_embedded, [embedded_model], [embedded_status, status_timer])
+    stop_button.click(stop_embedded, None, [embedded_status])
+    connect_button.click(connect, [shared.session, shared.owner, shared.mcp_json], [shared.session, tools_table])

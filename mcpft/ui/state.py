@@ -1,0 +1,117 @@
+"""What the app's tabs share: the process-wide context (store, data dir, settings, embedded endpoint) and the
+components one tab defines and another reads (the owner, the endpoint fields, the MCP config, the agent session)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mcpft.agent.session import EmbeddedEndpoint
+from mcpft.config import data_dir as default_data_dir
+from mcpft.config import load_settings
+from mcpft.store import Store
+
+log = logging.getLogger(__name__)
+
+HELDOUT_TAG = "heldout"  # traces with this tag are the evaluation set and never trained on
+SESSION_TTL_S = 24 * 3600
+
+
+@dataclass
+class AppContext:
+    store: Store
+    data_dir: Path
+    settings: dict
+    embedded: EmbeddedEndpoint
+    default_model: str | None  # the model spec the embedded endpoint serves at start (None: packaged SmolLM2)
+    mcp_config: dict  # the default {"mcpServers": ...} shown in the Endpoint tab
+    mcp_config_error: str = ""  # why the default browser config could not be built (shown, never fatal)
+    on_space: bool = False  # a Hugging Face Space: owners come from OAuth, the login button is shown
+    browser_secret: str = ""  # encrypts the browser-side session id (kept in the data dir across restarts)
+    train_stops: dict[str, threading.Event] = field(default_factory=dict)  # owner -> stop request of their run
+    compare_endpoint: EmbeddedEndpoint | None = None  # base + adapter for Evaluate's side-by-side chat
+    compare_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def scratch_dir(self) -> Path:
+        """Files handed to the browser (exports) must live where Gradio may serve them from: the temp dir."""
+        path = Path(tempfile.gettempdir()) / "mcpft-app"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+def cpu_or_gpu_model(settings: dict) -> str | None:
+    """space.yaml's `base_model` for this machine: `gpu` with CUDA, else `cpu` ("smollm2" = the packaged model)."""
+    import importlib.util
+
+    base = settings.get("base_model") or {}
+    if not isinstance(base, dict):
+        return str(base)
+    on_cuda = False
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+
+        on_cuda = torch.cuda.is_available()
+    return base.get("gpu" if on_cuda else "cpu")
+
+
+def make_context(data_dir: Path | None = None, model: str | None = None, settings: dict | None = None,
+                 extra_backends: dict | None = None, mcp_config: dict | None = None) -> AppContext:
+    """The app's context from `space.yaml` (or `settings`), with explicit arguments taking precedence."""
+    settings = load_settings() if settings is None else settings
+    if data_dir is None:
+        data_dir = Path(settings["storage_dir"]).expanduser() if settings.get("storage_dir") else default_data_dir()
+    data_dir = Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    config_error = ""
+    if mcp_config is None:
+        mcp_config, config_error = _default_mcp_config(settings, data_dir)
+    return AppContext(
+        store=Store(data_dir / "mcpft.db"), data_dir=data_dir, settings=settings,
+        embedded=EmbeddedEndpoint(data_dir, extra_backends), default_model=model or cpu_or_gpu_model(settings),
+        mcp_config=mcp_config, mcp_config_error=config_error, on_space=bool(os.environ.get("SPACE_ID")),
+        browser_secret=_browser_secret(data_dir))
+
+
+def _default_mcp_config(settings: dict, data_dir: Path) -> tuple[dict, str]:
+    if settings.get("mcp_servers"):
+        return settings["mcp_servers"], ""
+    from mcpft.agent.browser import BrowserSetupError, default_mcp_config
+
+    try:
+        return default_mcp_config(data_dir), ""
+    except BrowserSetupError as error:
+        return {"mcpServers": {}}, str(error)
+
+
+def _browser_secret(data_dir: Path) -> str:
+    """A secret made once per data dir, so a browser's session id survives restarts (and its traces stay its)."""
+    path = data_dir / "browser-state.secret"
+    if not path.exists():
+        path.write_text(secrets.token_hex(32))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+@dataclass
+class Shared:
+    """Components defined in one tab and used by another (filled in as the tabs are built)."""
+
+    owner: object = None  # gr.State: "hf:USER" or "browser:ID"
+    preset: object = None
+    base_url: object = None
+    model: object = None
+    api_key: object = None  # a password field: sent with requests that need it, never stored server-side
+    mcp_json: object = None
+    session: object = None  # gr.State: the visitor's AgentSession
+    truncate: object = None
+
+
+def mcp_config_text(config: dict) -> str:
+    return json.dumps(config, indent=2)

@@ -1,0 +1,140 @@
+"""The demo task suite: splits, determinism, and checkers that accept right answers and reject wrong ones."""
+
+import urllib.parse
+import urllib.request
+from collections import defaultdict
+
+import pytest
+
+from mcpft.demo import data
+from mcpft.demo.site import serve_site
+from mcpft.demo.tasks import HELDOUT_TEMPLATES, CheckResult, load_tasks, numbers, task_by_id
+
+ALL = load_tasks()
+ANSWER_TASKS = [task for task in ALL if task.template != "contact_form"]
+FORM_TASKS = [task for task in ALL if task.template == "contact_form"]
+
+
+def test_suite_size_and_splits():
+    train, heldout = load_tasks("train"), load_tasks("heldout")
+    assert len(ALL) >= 60 and len(train) + len(heldout) == len(ALL)
+    assert {t.split for t in train} == {"train"} and {t.split for t in heldout} == {"heldout"}
+    assert len({task.id for task in ALL}) == len(ALL)
+    assert any(not task.needs_tools for task in train) and any(not task.needs_tools for task in heldout)
+
+
+def test_heldout_has_unseen_templates_and_unseen_parameters():
+    train_templates = {task.template for task in load_tasks("train")}
+    heldout_templates = {task.template for task in load_tasks("heldout")}
+    assert HELDOUT_TEMPLATES and HELDOUT_TEMPLATES <= heldout_templates - train_templates
+    train_params = defaultdict(list)
+    for task in load_tasks("train"):
+        train_params[task.template].append(dict(task.params))
+    for task in load_tasks("heldout"):
+        assert dict(task.params) not in train_params[task.template], task.id
+    train_prompts = {task.prompt for task in load_tasks("train")}
+    assert not train_prompts & {task.prompt for task in load_tasks("heldout")}
+
+
+def test_loading_is_deterministic_and_validated():
+    assert [t.id for t in load_tasks("train")] == [t.id for t in load_tasks("train")]
+    with pytest.raises(ValueError, match="unknown split 'test'"):
+        load_tasks("test")
+    with pytest.raises(KeyError, match="no demo task with id 'nope'"):
+        task_by_id("nope")
+
+
+def test_prompts_carry_the_site_url_only_when_tools_are_needed():
+    for task in ALL:
+        prompt = task.prompt_for("http://127.0.0.1:8123/")
+        assert "{" not in prompt, task.id
+        assert ("http://127.0.0.1:8123" in prompt) == task.needs_tools, task.id
+        assert "8123/" not in prompt  # the trailing slash is dropped, so URLs join cleanly
+
+
+@pytest.mark.parametrize("task", ANSWER_TASKS, ids=lambda t: t.id)
+def test_checker_accepts_the_right_answer_and_rejects_a_wrong_one(task):
+    assert task.check(task.expected) == CheckResult(True, "matches")
+    verdict = task.check(task.wrong)
+    assert not verdict.ok and verdict.reason
+
+
+@pytest.mark.parametrize("task_id, answer", [
+    ("price_by_position-1", "129"),
+    ("price_by_position-1", "It's $129.00."),
+    ("price_by_position-1", "129 dollars"),
+    ("page2_product-3", "pathfinder headlamp, $39.95"),
+    ("product_spec-trailblazer-backpack-weight", "It weighs 1.45 kg."),
+    ("product_spec-trailblazer-backpack-weight", "1,450 grams"),
+    ("product_spec-summit-down-jacket-material", "A NYLON shell with goose-down."),
+    ("product_spec-ridge-hiking-boots-warranty", "two years"),
+    ("docs_search_count-kayak", "There are no results."),
+    ("docs_search_count-order", "four"),
+    ("learn_more_fact-trees", "12400 trees"),
+    ("learn_more_fact-recycled", "68 percent"),
+    ("learn_more_fact-founder", "Marta Lindqvist founded it."),
+    ("no_tool_definition-html", "Hyper Text Markup Language"),
+    ("no_tool_arithmetic-4", "5625"),
+    ("compare_weight-summit-down-jacket-drift-rain-shell", "The Summit Down Jacket is lighter than the Drift Rain Shell"),
+    ("compare_weight-summit-down-jacket-drift-rain-shell", "Summit (380 g)"),
+])
+def test_checkers_tolerate_phrasing(task_id, answer):
+    assert task_by_id(task_id).check(answer).ok
+
+
+@pytest.mark.parametrize("task_id, answer, reason", [
+    ("price_by_position-1", "It is $129.00 or maybe $249.00.", "other catalogue prices"),
+    ("price_by_position-1", "", "expected the price $129.00"),
+    ("page2_product-3", "It costs $39.95.", "expected the product name"),
+    ("product_first_feature-summit-down-jacket",
+     "800-fill responsibly sourced down; Packs into its own chest pocket", "later features"),
+    ("docs_search_count-order", "4 results, or perhaps 5", "other counts"),
+    ("compare_weight-summit-down-jacket-drift-rain-shell", "The Drift Rain Shell is heavier than the Summit",
+     "ambiguous"),
+    ("compare_price-trailblazer-backpack-ember-camp-stove", "The Trailblazer Backpack costs more.",
+     "expected the difference"),
+    ("learn_more_fact-founded", "It was founded in 1978.", "expected '1987'"),
+])
+def test_checkers_reject_hedged_or_incomplete_answers(task_id, answer, reason):
+    verdict = task_by_id(task_id).check(answer)
+    assert not verdict.ok and reason in verdict.reason
+
+
+def test_check_rejects_a_non_string_answer():
+    with pytest.raises(TypeError, match="price_by_position-1: answer must be a string"):
+        task_by_id("price_by_position-1").check(None)
+
+
+def test_numbers_reads_digits_thousands_and_words():
+    assert numbers("$1,450.00, 68% and three, 4, 5") == [1450.0, 68.0, 4.0, 5.0, 3.0]
+
+
+def post(base_url: str, fields: dict[str, str]) -> None:
+    request = urllib.request.Request(base_url + "/contact", data=urllib.parse.urlencode(fields).encode(),
+                                     method="POST")
+    try:
+        urllib.request.urlopen(request, timeout=10).close()
+    except urllib.error.HTTPError as error:
+        assert error.code == 400  # the site refused an incomplete form
+
+
+@pytest.fixture(scope="module")
+def site():
+    with serve_site() as running:
+        yield running
+
+
+@pytest.mark.parametrize("task", FORM_TASKS, ids=lambda t: t.id)
+def test_form_checker_reads_the_sites_submissions(site, task):
+    fields = dict(task.params)
+    site.clear_submissions()
+    assert "no contact form submission" in task.check(task.expected, site).reason
+    post(site.base_url, {**fields, "message": ""})  # missing field: the site refuses it, nothing is recorded
+    assert not task.check(task.expected, site).ok
+    other_topic = next(topic for topic in data.CONTACT_TOPICS if topic != fields["topic"])
+    post(site.base_url, {**fields, "topic": other_topic})
+    verdict = task.check(task.expected, site)
+    assert not verdict.ok and f"topic={other_topic!r}" in verdict.reason
+    post(site.base_url, {**fields, "email": fields["email"].upper(), "message": f"  {fields['message']} "})
+    assert task.check("done", site).ok
+    assert not task.check("done", None).ok

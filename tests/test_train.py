@@ -1,0 +1,266 @@
+"""Training on the tiny random Qwen3 (CPU, TRL + PEFT): loss, mask, adapter round trip, merge, stop, errors, CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+
+import pytest
+import torch
+
+from mcpft.cli import train as cli_train
+from mcpft.cli.common import common_options
+from mcpft.dataset import export_rows, rows_from_traces
+from mcpft.evaluate import evaluate_rows, local_generator
+from mcpft.render import render
+from mcpft.trace import normalize_trace
+from mcpft.train import (
+    RUN_RECORD, TrainConfig, TrainError, choose_path, load_adapter_model, merge_adapter, prepare_training,
+    select_rows, train,
+)
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather of a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+# Enough steps at this rate for the tiny model to reproduce the row greedily (measured: 40 steps reach it).
+MEMORISE = dict(max_steps=40, learning_rate=1e-2, gradient_accumulation_steps=1)
+
+
+def weather_trace(city: str = "Paris", answer: str = "It is sunny.", second_turn: bool = False) -> dict:
+    """A raw trace: a user asks, the assistant calls the tool, reads the result and answers (optionally twice)."""
+    messages = [
+        {"role": "system", "content": "You are a weather assistant."},
+        {"role": "user", "content": f"Weather in {city}?"},
+        {"role": "assistant", "content": "", "tool_calls": [{"id": "call_1", "type": "function", "function": {
+            "name": "get_weather", "arguments": json.dumps({"city": city})}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"},
+        {"role": "assistant", "content": answer},
+    ]
+    if second_turn:
+        messages += [{"role": "user", "content": "Thanks!"}, {"role": "assistant", "content": "You are welcome."}]
+    return {"model": "teacher", "messages": messages, "tools": [WEATHER_TOOL]}
+
+
+def weather_rows(**kwargs) -> list[dict]:
+    return rows_from_traces([normalize_trace(weather_trace(**kwargs))])
+
+
+def adapter_logits(model, tokenizer, row) -> torch.Tensor:
+    ids = torch.tensor([render(tokenizer, row).input_ids])
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, tmp_path_factory):
+    """One memorising run, shared by the tests that read its outputs."""
+    out = tmp_path_factory.mktemp("trained") / "adapter"
+    rows = weather_rows()
+    seen = []
+    result = train(TrainConfig(**MEMORISE), rows, out, base_model=str(tiny_model_dir), on_progress=seen.append)
+    return result, rows, seen
+
+
+def test_loss_falls_and_the_run_is_recorded(trained):
+    result, rows, seen = trained
+    record = json.loads((result.out_dir / RUN_RECORD).read_text())
+    losses = [entry["loss"] for entry in record["losses"]]
+    assert len(losses) == result.steps == 40
+    assert losses[-1] < losses[0] - 1.0
+    assert record["status"] == "finished" and record["path"] == "trl+peft"
+    assert record["config"]["learning_rate"] == 1e-2 and record["config"]["optim"] == "adamw_torch"
+    assert record["config"]["max_length"] == 4096  # the CPU default, below the tiny model's 131072 context
+    assert record["data"]["rows_used"] == len(rows) and record["data"]["rows_left_out"] == []
+    assert list(result.out_dir.glob("runs/*/events.out.tfevents.*")), "TensorBoard logs are written under runs/"
+    assert [p.step for p in seen] == list(range(1, 41)) and all(p.total == 40 for p in seen)
+    assert seen[-1].eta_s == 0 and seen[-1].tokens_per_s > 0
+
+
+def test_adapter_reloads_with_its_training(trained, tiny_model_dir):
+    """The saved adapter, loaded again, answers every step of its training row exactly; the base does not."""
+    result, rows, _ = trained
+    assert (result.adapter_dir / "adapter_model.safetensors").is_file()
+    report = evaluate_rows(rows, local_generator(str(tiny_model_dir), adapter=result.adapter_dir, max_new_tokens=40))
+    assert report["totals"]["pass_rate"] == 1.0
+    assert [s["output"]["text"] for s in report["steps"]] == [
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>', "It is sunny."]
+    base = evaluate_rows(rows, local_generator(str(tiny_model_dir), max_new_tokens=10))
+    assert base["totals"]["pass_rate"] == 0.0
+
+
+def test_merged_model_matches_the_adapter(trained, tmp_path):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mcpft.chat_template import renders_tools
+
+    result, rows, _ = trained
+    model, tokenizer = load_adapter_model(result.adapter_dir)
+    expected = adapter_logits(model, tokenizer, rows[0])
+
+    merged_dir = merge_adapter(result.adapter_dir, tmp_path / "merged32", dtype="fp32")
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir)
+    merged_tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    assert renders_tools(merged_tokenizer), "the merged model keeps a chat template that renders tools"
+    assert torch.allclose(adapter_logits(merged, merged_tokenizer, rows[0]), expected, atol=1e-4)
+
+    bf16_dir = merge_adapter(result.adapter_dir, tmp_path / "merged16")
+    with safe_open(bf16_dir / "model.safetensors", "pt") as weights:
+        assert {weights.get_tensor(name).dtype for name in weights.keys()} == {torch.bfloat16}
+    assert json.loads((bf16_dir / RUN_RECORD).read_text())["merged"]["dtype"] == "bf16"
+
+
+def test_trained_mask_is_render_mask(tiny_model_dir, tmp_path, store):
+    """The labels TRL trains on are exactly render's train_mask, for every row (earlier turns untrained)."""
+    from mcpft.ingest import import_file
+
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps(weather_trace(second_turn=True)))
+    import_file(store, path)
+    rows, _ = select_rows(None, store)
+    assert len(rows) == 2  # one row per user turn
+    prepared = prepare_training(TrainConfig(max_steps=1), rows, tmp_path / "out", base_model=str(tiny_model_dir))
+    expected = {tuple(r.input_ids): r.train_mask for r in (render(prepared.tokenizer, row) for row in rows)}
+    batches = list(prepared.trainer.get_train_dataloader())
+    assert len(batches) == 2
+    for batch in batches:
+        assert batch["input_ids"].shape[0] == 1  # batch size 1: no padding
+        ids = tuple(batch["input_ids"][0].tolist())
+        trained_mask = (batch["labels"][0] != -100).int().tolist()
+        assert trained_mask == expected[ids]
+        assert 0 < sum(trained_mask) < len(trained_mask)
+
+
+def test_stop_keeps_the_last_finished_step(tiny_model_dir, tmp_path):
+    """Stopping after step 2 of 6 saves the same adapter as a 2-step run (constant LR: same updates)."""
+    from safetensors.torch import load_file
+
+    rows = weather_rows()
+    config = dict(learning_rate=1e-2, gradient_accumulation_steps=1, lr_scheduler_type="constant")
+    stop = threading.Event()
+
+    def stop_at_two(progress):
+        if progress.step == 2:
+            stop.set()
+
+    stopped = train(TrainConfig(max_steps=6, **config), rows, tmp_path / "stopped", base_model=str(tiny_model_dir),
+                    on_progress=stop_at_two, stop_event=stop)
+    assert stopped.stopped and stopped.steps == 2 and stopped.total_steps == 6
+    assert json.loads((tmp_path / "stopped" / RUN_RECORD).read_text())["status"] == "stopped"
+    two = train(TrainConfig(max_steps=2, **config), rows, tmp_path / "two", base_model=str(tiny_model_dir))
+    a = load_file(stopped.adapter_dir / "adapter_model.safetensors")
+    b = load_file(two.adapter_dir / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_path_without_cuda_is_trl_peft(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    path, why = choose_path()
+    assert path == "trl+peft" and "no CUDA" in why
+    with pytest.raises(TrainError, match="needs a CUDA device"):
+        choose_path("unsloth")
+
+
+def test_empty_and_flagged_selections_are_refused(store, tmp_path, tiny_model_dir):
+    with pytest.raises(TrainError, match="0 trace"):
+        select_rows(None, store)
+    broken = weather_trace()
+    del broken["messages"][2]["tool_calls"]  # a tool result answering no call: the validator flags it
+    path = tmp_path / "broken.json"
+    path.write_text(json.dumps(broken))
+    from mcpft.ingest import import_file
+
+    import_file(store, path)
+    with pytest.raises(TrainError, match="1 flagged.*--include-flagged"):
+        select_rows(None, store)
+    assert select_rows(None, store, include_flagged=True)[0]
+    with pytest.raises(TrainError, match="no training rows"):
+        train(TrainConfig(), [], tmp_path / "out", base_model=str(tiny_model_dir))
+
+
+def test_rows_over_max_length_are_left_out_never_cut(tiny_model_dir, tmp_path):
+    rows = weather_rows() + weather_rows(city="Lyon", answer="Rain all day, " * 60)
+    rows[1]["id"] = "long"
+    prepared = prepare_training(TrainConfig(max_steps=1, max_length=400), rows, tmp_path / "out",
+                                base_model=str(tiny_model_dir))
+    assert [item["id"] for item in prepared.rows.left_out] == ["long"]
+    assert "max_length 400" in prepared.rows.left_out[0]["reason"] and prepared.rows.left_out[0]["n_tokens"] > 400
+    assert len(prepared.rows.train) == 1
+    with pytest.raises(TrainError, match="all 1 row.*longer than max_length 100"):
+        prepare_training(TrainConfig(max_length=100), rows[1:], tmp_path / "out2", base_model=str(tiny_model_dir))
+
+
+def test_missing_adapter_is_named(tmp_path):
+    with pytest.raises(TrainError, match="no such folder"):
+        load_adapter_model(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TrainError, match="not a PEFT adapter"):
+        merge_adapter(tmp_path / "empty", tmp_path / "merged")
+
+
+def test_rows_from_a_dataset_folder_as_the_hub_lays_it_out(tmp_path):
+    """`datasets.load_dataset` on the layout `push_to_hub` writes (data/train-*.parquet); the Hub id itself is
+    exercised against the fake Hub in test_push."""
+    from mcpft.train import hub_rows
+
+    rows = weather_rows(second_turn=True)
+    export_rows(rows, tmp_path / "repo" / "data" / "train-00000-of-00001.parquet", fmt="parquet")
+    loaded = hub_rows(str(tmp_path / "repo"))
+    assert [r["messages"] for r in loaded] == [r["messages"] for r in rows]
+
+
+def _run_verb(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser()
+    cli_train.register(parser.add_subparsers(dest="verb", required=True), common_options())
+    args = parser.parse_args(argv)
+    args.handler(args)
+
+
+def test_cli_train_scores_before_and_after(tiny_model_dir, tmp_path, capsys):
+    rows = weather_rows()
+    data = export_rows(rows, tmp_path / "rows.jsonl")
+    out = tmp_path / "out"
+    _run_verb(["train", "--out", str(out), "--base-model", str(tiny_model_dir), "--data", str(data),
+               "--heldout", str(data), "--max-steps", "2", "--grad-accum", "1", "--max-new-tokens", "8", "--json"])
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["steps"] == 2 and summary["path"] == "trl+peft" and summary["rows_used"] == 1
+    assert summary["adapter_dir"] == str(out) and summary["baseline"]["steps"] == summary["after"]["steps"] == 2
+    record = json.loads((out / RUN_RECORD).read_text())
+    assert record["data"]["source"] == {"kind": "file", "path": str(data)}
+    assert len(record["baseline"]["steps"]) == 2 and len(record["comparison"]["steps"]) == 2
+
+
+def test_cli_train_reports_bad_data(tmp_path):
+    from mcpft.cli.common import CliError
+
+    with pytest.raises(CliError, match="no such file or folder, and not a Hub dataset id"):
+        _run_verb(["train", "--out", str(tmp_path / "o"), "--data", str(tmp_path / "missing.jsonl")])
+
+
+def test_eval_split_holds_out_whole_traces(tiny_model_dir, tmp_path):
+    rows = weather_rows() + weather_rows(city="Lyon") + weather_rows(city="Nice", second_turn=True)
+    for i, row in enumerate(rows):
+        row["trace_id"] = ["paris", "lyon", "nice", "nice"][i]
+    result = train(TrainConfig(max_steps=1, eval_fraction=0.34), rows, tmp_path / "out", base_model=str(tiny_model_dir))
+    record = json.loads((tmp_path / "out" / RUN_RECORD).read_text())
+    assert record["data"]["eval_rows"] + record["data"]["rows_used"] == 4 and record["data"]["eval_rows"] in (1, 2)
+    assert isinstance(result.eval_loss, float) and result.eval_loss > 0
+
+
+def test_a_model_without_chatml_tokens_is_refused(tiny_model_dir, tmp_path):
+    """No template that renders tools and no <|im_end|> token: ours cannot be given to it either."""
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    folder = tmp_path / "plain"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors", "generation_config.json"):
+        shutil.copy(tiny_model_dir / name, folder / name)
+    words = Tokenizer(models.WordLevel({"[UNK]": 0, "weather": 1, "paris": 2}, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=words, unk_token="[UNK]").save_pretrained(folder)
+    with pytest.raises(TrainError, match="cannot render tool calls.*no <\\|im_end\\|> token"):
+        prepare_training(TrainConfig(max_steps=1), weather_rows(), tmp_path / "out", base_model=str(folder))
