@@ -154,16 +154,16 @@ def load_rows(path: str | Path) -> list[dict]:
     if path.is_dir():
         import datasets
 
-        return _clean_rows(datasets.load_from_disk(str(path)).to_list())
+        return clean_rows(datasets.load_from_disk(str(path)).to_list())
     if path.suffix == ".parquet":
         import datasets
 
-        return _clean_rows(datasets.Dataset.from_parquet(str(path)).to_list())
+        return clean_rows(datasets.Dataset.from_parquet(str(path)).to_list())
     with path.open(encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _clean_rows(rows: list[dict]) -> list[dict]:
+def clean_rows(rows: list[dict]) -> list[dict]:
     """Arrow gives every message every key (None where absent): drop those Nones again."""
     for row in rows:
         row["messages"] = [{k: v for k, v in m.items() if v is not None} for m in row["messages"]]
@@ -191,11 +191,13 @@ def dataset_card(rows: list[dict], repo_id: str) -> str:
 
 def push_rows(rows: list[dict], repo_id: str, private: bool = False, token: str | None = None) -> str:
     """Upload rows with `datasets`' push_to_hub and a dataset card. Token: the argument, `HF_TOKEN`, or the login."""
-    from huggingface_hub import DatasetCard
+    from huggingface_hub import HfApi
 
     if not rows:
         raise ValueError("nothing to push: the selection has no rows")
     token = token or os.environ.get("HF_TOKEN")
     to_hf_dataset(rows).push_to_hub(repo_id, private=private, token=token)
-    DatasetCard(dataset_card(rows, repo_id)).push_to_hub(repo_id, token=token)
+    # Uploaded as a file: DatasetCard.push_to_hub validates on huggingface.co directly, ignoring HF_ENDPOINT.
+    HfApi(token=token).upload_file(path_or_fileobj=dataset_card(rows, repo_id).encode("utf-8"), path_in_repo="README.md",
+                                   repo_id=repo_id, repo_type="dataset")
     return f"https://huggingface.co/datasets/{repo_id}"

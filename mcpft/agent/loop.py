@@ -13,8 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Protocol
 
-from mcpft.agent.endpoint import (CompletionSettings, Endpoint, EndpointError, assistant_message_for_history,
-                                  complete)
+from mcpft.agent.endpoint import CompletionSettings, Endpoint, EndpointError, complete
 from mcpft.hermes import ParsedAssistant
 
 REJECTED = "User rejected tool call."  # what the model is told, as in the Trelis workshop's agent
@@ -40,15 +39,12 @@ class Tools(Protocol):
 Approve = Callable[[list[dict]], Awaitable[list[bool]]]
 
 
-def endpoint_generate(endpoint: Endpoint, settings: CompletionSettings | None = None,
-                      reasoning_field: str | None = "reasoning_content") -> Generate:
-    """A model step through an OpenAI-compatible endpoint; history goes back with reasoning under the field the
-    server's template reads (vLLM: `reasoning_content`)."""
+def endpoint_generate(endpoint: Endpoint, settings: CompletionSettings | None = None) -> Generate:
+    """A model step through an OpenAI-compatible endpoint (`complete` sends history back with reasoning under the
+    field the server's template reads: `settings.reasoning_field`, vLLM's `reasoning_content` by default)."""
 
     async def generate(messages, tools, on_delta):
-        history = [assistant_message_for_history(m, reasoning_field) if m["role"] == "assistant" else m
-                   for m in messages]
-        return await complete(endpoint, history, tools, on_delta, settings)
+        return await complete(endpoint, messages, tools, on_delta, settings)
 
     return generate
 
