@@ -207,7 +207,7 @@ def hub_rows(dataset_id: str, split: str = "train") -> list[dict]:
     """Rows of a dataset pushed by `mcpft push` (or any with the same columns), via `datasets.load_dataset`."""
     import datasets
 
-    from mcpft.dataset import _clean_rows
+    from mcpft.dataset import clean_rows
 
     try:
         loaded = datasets.load_dataset(dataset_id, split=split)
@@ -216,7 +216,7 @@ def hub_rows(dataset_id: str, split: str = "train") -> list[dict]:
     missing = {"messages", "tools"} - set(loaded.column_names)
     if missing:
         raise TrainError(f"dataset {dataset_id!r} has no {', '.join(sorted(missing))} column: not mcpft training rows")
-    rows = _clean_rows(loaded.to_list())
+    rows = clean_rows(loaded.to_list())
     for i, row in enumerate(rows):
         row.setdefault("id", f"{dataset_id}-{i}")
         row.setdefault("trace_id", row["id"])
