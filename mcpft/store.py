@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+import orjson
+
 from mcpft.trace import Trace, TraceError, normalize_message, now_iso, validate
 
 # Each entry migrates the schema from version i to i + 1; the file's `PRAGMA user_version` says where it stands.
@@ -94,7 +96,22 @@ class Added(NamedTuple):
 
 def message_bodies(messages: list[dict]) -> list[str]:
     """Each message's stored JSON. Normalised messages have a fixed key order, so equal content gives equal text."""
-    return [json.dumps(m, ensure_ascii=False) for m in messages]
+    return [_json_text(m) for m in messages]
+
+
+def _json_text(value) -> str:
+    """`json.dumps(value, ensure_ascii=False)`, the same text, about 3x faster on messages: orjson escapes the
+    strings (identically: ensure_ascii=False escapes only quotes, backslashes and control characters)."""
+    if isinstance(value, str):
+        try:
+            return orjson.dumps(value).decode()
+        except TypeError:  # a lone surrogate, which orjson refuses and json writes as it is
+            return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, dict) and all(isinstance(key, str) for key in value):
+        return "{" + ", ".join(f"{_json_text(key)}: {_json_text(item)}" for key, item in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(map(_json_text, value)) + "]"
+    return json.dumps(value, ensure_ascii=False)  # numbers, booleans, null: json's own spelling
 
 
 def content_hash(bodies: list[str], tools_json: str) -> str:
@@ -153,14 +170,15 @@ class Store:
     def add_trace(self, trace: Trace, original: str | None = None) -> Added:
         """Store a whole trace in one transaction; a duplicate of one the owner has is not added again."""
         bodies = message_bodies(trace.messages)
-        digest = content_hash(bodies, json.dumps(trace.tools, ensure_ascii=False))
+        tools_json = json.dumps(trace.tools, ensure_ascii=False)
+        digest = content_hash(bodies, tools_json)
         flags = validate(trace.messages, trace.tools)
         with self._transaction() as db:
             row = db.execute("SELECT id FROM traces WHERE owner=? AND content_hash=?", (trace.owner, digest)).fetchone()
             if row:
                 return Added(row[0], False, [])
             trace_id = trace.id or new_id()
-            db.execute(*_insert_trace_sql(trace, trace_id, flags, digest, original))
+            db.execute(*_insert_trace_sql(trace, trace_id, flags, digest, original, tools_json))
             db.executemany("INSERT INTO messages(trace_id, idx, body) VALUES (?,?,?)",
                            [(trace_id, i, body) for i, body in enumerate(bodies)])
         return Added(trace_id, True, flags)
@@ -317,11 +335,12 @@ def new_id() -> str:
     return uuid.uuid4().hex[:16]
 
 
-def _insert_trace_sql(trace: Trace, trace_id: str, flags: list[dict], digest: str, original: str | None):
+def _insert_trace_sql(trace: Trace, trace_id: str, flags: list[dict], digest: str, original: str | None,
+                      tools_json: str | None = None):
     values = {
         "id": trace_id, "created": trace.created or now_iso(), "updated": now_iso(), "model": trace.model,
         "base_url": trace.base_url, "settings": json.dumps(trace.settings),
-        "tools": json.dumps(trace.tools, ensure_ascii=False),
+        "tools": tools_json if tools_json is not None else json.dumps(trace.tools, ensure_ascii=False),
         "tags": json.dumps(trace.tags), "rating": trace.rating, "notes": trace.notes, "source": trace.source,
         "owner": trace.owner, "included": int(trace.included), "train_system": int(trace.train_system),
         "flags": json.dumps(flags), "content_hash": digest, "original": original,

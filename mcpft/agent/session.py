@@ -328,6 +328,7 @@ class EndpointStatus:
     base_url: str = ""
     models: list[str] = field(default_factory=list)
     error: str = ""
+    adapter: str | None = None
 
 
 class EmbeddedEndpoint:
@@ -357,15 +358,16 @@ class EmbeddedEndpoint:
 
         with self._lock:
             self._stop_server_locked()
-            self._set(EndpointStatus("loading", model_spec))
+            self._set(EndpointStatus("loading", model_spec, adapter=_text(adapter)))
             try:
                 backends = load_backends(model_spec, adapter, self.data_dir)
             except Exception as error:
-                self._set(EndpointStatus("failed", model_spec, error=f"{type(error).__name__}: {error}"))
+                self._set(EndpointStatus("failed", model_spec, error=f"{type(error).__name__}: {error}",
+                                         adapter=_text(adapter)))
                 raise
             backends.update(self.extra_backends)
             base_url, self._stop_server = serve_in_thread(create_app(backends))
-            self._set(EndpointStatus("ready", model_spec, base_url, list(backends)))
+            self._set(EndpointStatus("ready", model_spec, base_url, list(backends), adapter=_text(adapter)))
         return self.status
 
     def start_in_background(self, model_spec: str | None, adapter: str | Path | None = None) -> threading.Thread:
@@ -376,7 +378,7 @@ class EmbeddedEndpoint:
             except Exception:
                 log.exception("the embedded endpoint did not start")
 
-        self._set(EndpointStatus("loading", model_spec))
+        self._set(EndpointStatus("loading", model_spec, adapter=_text(adapter)))
         thread = threading.Thread(target=run, name="mcpft-embedded-start", daemon=True)
         thread.start()
         return thread
@@ -396,3 +398,7 @@ class EmbeddedEndpoint:
         with self._changed:
             self._changed.wait_for(lambda: self._status.state != "loading", timeout=timeout)
             return EndpointStatus(**vars(self._status))
+
+
+def _text(path: str | Path | None) -> str | None:
+    return None if path is None else str(path)

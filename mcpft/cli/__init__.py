@@ -6,11 +6,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mcpft.cli import agent, data, train
+from mcpft.cli import agent, data, demo, train
 from mcpft.cli.common import CliError, common_options
 
 # Each module adds its verbs; the order is the one `mcpft --help` lists them in.
-VERB_MODULES = [data, agent, train]
+VERB_MODULES = [data, agent, demo, train]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -43,13 +43,18 @@ def wait_for_embedded(ctx: AppContext, preset: str) -> None:
         ctx.embedded.wait_ready(timeout=EMBEDDED_WAIT_S)
 
 
+def parse_mcp_json(text: str) -> dict:
+    try:
+        return json.loads(text or "")
+    except json.JSONDecodeError as error:
+        raise gr.Error(f"The MCP servers JSON is invalid at line {error.lineno}, column {error.colno}: "
+                       f"{error.msg}") from None
+
+
 def connect_session(ctx: AppContext, session: AgentSession | None, owner: str, mcp_json: str) -> AgentSession:
     """The visitor's agent session on this MCP config: the running one if its config is unchanged, else a new one."""
     require_owner(owner)
-    try:
-        config = json.loads(mcp_json or "")
-    except json.JSONDecodeError as error:
-        raise gr.Error(f"The MCP servers JSON is invalid at line {error.lineno}, column {error.colno}: {error.msg}")
+    config = parse_mcp_json(mcp_json)
     if session is not None and session.connected and session.config == config:
         return session
     if session is not None:

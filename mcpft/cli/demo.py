@@ -1,0 +1,127 @@
+"""Demo-world verbs: `demo serve` (the site), `demo collect` (teacher traces), `demo eval` (task success)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from mcpft.cli.common import CliError, emit, open_store, progress
+
+
+def register(verbs, parent):
+    demo = verbs.add_parser("demo", help="the demo world: a local website, tasks with checkers, a scripted teacher")
+    sub = demo.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    p = sub.add_parser("serve", parents=[parent], help="serve the demo website until interrupted")
+    p.add_argument("--port", type=int, default=0)
+    p.set_defaults(handler=cmd_serve)
+
+    p = sub.add_parser("collect", parents=[parent], help="store teacher traces for N tasks (auto-approved)")
+    p.add_argument("--n", type=int, required=True)
+    p.add_argument("--split", choices=("train", "heldout"), default="train")
+    p.set_defaults(handler=cmd_collect)
+
+    p = sub.add_parser("eval", parents=[parent], help="run a model on the tasks and report task success")
+    p.add_argument("--base-url", help="OpenAI-compatible endpoint (default: serve --model here)")
+    p.add_argument("--model", help="model name at the endpoint; without --base-url a folder, Hub id, "
+                                   "'scripted-teacher', or empty for the packaged SmolLM2")
+    p.add_argument("--adapter", help="without --base-url: evaluate this LoRA adapter on the base --model")
+    p.add_argument("--api-key")
+    p.add_argument("--split", choices=("train", "heldout"), default="heldout")
+    p.add_argument("--limit", type=int, help="only the first K tasks of the split")
+    p.add_argument("--max-steps", type=int, default=12)
+    p.add_argument("--transcripts", type=Path, help="append each run's messages to this JSONL file")
+    p.set_defaults(handler=cmd_eval)
+
+
+def cmd_serve(args):
+    from mcpft.demo.site import serve_site
+
+    with serve_site(port=args.port) as site:
+        emit(args, {"base_url": site.base_url}, f"demo site at {site.base_url} (Ctrl-C stops it)")
+        sys.stdout.flush()
+        try:
+            asyncio.run(asyncio.Event().wait())
+        except KeyboardInterrupt:
+            pass
+
+
+def _outcome_line(outcome) -> str:
+    mark = "ok " if outcome.success else "FAIL"
+    return f"{mark} {outcome.task_id:40} steps={outcome.steps} calls={outcome.tool_calls} {outcome.reason[:60]}"
+
+
+def cmd_collect(args):
+    from mcpft.agent.browser import BrowserSetupError
+    from mcpft.demo.world import collect
+
+    store = open_store(args)
+    bar = progress(total=args.n, desc=f"collect {args.split}", unit="task")
+    try:
+        report = asyncio.run(collect(store, args.n, args.split, on_task=lambda o: bar.update()))
+    except BrowserSetupError as e:
+        raise CliError(str(e)) from None
+    finally:
+        bar.close()
+    totals = report.totals()
+    summary = {"traces": [t.trace_id for t in report.tasks], "split": args.split, **totals}
+    emit(args, summary, "\n".join([*(_outcome_line(t) for t in report.tasks if not t.success),
+                                   f"collected {totals['tasks']} traces ({totals['successes']} solved) "
+                                   f"tagged demo, {args.split}"]))
+    return 0 if totals["successes"] == totals["tasks"] else 1
+
+
+@asynccontextmanager
+async def _eval_endpoint(args):
+    """The endpoint to evaluate: the given URL, the scripted teacher, or a model served here."""
+    from mcpft.agent.endpoint import Endpoint
+    from mcpft.demo.world import TEACHER, teacher_endpoint
+
+    if args.base_url:
+        if not args.model:
+            raise CliError("--model is required with --base-url")
+        yield Endpoint(args.base_url, args.model, api_key=args.api_key)
+    elif args.model == TEACHER:
+        async with teacher_endpoint() as endpoint:
+            yield endpoint
+    else:
+        from mcpft.config import data_dir
+        from mcpft.models import ModelError
+        from mcpft.serve import create_app, load_backends, serve_in_thread
+
+        try:
+            backends = load_backends(args.model, args.adapter, data_dir())
+        except ModelError as e:
+            raise CliError(str(e)) from None
+        base_url, stop = serve_in_thread(create_app(backends))
+        try:
+            yield Endpoint(base_url, list(backends)[-1])  # the adapter's name when there is one
+        finally:
+            stop()
+
+
+def cmd_eval(args):
+    from mcpft.demo.tasks import load_tasks
+    from mcpft.demo.world import evaluate_tasks
+
+    total = min(args.limit or 10**9, len(load_tasks(args.split)))
+    bar = progress(total=total, desc=f"eval {args.split}", unit="task")
+
+    async def run():
+        async with _eval_endpoint(args) as endpoint:
+            return await evaluate_tasks(endpoint, args.split, args.limit, max_steps=args.max_steps,
+                                        on_task=lambda o: bar.update(), transcripts=args.transcripts)
+
+    try:
+        report = asyncio.run(run())
+    finally:
+        bar.close()
+    totals = report.totals()
+    text = "\n".join([*(_outcome_line(t) for t in report.tasks),
+                      f"{report.model}: success {totals['successes']}/{totals['tasks']} "
+                      f"({totals['success_rate']:.0%}), tool errors {totals['tool_errors']}, "
+                      f"unneeded calls {totals['unneeded_calls']}"])
+    emit(args, report.to_dict(), text)
+

@@ -1,0 +1,188 @@
+"""Running the demo world through the real agent: collect teacher traces into the store, and score any model on
+the tasks (success, steps, tool errors, unneeded calls). The site, the embedded endpoint (with the scripted teacher
+as a model) and the Playwright browser are started here and stopped after."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from mcpft.agent.browser import playwright_server
+from mcpft.agent.endpoint import CompletionSettings, Endpoint
+from mcpft.agent.loop import Agent, AgentConfig, endpoint_generate
+from mcpft.agent.mcp import ToolHub
+from mcpft.demo.site import Site, serve_site
+from mcpft.demo.tasks import Task, load_tasks
+from mcpft.demo.teacher import TeacherError, next_step
+from mcpft.recording import open_trace, sink_for
+from mcpft.serve import Generation, GenerationRequest, RequestError, create_app, serve_in_thread
+from mcpft.store import Store
+
+TEACHER = "scripted-teacher"
+DEMO_TAG = "demo"
+# A small model may ramble; a demo step needs far less than the endpoint's default.
+EVAL_SETTINGS = CompletionSettings(temperature=0.0, max_tokens=384)
+
+
+class TeacherBackend:
+    """The scripted teacher as an embedded-endpoint model: it reads the conversation (real tool results included)
+    and emits its next step as Hermes text, which the endpoint parses like any model's output."""
+
+    def start(self, request: GenerationRequest) -> Generation:
+        try:
+            text = next_step(request.messages, request.tools or [])
+        except TeacherError as e:
+            raise RequestError(f"the scripted teacher cannot go on: {e}", param="messages") from None
+        return Generation(chunks=iter([text]))
+
+
+@dataclass
+class World:
+    """A running demo world: the site and the browser tools."""
+
+    site: Site
+    hub: ToolHub
+
+    async def reset(self):
+        """A fresh browser (one tab, no history) and no form submissions, before each task."""
+        self.site.clear_submissions()
+        await self.hub.call("browser_close", {})
+
+
+@asynccontextmanager
+async def running_world(browser_dir: Path, headless: bool = True):
+    # The demo site is on 127.0.0.1: keep Chromium off every other host (no lookups of Google's either).
+    spec = playwright_server(browser_dir, headless=headless, offline=True)
+    with serve_site() as site:
+        async with ToolHub([spec], browser_dir / "files") as hub:
+            yield World(site, hub)
+
+
+@asynccontextmanager
+async def teacher_endpoint():
+    base_url, stop = serve_in_thread(create_app({TEACHER: TeacherBackend()}))
+    try:
+        yield Endpoint(base_url, TEACHER)
+    finally:
+        stop()
+
+
+@dataclass
+class TaskOutcome:
+    task_id: str
+    template: str
+    needs_tools: bool
+    success: bool
+    reason: str
+    answer: str
+    stop_reason: str
+    steps: int
+    tool_calls: int
+    tool_errors: int
+    unneeded_calls: int  # tool calls made for a task that needs none
+    seconds: float
+    trace_id: str = ""
+
+
+@dataclass
+class DemoReport:
+    split: str
+    model: str
+    base_url: str
+    tasks: list[TaskOutcome] = field(default_factory=list)
+
+    def totals(self) -> dict:
+        n = len(self.tasks)
+        no_tool = [t for t in self.tasks if not t.needs_tools]
+        return {
+            "tasks": n,
+            "success_rate": sum(t.success for t in self.tasks) / n if n else None,
+            "successes": sum(t.success for t in self.tasks),
+            "mean_steps": sum(t.steps for t in self.tasks) / n if n else None,
+            "tool_calls": sum(t.tool_calls for t in self.tasks),
+            "tool_errors": sum(t.tool_errors for t in self.tasks),
+            "unneeded_calls": sum(t.unneeded_calls for t in self.tasks),
+            "no_tool_tasks_without_calls": sum(t.tool_calls == 0 for t in no_tool),
+            "no_tool_tasks": len(no_tool),
+        }
+
+    def to_dict(self) -> dict:
+        return {"split": self.split, "model": self.model, "base_url": self.base_url, "totals": self.totals(),
+                "tasks": [vars(t) for t in self.tasks]}
+
+
+async def run_task(world: World, task: Task, endpoint: Endpoint, *, sink=None, settings=None,
+                   max_steps: int = 20) -> tuple[TaskOutcome, list[dict]]:
+    """One task through the real agent loop, auto-approved, then its checker."""
+    await world.reset()
+    agent = Agent(endpoint_generate(endpoint, settings), world.hub, sink=sink, config=AgentConfig(max_steps=max_steps))
+    started = time.perf_counter()
+    result = await agent.send(task.prompt_for(world.site.base_url))
+    check = task.check(result.answer, world.site) if result.stop_reason == "answer" else None
+    outcome = TaskOutcome(
+        task_id=task.id, template=task.template, needs_tools=task.needs_tools, success=bool(check),
+        reason=check.reason if check else f"no answer ({result.stop_reason}{': ' + result.error if result.error else ''})",
+        answer=result.answer, stop_reason=result.stop_reason, steps=result.steps, tool_calls=result.tool_calls,
+        tool_errors=result.tool_errors, unneeded_calls=0 if task.needs_tools else result.tool_calls,
+        seconds=round(time.perf_counter() - started, 2))
+    return outcome, agent.messages
+
+
+def pick_tasks(split: str, n: int) -> list[Task]:
+    """`n` tasks of the split, templates taken in turn (so a small `n` still covers them all), going round again
+    when `n` is larger than the split. Deterministic."""
+    by_template: dict[str, list[Task]] = {}
+    for task in load_tasks(split):
+        by_template.setdefault(task.template, []).append(task)
+    interleaved = [t for round_ in itertools.zip_longest(*by_template.values()) for t in round_ if t is not None]
+    return [interleaved[i % len(interleaved)] for i in range(n)]
+
+
+async def collect(store: Store, n: int, split: str = "train", browser_dir: Path | None = None, owner: str = "",
+                  on_task: Callable[[TaskOutcome], None] | None = None) -> DemoReport:
+    """Teacher traces for `n` tasks, stored as they happen, tagged `demo` and the split; a failed task's trace is
+    kept but excluded from training."""
+    browser_dir = browser_dir or store.path.parent / "demo-browser"
+    report = DemoReport(split=split, model=TEACHER, base_url="")
+    async with teacher_endpoint() as endpoint, running_world(browser_dir) as world:
+        report.base_url = endpoint.base_url
+        for task in pick_tasks(split, n):
+            trace_id = open_trace(store, model=TEACHER, base_url=endpoint.base_url, tools=world.hub.openai_tools(),
+                                  settings={"task_id": task.id, "max_steps": 20}, owner=owner, source="demo",
+                                  tags=[DEMO_TAG, split, task.template])
+            outcome, _ = await run_task(world, task, endpoint, sink=sink_for(store, trace_id))
+            outcome.trace_id = trace_id
+            if not outcome.success:
+                store.update(trace_id, f"exclude: the teacher failed ({outcome.reason})", included=False)
+            report.tasks.append(outcome)
+            if on_task:
+                on_task(outcome)
+    return report
+
+
+async def evaluate_tasks(endpoint: Endpoint, split: str = "heldout", limit: int | None = None,
+                         browser_dir: Path | None = None, settings: CompletionSettings | None = EVAL_SETTINGS,
+                         max_steps: int = 12, on_task: Callable[[TaskOutcome], None] | None = None,
+                         transcripts: Path | None = None, task_ids: list[str] | None = None) -> DemoReport:
+    """Any endpoint and model on the split's tasks (nothing stored): the first `limit`, or those in `task_ids`;
+    `transcripts` appends each run's messages to a JSONL file."""
+    import tempfile
+
+    browser_dir = browser_dir or Path(tempfile.mkdtemp(prefix="mcpft-demo-eval-"))
+    report = DemoReport(split=split, model=endpoint.model, base_url=endpoint.base_url)
+    tasks = [t for t in load_tasks(split) if task_ids is None or t.id in task_ids][:limit]
+    async with running_world(browser_dir) as world:
+        for task in tasks:
+            outcome, messages = await run_task(world, task, endpoint, settings=settings, max_steps=max_steps)
+            report.tasks.append(outcome)
+            if transcripts:
+                with transcripts.open("a", encoding="utf-8") as f:
+                    f.write(json.dumps({"task_id": task.id, "model": endpoint.model, "messages": messages}) + "\n")
+            if on_task:
+                on_task(outcome)
+    return report
