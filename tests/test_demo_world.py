@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 from mcpft.agent.endpoint import Endpoint
-from mcpft.demo.world import DEMO_TAG, TEACHER, collect, evaluate_tasks, pick_tasks, teacher_endpoint
+from mcpft.demo.world import DEMO_TAG, DEMO_TOOLS, TEACHER, collect, evaluate_tasks, pick_tasks, teacher_endpoint
 from mcpft.serve import create_app, serve_in_thread
 from tests.scripted import ScriptedBackend
 
@@ -25,6 +25,7 @@ def test_collect_stores_clean_teacher_traces(store, tmp_path):
     assert len(traces) == 4
     for trace in traces:
         assert trace.flags == [] and trace.included and trace.model == TEACHER
+        assert sorted(t["function"]["name"] for t in trace.tools) == sorted(DEMO_TOOLS)
         tool_results = [m["content"] for m in trace.messages if m["role"] == "tool"]
         assert tool_results and all("Page URL: http://127.0.0.1:" in r for r in tool_results)
         assert "```yaml" in tool_results[-1]  # the snapshot the model saw is in the trace, not a file link

@@ -27,6 +27,25 @@ TEACHER = "scripted-teacher"
 DEMO_TAG = "demo"
 # A small model may ramble; a demo step needs far less than the endpoint's default.
 EVAL_SETTINGS = CompletionSettings(temperature=0.0, max_tokens=384)
+# The browser tools the demo tasks need. Offering only these keeps every prompt ~4k tokens shorter (Playwright MCP's
+# full list is ~15k characters of schemas), which is what makes CPU training on demo traces practical.
+DEMO_TOOLS = ("browser_navigate", "browser_navigate_back", "browser_click", "browser_type", "browser_press_key",
+              "browser_select_option", "browser_fill_form", "browser_tabs", "browser_snapshot")
+
+
+class ToolSubset:
+    """The hub as the model sees it in the demo: only `names` are offered or callable."""
+
+    def __init__(self, hub: ToolHub, names: tuple[str, ...] = DEMO_TOOLS):
+        self.hub, self.names = hub, set(names)
+
+    def openai_tools(self) -> list[dict]:
+        return [t for t in self.hub.openai_tools() if t["function"]["name"] in self.names]
+
+    async def call(self, name: str, arguments, timeout: float | None = None):
+        if name not in self.names:
+            return await self.hub.call(f"<not offered: {name}>", arguments, timeout)  # the hub's unknown-tool error
+        return await self.hub.call(name, arguments, timeout)
 
 
 class TeacherBackend:
@@ -46,7 +65,8 @@ class World:
     """A running demo world: the site and the browser tools."""
 
     site: Site
-    hub: ToolHub
+    hub: ToolHub  # all the browser's tools (resetting uses browser_close)
+    tools: ToolSubset  # what the model is offered
 
     async def reset(self):
         """A fresh browser (one tab, no history) and no form submissions, before each task."""
@@ -60,7 +80,7 @@ async def running_world(browser_dir: Path, headless: bool = True):
     spec = playwright_server(browser_dir, headless=headless, offline=True)
     with serve_site() as site:
         async with ToolHub([spec], browser_dir / "files") as hub:
-            yield World(site, hub)
+            yield World(site, hub, ToolSubset(hub))
 
 
 @asynccontextmanager
@@ -120,7 +140,8 @@ async def run_task(world: World, task: Task, endpoint: Endpoint, *, sink=None, s
                    max_steps: int = 20) -> tuple[TaskOutcome, list[dict]]:
     """One task through the real agent loop, auto-approved, then its checker."""
     await world.reset()
-    agent = Agent(endpoint_generate(endpoint, settings), world.hub, sink=sink, config=AgentConfig(max_steps=max_steps))
+    agent = Agent(endpoint_generate(endpoint, settings), world.tools, sink=sink,
+                  config=AgentConfig(max_steps=max_steps))
     started = time.perf_counter()
     result = await agent.send(task.prompt_for(world.site.base_url))
     check = task.check(result.answer, world.site) if result.stop_reason == "answer" else None
@@ -152,7 +173,7 @@ async def collect(store: Store, n: int, split: str = "train", browser_dir: Path 
     async with teacher_endpoint() as endpoint, running_world(browser_dir) as world:
         report.base_url = endpoint.base_url
         for task in pick_tasks(split, n):
-            trace_id = open_trace(store, model=TEACHER, base_url=endpoint.base_url, tools=world.hub.openai_tools(),
+            trace_id = open_trace(store, model=TEACHER, base_url=endpoint.base_url, tools=world.tools.openai_tools(),
                                   settings={"task_id": task.id, "max_steps": 20}, owner=owner, source="demo",
                                   tags=[DEMO_TAG, split, task.template])
             outcome, _ = await run_task(world, task, endpoint, sink=sink_for(store, trace_id))
