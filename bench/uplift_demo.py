@@ -62,6 +62,7 @@ def main():
     parser.add_argument("--heldout-traces", type=int, default=13, help="held-out teacher traces for step scores")
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--grad-accum", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=8192)
     parser.add_argument("--agent-max-steps", type=int, default=8)
     parser.add_argument("--out", type=Path, default=None)
@@ -87,7 +88,8 @@ def main():
         bar.refresh()
 
     started = time.monotonic()
-    result = train(TrainConfig(epochs=args.epochs, learning_rate=args.lr, max_length=args.max_length), train_rows,
+    result = train(TrainConfig(epochs=args.epochs, learning_rate=args.lr, max_length=args.max_length,
+                                gradient_accumulation_steps=args.grad_accum), train_rows,
                    work / "adapter", on_progress=on_progress)
     bar.close()
     train_minutes = (time.monotonic() - started) / 60
