@@ -1,8 +1,13 @@
-"""Data-core throughput: N synthetic traces shaped like the recorded Playwright ones (real-size aria snapshots of
-5-16k characters, the 25-tool list, reasoning on every step) through import (parse, normalise, validate, store in
-SQLite), read back + unroll, and render + tokenize with SmolLM2's real tokenizer.
+"""Data-core throughput: N synthetic traces shaped like the recorded Playwright ones through import (parse,
+normalise, validate, store in SQLite), read back + unroll, and render + tokenize with SmolLM2's real tokenizer.
+Each stage prints wall seconds (the best of --repeat runs) and this process's CPU seconds in that run: on a shared
+machine the wall time grows with the others' load; CPU time much less so (tokenizing uses both cores).
 
-    .venv/bin/python bench/pipeline.py --n 2000
+    .venv/bin/python bench/pipeline.py --n 2000 --repeat 3
+
+A trace: 1-3 user turns, 1-2 navigate steps a turn, each answered by an aria snapshot of 5-16k characters (varied
+roles, names, URLs and text, ~3.2 characters per SmolLM2 token like the recorded ones), reasoning on every assistant
+message, and the 25-tool Playwright list (~11k characters): ~48-50 KB of JSON a trace (the Trelis traces: ~43 KB).
 
 Goals on 2 cores: import + validate + unroll >= 3,500 traces/s; the whole path >= 355 traces/s (the Trelis
 workshop's script loads and unrolls 355 traces/s without rendering or tokenizing).
@@ -24,8 +29,12 @@ from mcpft.models import load_tokenizer
 from mcpft.render import render_many
 from mcpft.store import Store
 
-E = "Human-readable element description used to obtain permission to interact with the element"
-R = "Exact target element reference from the page snapshot"
+GOALS = {"import + validate + unroll": 3_500, "whole path": 355}  # traces/s
+STAGES = {"import + validate (to SQLite)": (0, 1), "read back + unroll": (1, 2), "import + validate + unroll": (0, 2),
+          "render + tokenize": (2, 3), "whole path": (0, 3)}  # between which time marks
+
+ELEMENT = "Human-readable element description used to obtain permission to interact with the element"
+REF = "Exact target element reference from the page snapshot"
 # The Playwright MCP server's 25 browser tools as the recorded traces list them: (name, description,
 # {property: (type, description)}, required). A trace carries its tool list, ~11k characters of JSON.
 PLAYWRIGHT_TOOLS = [
@@ -62,7 +71,7 @@ PLAYWRIGHT_TOOLS = [
                           "will be taken of viewport. If ref is provided, element must be provided too.")}, []),
     ("browser_snapshot", "Capture accessibility snapshot of the current page, this is better than screenshot", {},
      []),
-    ("browser_click", "Perform click on a web page", {"element": ("string", E), "ref": ("string", R)},
+    ("browser_click", "Perform click on a web page", {"element": ("string", ELEMENT), "ref": ("string", REF)},
      ["element", "ref"]),
     ("browser_drag", "Perform drag and drop between two elements", {
         "startElement": ("string", "Human-readable source element description used to obtain the permission to "
@@ -72,15 +81,15 @@ PLAYWRIGHT_TOOLS = [
                                  "interact with the element"),
         "endRef": ("string", "Exact target element reference from the page snapshot")},
      ["startElement", "startRef", "endElement", "endRef"]),
-    ("browser_hover", "Hover over element on page", {"element": ("string", E), "ref": ("string", R)},
+    ("browser_hover", "Hover over element on page", {"element": ("string", ELEMENT), "ref": ("string", REF)},
      ["element", "ref"]),
     ("browser_type", "Type text into editable element", {
-        "element": ("string", E), "ref": ("string", R), "text": ("string", "Text to type into the element"),
+        "element": ("string", ELEMENT), "ref": ("string", REF), "text": ("string", "Text to type into the element"),
         "submit": ("boolean", "Whether to submit entered text (press Enter after)"),
         "slowly": ("boolean", "Whether to type one character at a time. Useful for triggering key handlers in the "
                               "page. By default entire text is filled in at once.")}, ["element", "ref", "text"]),
     ("browser_select_option", "Select an option in a dropdown", {
-        "element": ("string", E), "ref": ("string", R),
+        "element": ("string", ELEMENT), "ref": ("string", REF),
         "values": ("array", "Array of values to select in the dropdown. This can be a single value or multiple "
                             "values.")}, ["element", "ref", "values"]),
     ("browser_tab_list", "List browser tabs", {}, []),
@@ -188,8 +197,10 @@ def snapshot(rng: random.Random, site: str) -> str:
 
 
 def reasoning(rng: random.Random, task: str) -> str:
+    """200-1,500 characters of thinking in the recorded model's manner."""
     sentences = [f"Okay, the user wants me to {task}. Let me think about how to approach this."]
-    while sum(map(len, sentences)) < rng.randint(200, 2_000):
+    length = rng.randint(200, 1_500)
+    while sum(map(len, sentences)) < length:
         sentences.append(rng.choice((
             "First, I need to check which functions are available, like browser_navigate and browser_snapshot.",
             f"Looking at the tool response, there is a section about {phrase(rng, 2, 5)}.",
@@ -201,10 +212,11 @@ def reasoning(rng: random.Random, task: str) -> str:
     return "\n" + "\n\n".join(sentences) + "\n"
 
 
-def synthetic_trace(i: int, rng: random.Random) -> dict:
+def synthetic_trace(rng: random.Random) -> dict:
+    """One conversation in the Trelis recorder's format: 1-3 user turns of 1-2 navigate steps and an answer."""
     site = f"{rng.choice(WORDS)}-{rng.choice(WORDS)}.example"
     messages = []
-    for turn in range(rng.randint(1, 3)):
+    for _ in range(rng.randint(1, 3)):
         task = f"go to {site} and find the {phrase(rng, 1, 3)} about {title(rng, 1, 3)}"
         messages.append({"role": "user", "content": task})
         for step in range(rng.randint(1, 2)):
@@ -217,7 +229,8 @@ def synthetic_trace(i: int, rng: random.Random) -> dict:
             messages.append({"role": "tool", "tool_call_id": call_id, "content": snapshot(rng, site)})
         messages.append({"role": "assistant", "content": f"\n\nThe {phrase(rng, 1, 3)} is **{title(rng)}**.",
                          "reasoning_content": reasoning(rng, task)})
-    return {"timestamp": f"202505{rng.randint(10, 28)}_{rng.randint(0, 23):02}{rng.randint(0, 59):02}{rng.randint(0, 59):02}",
+    minutes, second = divmod(rng.randrange(86_400), 60)
+    return {"timestamp": f"202505{rng.randint(10, 28)}_{minutes // 60:02}{minutes % 60:02}{second:02}",
             "model": "Qwen/Qwen3-30B-A3B-FP8", "messages": messages, "tools": tools()}
 
 
@@ -230,37 +243,38 @@ def main():
     work = Path(tempfile.mkdtemp(prefix="mcpft-bench-"))
     source = work / "traces.jsonl"
     rng = random.Random(0)
-    with source.open("w") as f:
-        for i in range(args.n):
-            f.write(json.dumps(synthetic_trace(i, rng)) + "\n")
+    traces = [synthetic_trace(rng) for _ in range(args.n)]
+    source.write_text("".join(json.dumps(trace) + "\n" for trace in traces))
     tokenizer = load_tokenizer(None, data_dir())
-    best = {}
-    for run in range(args.repeat):
-        seconds, n, rows, rendered = run_once(tokenizer, source, work / f"bench-{run}.db", args.max_length)
-        best = {stage: min(s, best.get(stage, s)) for stage, s in seconds.items()}
-    size = source.stat().st_size
-    tokens = sum(r.n_tokens for r in rendered)
+    results = [run_once(tokenizer, source, work / f"bench-{run}.db", args.max_length) for run in range(args.repeat)]
+    n, rows, rendered = results[-1][1:]
     if n != args.n:
         raise SystemExit(f"only {n} of {args.n} traces were imported: the generator makes invalid traces")
-    print(f"traces: {n} ({size / 2**20:.0f} MB JSONL, {size / n / 1000:.0f} KB a trace), {len(rows)} rows, "
+    tokens = sum(r.n_tokens for r in rendered)
+    results_text = [m["content"] for trace in traces[:50] for m in trace["messages"] if m["role"] == "tool"]
+    results_tokens = sum(len(ids) for ids in tokenizer(results_text, add_special_tokens=False)["input_ids"])
+    print(f"traces: {n} ({source.stat().st_size / n / 1000:.0f} KB of JSON a trace; tool results "
+          f"{sum(map(len, results_text)) / results_tokens:.1f} characters a token), {len(rows)} rows, "
           f"{tokens:,} tokens ({tokens / len(rows):,.0f} a row), {sum(r.over_length for r in rendered)} over "
-          f"{args.max_length}; best of {args.repeat}")
-    print(f"{'stage':34} {'seconds':>8} {'traces/s':>10}")
-    for stage, seconds in best.items():
-        print(f"{stage:34} {seconds:8.2f} {n / seconds:10.0f}")
+          f"{args.max_length}; best of {args.repeat} run(s)")
+    print(f"{'stage':30} {'seconds':>8} {'CPU s':>7} {'traces/s':>9} {'goal':>7}")
+    for stage in STAGES:
+        wall, cpu = min((result[0][stage] for result in results), key=lambda pair: pair[0])
+        goal = f"{GOALS[stage]:7,}" if stage in GOALS else ""
+        print(f"{stage:30} {wall:8.2f} {cpu:7.2f} {n / wall:9,.0f} {goal}")
 
 
 def run_once(tokenizer, source: Path, db: Path, max_length: int):
-    t0 = time.perf_counter()
+    """(wall, CPU) seconds per stage, the number of traces imported, the rows and their rendering."""
+    marks = [(time.perf_counter(), time.process_time())]  # CPU time of all this process's threads
     with Store(db) as store:
         report = import_paths(store, [source])
-        t1 = time.perf_counter()
+        marks.append((time.perf_counter(), time.process_time()))
         rows = rows_from_traces(store.traces())
-        t2 = time.perf_counter()
+        marks.append((time.perf_counter(), time.process_time()))
     rendered = render_many(tokenizer, rows, max_length=max_length)
-    t3 = time.perf_counter()
-    seconds = {"import + validate (to SQLite)": t1 - t0, "read back + unroll": t2 - t1,
-               "import + validate + unroll": t2 - t0, "render + tokenize": t3 - t2, "whole path": t3 - t0}
+    marks.append((time.perf_counter(), time.process_time()))
+    seconds = {stage: tuple(b - a for a, b in zip(marks[start], marks[end])) for stage, (start, end) in STAGES.items()}
     return seconds, len(report.imported), rows, rendered
 
 

@@ -24,6 +24,7 @@ EXPORT_FORMATS = ("jsonl", "parquet", "hf")
 
 def unroll(trace: Trace, by_turn: bool = True) -> list[dict]:
     """Training rows of one trace: one per user turn (`by_turn`), or one for the whole trace with every step trained."""
+    tools_json = json.dumps(trace.tools, ensure_ascii=False)  # once per trace, shared by its rows
     messages = [dict(m) for m in trace.messages if trace.train_system or m["role"] != "system"]
     for m in messages:
         m.pop("flags", None)
@@ -32,12 +33,12 @@ def unroll(trace: Trace, by_turn: bool = True) -> list[dict]:
         if not ends:
             return []
         row_messages = [_marked(m, True) for m in messages[: ends[-1] + 1]]
-        return [_row(trace, 0, row_messages)]
+        return [_row(trace, 0, row_messages, tools_json)]
     rows = []
     for turn, (start, end) in enumerate(_turn_spans(messages)):
         row_messages = [_marked(m, False, keep_reasoning=False) for m in messages[:start]]
         row_messages += [_marked(m, True) for m in messages[start:end]]
-        rows.append(_row(trace, turn, row_messages))
+        rows.append(_row(trace, turn, row_messages, tools_json))
     return rows
 
 
@@ -62,9 +63,9 @@ def _marked(message: dict, train: bool, keep_reasoning: bool = True) -> dict:
     return marked
 
 
-def _row(trace: Trace, turn: int, messages: list[dict]) -> dict:
+def _row(trace: Trace, turn: int, messages: list[dict], tools_json: str) -> dict:
     return {"id": f"{trace.id}-{turn}", "trace_id": trace.id, "turn": turn, "timestamp": trace.created,
-            "model": trace.model, "messages": messages, "tools": json.dumps(trace.tools, ensure_ascii=False)}
+            "model": trace.model, "messages": messages, "tools": tools_json}
 
 
 def rows_from_traces(traces: list[Trace], by_turn: bool = True, include_flagged: bool = False) -> list[dict]:

@@ -11,7 +11,7 @@ Speed: the rows of one trace repeat its prefix and its tool results, and a token
 before anything else, so the text between two ChatML markers tokenizes the same alone as in the whole row. Each
 distinct piece is tokenized once per `render_many` call and the pieces' ids are joined; offsets are computed only for
 the pieces a trained span starts or ends inside. Tokenizers where that does not hold exactly (a marker that strips
-whitespace, a pre-tokenizer that treats the text's start specially) are detected and tokenized row by row.
+whitespace, a pre-tokenizer that treats the text's start specially) are detected and tokenized whole.
 """
 
 from __future__ import annotations
@@ -19,11 +19,15 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from itertools import islice
 
 ASSISTANT_HEADER = "<|im_start|>assistant\n"
 END_OF_TURN = "<|im_end|>"
 CHATML_MARKERS = ("<|im_start|>", "<|im_end|>")
 _BATCH = 256  # rows tokenized per call: the Rust tokenizer parallelises within a batch
+# Pieces kept tokenized (about three batches of rows): rows come trace by trace, so a piece rarely comes back after a
+# batch (the system and tools turn does, and is tokenized again after each eviction). Bounds the cache to tens of MB.
+_CACHED_PIECES = 4096
 # A ChatML conversation that exercises the markers' neighbourhoods (whitespace on both sides, text right against
 # them): a tokenizer whose pieces between markers tokenize differently alone fails to reproduce it piece by piece.
 _PROBE = ("<|im_start|>system\nYou are a helper.<|im_end|>\n<|im_start|>user\n  Hi there \n<|im_end|>\n"
@@ -53,24 +57,42 @@ def render_many(tokenizer, rows: list[dict], max_length: int | None = None) -> l
     if not getattr(tokenizer, "is_fast", False):
         raise RenderError(f"{type(tokenizer).__name__} is not a fast tokenizer: character offsets are needed")
     encoder = PieceEncoder.for_tokenizer(tokenizer) or WholeTextEncoder(tokenizer)
+    tools_by_json = {}  # the rows of a trace share their tools' JSON text: parsed once
     rendered = []
     for first in range(0, len(rows), _BATCH):
-        batch = rows[first:first + _BATCH]
-        texts, spans = zip(*(render_text(tokenizer, row, where=_where(row, first + i)) for i, row in enumerate(batch)))
-        for text, (input_ids, mask) in zip(texts, encoder.encode(texts, spans)):
-            rendered.append(Rendered(text=text, input_ids=input_ids, train_mask=mask, n_tokens=len(input_ids),
-                                     over_length=max_length is not None and len(input_ids) > max_length))
+        texts, spans = _render_texts(tokenizer, rows[first:first + _BATCH], first, tools_by_json)
+        rendered += _rendered(texts, encoder.encode(texts, spans), max_length)
     return rendered
 
 
-def render_text(tokenizer, row: dict, where: str = "row") -> tuple[str, list[tuple[int, int]]]:
-    """The row's text and the character spans of its trained assistant messages."""
+def _render_texts(tokenizer, rows: list[dict], first: int, tools_by_json: dict):
+    """The rows' texts and trained spans (`first`: the index of the first row, for error messages)."""
+    return zip(*(render_text(tokenizer, row, _where(row, first + i), tools_by_json) for i, row in enumerate(rows)))
+
+
+def _rendered(texts, encoded, max_length: int | None) -> list[Rendered]:
+    return [Rendered(text=text, input_ids=input_ids, train_mask=mask, n_tokens=len(input_ids),
+                     over_length=max_length is not None and len(input_ids) > max_length)
+            for text, (input_ids, mask) in zip(texts, encoded)]
+
+
+def render_text(tokenizer, row: dict, where: str = "row",
+                tools_by_json: dict | None = None) -> tuple[str, list[tuple[int, int]]]:
+    """The row's text and the character spans of its trained assistant messages (`tools_by_json`: parsed tools by
+    their JSON text, shared by calls that render many rows)."""
     if not isinstance(row, dict):
         raise RenderError(f"{where}: expected a row object, got {type(row).__name__}")
     messages = row.get("messages")
     if not isinstance(messages, list) or not messages:
         raise RenderError(f"{where}: 'messages' must be a non-empty list")
-    text = tokenizer.apply_chat_template(messages, tools=row_tools(row, where), tokenize=False)
+    tools_json = row.get("tools")
+    if tools_by_json is not None and isinstance(tools_json, str):
+        if tools_json not in tools_by_json:
+            tools_by_json[tools_json] = row_tools(row, where)
+        tools = tools_by_json[tools_json]
+    else:
+        tools = row_tools(row, where)
+    text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
     blocks = assistant_blocks(text)
     assistants = [m for m in messages if m.get("role") == "assistant"]
     if len(blocks) != len(assistants):
@@ -121,15 +143,15 @@ class WholeTextEncoder:
 class PieceEncoder:
     """Tokenizes each distinct piece between ChatML markers once and joins the pieces' ids per row.
 
-    Gives the ids and mask of `WholeTextEncoder` exactly (`for_tokenizer` checks that it can); the mask of a piece
-    wholly inside or outside every trained span needs no offsets, so only the pieces a span starts or ends inside
-    are tokenized with offsets."""
+    Gives the ids and mask of `WholeTextEncoder` exactly (`for_tokenizer` checks that it can). A piece outside every
+    trained span, or inside one short of its end, needs no offsets; only the pieces a span starts or ends in (in
+    practice the trained assistant turns, short next to tool results) are tokenized with offsets."""
 
     def __init__(self, backend, marker_ids: dict[str, int]):
         self._backend = backend
         self._marker_ids = marker_ids
         self._split = re.compile("(" + "|".join(map(re.escape, marker_ids)) + ")").split
-        self._ids: dict[str, list[int]] = {"": []}  # piece text -> its token ids
+        self._ids: dict[str, list[int]] = {}  # piece text -> its token ids
         self._encodings: dict = {}  # piece text -> its Encoding (offsets), for pieces a span starts or ends inside
 
     @classmethod
@@ -144,26 +166,31 @@ class PieceEncoder:
         return encoder if same else None
 
     def encode(self, texts, spans) -> list[tuple[list[int], list[int]]]:
+        if len(self._ids) > _CACHED_PIECES:  # forget the older half (a piece with offsets has its ids too)
+            for piece in list(islice(self._ids, len(self._ids) - _CACHED_PIECES // 2)):
+                del self._ids[piece]
+                self._encodings.pop(piece, None)
         rows = [self._pieces(text) for text in texts]
         self._tokenize_new(rows, spans)
         return [self._assemble(pieces, row_spans) for pieces, row_spans in zip(rows, spans)]
 
     def _pieces(self, text: str) -> list[tuple[int, int, str]]:
-        """(start, end, text) of every piece: the markers and the text between them, in order."""
+        """(start, end, text) of every piece: the markers and the non-empty text between them, in order."""
         pieces, position = [], 0
         for piece in self._split(text):
-            pieces.append((position, position + len(piece), piece))
-            position += len(piece)
+            if piece:
+                pieces.append((position, position + len(piece), piece))
+                position += len(piece)
         return pieces
 
     def _tokenize_new(self, rows, spans):
-        """Tokenize, in two batches, the pieces not seen before: with offsets those a span starts or ends inside."""
+        """Tokenize, in two batches, the pieces not seen before: with offsets those a span starts or ends in."""
         plain, with_offsets = {}, {}
         for pieces, row_spans in zip(rows, spans):
             for start, end, piece in pieces:
                 if piece in self._marker_ids:
                     continue
-                if any(_cuts(start, end, s, e) for s, e in row_spans):
+                if any(_needs_offsets(start, end, s, e) for s, e in row_spans):
                     if piece not in self._encodings:
                         with_offsets[piece] = None
                 elif piece not in self._ids:
@@ -199,7 +226,10 @@ class PieceEncoder:
         for start, end, piece, base, count in inside:
             if piece in self._marker_ids:
                 return base
-            if not _cuts(start, end, s, e):  # the whole piece is in the span: its first (last) token is the span's
+            if s <= start and end <= e and (first or end < e):
+                # The first character of a piece wholly in the span is in its first token. The last character is
+                # in its last token only when a multi-token character there (é in byte tokens) is not the span's
+                # last one: char_to_token gives a character's first token.
                 return base if first else base + count - 1
             local = range(max(s, start) - start, min(e, end) - start)
             token = _first_token(self._encodings[piece], local if first else reversed(local))
@@ -208,9 +238,9 @@ class PieceEncoder:
         return None
 
 
-def _cuts(start: int, end: int, s: int, e: int) -> bool:
-    """Whether the span [s, e) starts or ends strictly inside the piece [start, end)."""
-    return start < s < end or start < e < end
+def _needs_offsets(start: int, end: int, s: int, e: int) -> bool:
+    """Whether the span [s, e) starts inside the piece [start, end), or ends inside it or at its end."""
+    return start < s < end or start < e <= end
 
 
 def _independent_markers(tokenizer) -> dict[str, int] | None:

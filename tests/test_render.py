@@ -1,15 +1,23 @@
-"""Chat templates and rendering: the Trelis traces through both templates, and our trained-token mask against TRL's."""
+"""Chat templates and rendering: the Trelis traces through both templates, and our trained-token mask against TRL's;
+shared pieces tokenized once give exactly the whole text's ids and mask; stored message JSON is json.dumps's text."""
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
+import mcpft.render
 from mcpft.chat_template import ensure_tool_template, hermes_template, qwen3_template, renders_tools
+from mcpft.dataset import unroll
 from mcpft.hermes import format_assistant_text, parse_assistant_text
-from mcpft.render import RenderError, assistant_blocks, render, render_many
+from mcpft.render import _BATCH, PieceEncoder, RenderError, assistant_blocks, render, render_many, render_text
+from mcpft.store import message_bodies
+from mcpft.trace import normalize_trace
 
 # SmolLM2-135M-Instruct's own template (plain ChatML): it drops tools, tool calls and tool roles.
 SMOLLM2_TEMPLATE = (
@@ -246,3 +254,127 @@ def test_render_many_matches_render(trelis_rows, hermes_tokenizer):
 def test_bad_rows_are_named(change, problem, hermes_tokenizer):
     with pytest.raises(RenderError, match=re.escape(problem)):
         render(hermes_tokenizer, {**MULTI_TURN_ROW, **change})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pieces between ChatML markers, tokenized once per render_many call
+
+
+def _whole_text(tokenizer, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
+    """Reference: the whole text tokenized, each span trained from its first character's token to its last's."""
+    encoding = tokenizer(text, add_special_tokens=False)
+    mask = [0] * len(encoding["input_ids"])
+    for start, end in spans:
+        tokens = [t for t in (encoding.char_to_token(c) for c in range(start, end)) if t is not None]
+        if tokens:
+            mask[tokens[0]:tokens[-1] + 1] = [1] * (tokens[-1] + 1 - tokens[0])
+    return encoding["input_ids"], mask
+
+
+def _reference(tokenizer, rows: list[dict]) -> list[tuple[list[int], list[int]]]:
+    return [_whole_text(tokenizer, *render_text(tokenizer, row)) for row in rows]
+
+
+@pytest.fixture(scope="module")
+def three_turn_rows(trelis_dir) -> list[dict]:
+    """The three Trelis conversations as one three-turn trace, unrolled: rows that repeat each other's prefixes."""
+    traces = [normalize_trace(json.loads(path.read_text())) for path in sorted(trelis_dir.glob("*.json"))]
+    trace = traces[0]
+    trace.id, trace.messages = "three-turns", [m for t in traces for m in t.messages]
+    return unroll(trace) + unroll(trace, by_turn=False)
+
+
+@pytest.mark.parametrize("which", ["hermes", "qwen3"])
+def test_unrolled_rows_render_as_their_whole_texts(which, three_turn_rows, hermes_tokenizer, qwen3_tokenizer):
+    tokenizer = {"hermes": hermes_tokenizer, "qwen3": qwen3_tokenizer}[which]
+    assert PieceEncoder.for_tokenizer(tokenizer) is not None  # the piece path is the one under test
+    rows = three_turn_rows + [MULTI_TURN_ROW]
+    rendered = render_many(tokenizer, rows)
+    assert [(r.input_ids, r.train_mask) for r in rendered] == _reference(tokenizer, rows)
+    assert len(three_turn_rows) == 4 and all(0 < sum(r.train_mask) < r.n_tokens for r in rendered)
+
+
+def test_many_batches_match_one_row_at_a_time(hermes_tokenizer, monkeypatch):
+    monkeypatch.setattr(mcpft.render, "_CACHED_PIECES", 4)  # the second batch starts by forgetting pieces
+    rows = [{**MULTI_TURN_ROW, "id": f"r{i}", "messages": [
+        *MULTI_TURN_ROW["messages"][:5], {"role": "user", "content": f"What is the title of page {i}?"},
+        MULTI_TURN_ROW["messages"][6]]} for i in range(_BATCH + 3)]
+    assert render_many(hermes_tokenizer, rows, max_length=200) == [render(hermes_tokenizer, r, 200) for r in rows]
+    assert render_many(hermes_tokenizer, []) == []
+    with pytest.raises(RenderError, match="row 'late'"):  # a bad row in a later batch is named too
+        render_many(hermes_tokenizer, rows + [{**MULTI_TURN_ROW, "id": "late", "messages": []}])
+
+
+# Text around, inside and against the markers and the added tokens; spans anywhere (also inside a marker, or empty
+# of tokens). One encoder for every example, so pieces seen whole before are later cut by a span, and the reverse.
+_FRAGMENTS = ["<|im_start|>", "<|im_end|>", "assistant\n", "<tool_call>", "</think>", "<|im_", "|>", "\n", "\n\n",
+              " ", "   ", "\t", "a", "Hello", " world", "{\"x\": 1}", "é", "😀", "\r\n", "[ref=e12]"]
+
+
+@st.composite
+def text_and_spans(draw):
+    text = "".join(draw(st.lists(st.sampled_from(_FRAGMENTS), max_size=25)))
+    cuts = sorted(draw(st.sets(st.integers(0, len(text)), max_size=6)))
+    return text, [(start, end) for start, end in zip(cuts[::2], cuts[1::2])]
+
+
+@pytest.fixture(scope="module")
+def piece_encoder(hermes_tokenizer):
+    return PieceEncoder.for_tokenizer(hermes_tokenizer)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cases=st.lists(text_and_spans(), min_size=1, max_size=4))
+def test_pieces_give_the_whole_texts_ids_and_mask(cases, hermes_tokenizer, piece_encoder):
+    texts, spans = zip(*cases)
+    assert piece_encoder.encode(texts, spans) == [_whole_text(hermes_tokenizer, *case) for case in cases]
+
+
+def _edited_tokenizer(tiny_model_dir, tmp_path, edit):
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "tokenizer"
+    shutil.copytree(tiny_model_dir, folder)
+    data = json.loads((folder / "tokenizer.json").read_text())
+    edit(data)
+    (folder / "tokenizer.json").write_text(json.dumps(data))
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def _end_of_turn_strips_whitespace(data):
+    for token in data["added_tokens"]:
+        if token["content"] == "<|im_end|>":
+            token["rstrip"] = True
+
+
+def _prefix_on_the_first_piece_only(data):
+    data["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Metaspace", "replacement": "_", "prepend_scheme": "first", "split": False}, data["pre_tokenizer"]]}
+
+
+@pytest.mark.parametrize("edit", [_end_of_turn_strips_whitespace, _prefix_on_the_first_piece_only])
+def test_tokenizers_whose_pieces_interact_render_whole_texts(edit, tiny_model_dir, trelis_rows, tmp_path):
+    tokenizer = _edited_tokenizer(tiny_model_dir, tmp_path, edit)
+    assert PieceEncoder.for_tokenizer(tokenizer) is None
+    rows = trelis_rows + [MULTI_TURN_ROW]
+    assert [(r.input_ids, r.train_mask) for r in render_many(tokenizer, rows)] == _reference(tokenizer, rows)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stored message JSON (mcpft.store.message_bodies, made faster here): json.dumps's exact text, so content hashes of
+# traces stored before stay valid.
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=12)
+
+
+@settings(max_examples=100, deadline=None)
+@given(messages=st.lists(st.dictionaries(st.text(max_size=12), _json_values, max_size=6), max_size=4))
+@example(messages=[{"role": "tool", "content": "lone \ud800 surrogate", "quote": "\"\\\x00\x1f\x7f\u2028\ufeff"}])
+@example(messages=[{"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "type": "function", "function": {
+    "name": "browser_navigate", "arguments": '{"url": "https://example.com"}'}}], "flags": ["malformed"]}])
+@example(messages=[{"nan": float("nan"), "big": 10**30, "tuple": (1, "a"), "keys": {1: "int key"}}])
+def test_message_bodies_are_json_dumps_text(messages):
+    assert message_bodies(messages) == [json.dumps(m, ensure_ascii=False) for m in messages]
