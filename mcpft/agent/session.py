@@ -215,10 +215,9 @@ class AgentSession:
         conversation = self._conversation
         self._hub.max_chars = conversation.truncate
         record = self._recorder(conversation)
-        return Agent(endpoint_generate(conversation.endpoint, conversation.completion,
-                                       conversation.completion.reasoning_field),
-                     self._hub, sink=record, approve=self._approve, on_delta=self._on_delta,
-                     system_prompt=conversation.system_prompt, config=AgentConfig(max_steps=conversation.max_steps))
+        return Agent(endpoint_generate(conversation.endpoint, conversation.completion), self._hub, sink=record,
+                     approve=self._approve, on_delta=self._on_delta, system_prompt=conversation.system_prompt,
+                     config=AgentConfig(max_steps=conversation.max_steps))
 
     def _recorder(self, conversation: Conversation):
         """The agent's sink: the store (a new trace; never the API key) and the session's own copy."""
@@ -270,10 +269,13 @@ class AgentSession:
         """Answer the pending tool calls, one decision each (True = run it, False = reject it)."""
         with self._cond:
             pending, decision = self._pending, self._decision
-        if decision is None:
-            raise SessionError("no tool call is waiting for approval")
-        if len(decisions) != len(pending):
-            raise SessionError(f"{len(decisions)} decision(s) for {len(pending)} pending tool call(s)")
+            if decision is None:
+                raise SessionError("no tool call is waiting for approval")
+            if len(decisions) != len(pending):
+                raise SessionError(f"{len(decisions)} decision(s) for {len(pending)} pending tool call(s)")
+            # Cleared here, not only when the loop takes the answer: a caller's next view must not show it pending.
+            self._pending, self._decision = [], None
+            self._bump()
         self._loop.call_soon_threadsafe(_resolve, decision, [bool(d) for d in decisions])
 
     def stop(self) -> None:

@@ -12,15 +12,11 @@ from mcpft.ui import agent_tab, curate_tab, endpoint_tab, evaluate_tab, train_ta
 from mcpft.ui.owner import resolve_owner
 from mcpft.ui.state import AppContext, Shared, make_context
 
-CSS = """
-#approval-box {border: 2px solid var(--color-accent); border-radius: 8px; padding: 6px;}
-"""
-
 
 def build_app(ctx: AppContext) -> gr.Blocks:
     with gr.Blocks(title="mcpft") as demo:
         gr.Markdown("## mcpft · agent traces → curated data → LoRA fine-tune → before/after")
-        shared = Shared(owner=gr.State(""))
+        shared = Shared(demo=demo, owner=gr.State(""))
         browser_id = gr.BrowserState(None, storage_key="mcpft-visitor", secret=ctx.browser_secret)
         with gr.Tabs():
             endpoint_tab.build(ctx, shared)
@@ -37,8 +33,11 @@ def build_app(ctx: AppContext) -> gr.Blocks:
 def launch(ctx: AppContext, port: int | None = None, host: str | None = None,
            start_model: bool = True) -> tuple[gr.Blocks, str]:
     """Serve the app (returns once the page is up), then start the embedded endpoint in the background."""
+    from mcpft.demo import serve_site
+
+    ctx.demo_site = ctx.demo_site or serve_site()
     demo = build_app(ctx)
-    demo.launch(server_port=port, server_name=host, prevent_thread_lock=True, css=CSS, footer_links=["gradio"],
+    demo.launch(server_port=port, server_name=host, prevent_thread_lock=True, footer_links=["gradio"],
                 show_error=True)
     if start_model:
         ctx.embedded.start_in_background(ctx.default_model)

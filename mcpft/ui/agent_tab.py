@@ -37,15 +37,15 @@ def _call_message(call: dict, pending: bool) -> dict:
         arguments = json.dumps(json.loads(arguments), indent=2, ensure_ascii=False)
     except ValueError:
         pass  # shown as the model wrote it
-    title = f"🛠️ {call['function']['name']}" + (" — waiting for your approval" if pending else "")
+    title = f"Tool call: {call['function']['name']}" + (" — waiting for your approval" if pending else "")
     return _thought(title, fenced(arguments, "json"), "pending" if pending else "done", id=call["id"])
 
 
 def _result_message(message: dict) -> dict:
     name = message.get("name") or "tool"
     if message["content"] == REJECTED:
-        return _thought(f"🚫 {name}: rejected", message["content"])
-    return _thought(f"📄 {name} result", fenced(message["content"]))
+        return _thought(f"Rejected: {name}", message["content"])
+    return _thought(f"Result of {name}", fenced(message["content"]))
 
 
 def chat_messages(view: SessionView) -> list[dict]:
@@ -55,20 +55,20 @@ def chat_messages(view: SessionView) -> list[dict]:
     for message in view.messages:
         role = message["role"]
         if role == "system":
-            shown.append(_thought("⚙️ System prompt", message["content"]))
+            shown.append(_thought("System prompt", message["content"]))
         elif role == "user":
             shown.append({"role": "user", "content": message["content"]})
         elif role == "tool":
             shown.append(_result_message(message))
         else:
             if message.get("reasoning_content"):
-                shown.append(_thought("💭 Thinking", message["reasoning_content"]))
+                shown.append(_thought("Thinking", message["reasoning_content"]))
             if message["content"].strip():
                 shown.append({"role": "assistant", "content": message["content"]})
             shown += [_call_message(call, call["id"] in pending) for call in message.get("tool_calls", [])]
-            shown += [{"role": "assistant", "content": f"⚠️ {flag}"} for flag in message.get("flags", [])]
+            shown += [{"role": "assistant", "content": f"Warning: {flag}"} for flag in message.get("flags", [])]
     if view.streaming.get("reasoning"):
-        shown.append(_thought("💭 Thinking…", view.streaming["reasoning"], "pending"))
+        shown.append(_thought("Thinking…", view.streaming["reasoning"], "pending"))
     if view.streaming.get("content"):
         shown.append({"role": "assistant", "content": view.streaming["content"]})
     return shown
@@ -116,6 +116,14 @@ def stream(session: AgentSession):
         view = latest
 
 
+def demo_task_choices(base_url: str) -> list[tuple[str, str]]:
+    """(task id, prompt) of the demo tasks: the held-out ones first, as those are what evaluation asks."""
+    from mcpft.demo import load_tasks
+
+    return [(f"{task.split}: {task.id}", task.prompt_for(base_url)) for split in ("heldout", "train")
+            for task in load_tasks(split)]
+
+
 def build(ctx: AppContext, shared: Shared) -> None:
     settings = ctx.settings
     with gr.Tab("Agent", id="agent"):
@@ -128,6 +136,10 @@ def build(ctx: AppContext, shared: Shared) -> None:
             with gr.Row():
                 run_button = gr.Button("Run approved", variant="primary", elem_id="run-approved")
                 reject_button = gr.Button("Reject all", variant="stop", elem_id="reject-all")
+        if ctx.demo_site is not None:
+            demo_task = gr.Dropdown(demo_task_choices(ctx.demo_site.base_url), value=None, elem_id="demo-task",
+                                    label=f"Or pick a task on the local demo site ({ctx.demo_site.base_url}); "
+                                          "the scripted-teacher model solves them")
         with gr.Row():
             message = gr.Textbox(placeholder="Message the agent…", show_label=False, scale=6, elem_id="agent-input")
             send_button = gr.Button("Send", variant="primary", scale=1, elem_id="agent-send")
@@ -213,6 +225,8 @@ def build(ctx: AppContext, shared: Shared) -> None:
         if session is not None:
             session.auto_approve = bool(auto)
 
+    if ctx.demo_site is not None:
+        demo_task.input(lambda prompt: prompt, [demo_task], [message])
     send_inputs = [message, shared.session, shared.owner, shared.preset, shared.base_url, shared.model, shared.api_key,
                    shared.mcp_json, system_prompt, exclude_system, shared.truncate, max_steps, max_tokens,
                    auto_approve]

@@ -212,7 +212,7 @@ def build(ctx: AppContext, shared: Shared) -> gr.Tab:
                                         elem_id="messages-table")
             with gr.Column(scale=2):
                 with gr.Row():
-                    index = gr.Number(label="Message #", precision=0, minimum=0, elem_id="message-index")
+                    index = gr.Number(None, label="Message #", precision=0, minimum=0, elem_id="message-index")
                     field = gr.Radio(FIELDS, value="content", label="Field")
                 value = gr.Textbox(label="Value", lines=8, max_lines=20, elem_id="message-value")
                 with gr.Row():
@@ -237,16 +237,16 @@ def build(ctx: AppContext, shared: Shared) -> gr.Tab:
             with gr.Row():
                 with gr.Column():
                     uploads = gr.File(label="Import JSON / JSONL traces", file_count="multiple",
-                                      file_types=[".json", ".jsonl"], type="filepath")
+                                      file_types=[".json", ".jsonl"], type="filepath", elem_id="import-files")
                     import_tags = gr.Textbox(label="Tag the imported traces with (comma-separated)")
-                    import_button = gr.Button("Import")
-                    import_report = gr.Markdown()
+                    import_button = gr.Button("Import", elem_id="import-button")
+                    import_report = gr.Markdown(elem_id="import-report")
                 with gr.Column():
                     export_format = gr.Radio(["jsonl", "parquet"], value="jsonl", label="Format")
                     export_unroll = gr.Checkbox(True, label="Unroll (one row per user turn)")
                     export_flagged = gr.Checkbox(False, label="Include flagged traces")
-                    export_button = gr.Button("Export")
-                    export_file = gr.File(label="Download", interactive=False)
+                    export_button = gr.Button("Export", elem_id="export-button")
+                    export_file = gr.File(label="Download", interactive=False, elem_id="export-file")
                 with gr.Column():
                     if ctx.on_space:
                         gr.LoginButton()
@@ -261,17 +261,21 @@ def build(ctx: AppContext, shared: Shared) -> gr.Tab:
     preview_outputs = [row_choice, highlighted, tokens]
 
     def refresh(owner):
-        require_owner(owner)
-        return trace_rows(ctx, owner)
+        return trace_rows(ctx, owner) if owner else []  # before the page has an owner, nothing is theirs
 
     def table_edited(owner, edited):
         done = apply_table_edits(ctx, require_owner(owner), edited)
-        return trace_rows(ctx, owner), ("Saved: " + "; ".join(done)) if done else ""
+        if not done:  # the table fires `input` more than once per edit: a no-op must not erase the last note
+            return gr.update(), gr.update()
+        return trace_rows(ctx, owner), "Saved: " + "; ".join(done)
 
-    def show_trace(owner, trace_id, field_name):
+    def show_trace(owner, trace_id, field_name, message_index=None):
+        """The trace's header, messages and system-prompt switch; the message editor on `message_index`."""
         trace = owned_trace(ctx.store, trace_id, owner)
-        return (trace_header(ctx, trace), message_rows(trace), trace.train_system, gr.update(value=None),
-                field_value(trace, None, field_name))
+        if message_index is not None and not 0 <= int(message_index) < len(trace.messages):
+            message_index = None
+        return (trace_header(ctx, trace), message_rows(trace), trace.train_system, message_index,
+                field_value(trace, message_index, field_name))
 
     def select_trace(owner, field_name, evt: gr.SelectData):
         trace_id = str(evt.row_value[0]) if evt.row_value else ""
@@ -287,14 +291,14 @@ def build(ctx: AppContext, shared: Shared) -> gr.Tab:
             return ""
         return field_value(owned_trace(ctx.store, trace_id, owner), message_index, field_name)
 
-    def edited(owner, trace_id, field_name, action):
+    def edited(owner, trace_id, field_name, action, message_index=None):
         """Run one curation edit (`action` returns the note to show) on the selected trace, then show it again."""
         owned_trace(ctx.store, trace_id, owner)
         try:
             note = action()
         except (ValueError, IndexError) as error:
             raise gr.Error(str(error)) from None
-        return (*show_trace(owner, trace_id, field_name), trace_rows(ctx, owner), note)
+        return (*show_trace(owner, trace_id, field_name, message_index), trace_rows(ctx, owner), note)
 
     def message_index_of(message_index):
         if message_index is None:
@@ -307,7 +311,7 @@ def build(ctx: AppContext, shared: Shared) -> gr.Tab:
             curate.edit_message(ctx.store, trace_id, at, field_name, parse_field(field_name, text or ""))
             return f"Saved message {at}'s {field_name}."
 
-        return edited(owner, trace_id, field_name, action)
+        return edited(owner, trace_id, field_name, action, message_index)
 
     def delete(owner, trace_id, message_index, field_name):
         def action():
@@ -322,7 +326,7 @@ def build(ctx: AppContext, shared: Shared) -> gr.Tab:
             curate.merge_user_turns(ctx.store, trace_id, message_index_of(message_index))
             return "Merged the user turns."
 
-        return edited(owner, trace_id, field_name, action)
+        return edited(owner, trace_id, field_name, action, message_index)
 
     def system_training(owner, trace_id, train, field_name):
         def action():
@@ -348,7 +352,7 @@ def build(ctx: AppContext, shared: Shared) -> gr.Tab:
         if not files:
             raise gr.Error("Choose one or more .json / .jsonl files first.")
         report = import_paths(ctx.store, files, owner=owner, tags=tuple(_cell_tags(tags)))
-        lines = [f"Imported **{len(report.imported)}** trace(s); {report.duplicates} duplicate(s) skipped; "
+        lines = [f"Imported {len(report.imported)} trace(s); {report.duplicates} duplicate(s) skipped; "
                  f"{len(report.flagged)} flagged; {len(report.rejected)} rejected."]
         lines += [f"- flagged {Path(f['file']).name}: {'; '.join(f['reasons'])}" for f in report.flagged]
         lines += [f"- rejected {Path(r['file']).name}: {r['error']}" for r in report.rejected]
@@ -379,7 +383,7 @@ def build(ctx: AppContext, shared: Shared) -> gr.Tab:
 
     owner = shared.owner
     note_outputs = [*trace_outputs, table, table_note]
-    gr.on([refresh_button.click, tab.select], refresh, [owner], [table], show_progress="hidden")
+    gr.on([refresh_button.click, tab.select, owner.change], refresh, [owner], [table], show_progress="hidden")
     table.input(table_edited, [owner, table], [table, table_note])
     table.select(select_trace, [owner, field], [selected, *trace_outputs])
     messages.select(select_message, [owner, selected, field], [index, value])

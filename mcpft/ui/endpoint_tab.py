@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 
 import gradio as gr
 
@@ -68,8 +69,9 @@ def connect_session(ctx: AppContext, session: AgentSession | None, owner: str, m
 
 
 def close_session(session: AgentSession | None) -> None:
+    """Gradio's state cleanup runs on its event loop: close the session (MCP servers, a browser) off that loop."""
     if session is not None:
-        session.close()
+        threading.Thread(target=session.close, name="mcpft-close-session", daemon=True).start()
 
 
 def tool_rows(session: AgentSession | None) -> list[list[str]]:
@@ -83,9 +85,11 @@ def embedded_status_text(ctx: AppContext) -> str:
     status = ctx.embedded.status
     name = model_name(status.model_spec) if status.model_spec or status.state != "stopped" else ""
     if status.state == "ready":
-        return f"**Embedded endpoint: ready** at `{status.base_url}`, serving {', '.join(f'`{m}`' for m in status.models)}"
+        served = ", ".join(f"`{m}`" for m in status.models)
+        return f"**Embedded endpoint: ready** at `{status.base_url}`, serving {served}"
     if status.state == "loading":
-        return f"**Embedded endpoint: loading `{name}`…** (the first start converts the packaged model; see the console)"
+        return (f"**Embedded endpoint: loading `{name}`…** (the first start converts the packaged model; see the "
+                "console)")
     if status.state == "failed":
         return f"**Embedded endpoint: failed** to load `{name}`: {status.error}"
     return "**Embedded endpoint: stopped**"
@@ -99,7 +103,7 @@ def probe_text(report) -> str:
                  "reasoning": "parsed by the server (`reasoning`)",
                  "think_tags": "`<think>` tags in the content: mcpft splits them client-side",
                  "none": "none seen", None: "not tested"}[report.reasoning_field]
-    lines = [f"### {'✅ Connected' if report.ok else '⚠️ Problem'}: `{report.base_url}`", "",
+    lines = [f"### {'Connected' if report.ok else 'Problem'}: `{report.base_url}`", "",
              f"- models: {', '.join(f'`{m}`' for m in report.models) or '(no /v1/models listing)'}",
              f"- tool calls: {tool_calls}", f"- reasoning: {reasoning}"]
     lines += [f"- latency of {step}: {seconds:.2f} s" for step, seconds in report.latencies_s.items()]
@@ -131,12 +135,12 @@ def build(ctx: AppContext, shared: Shared) -> None:
                                          "smollm2 = the packaged SmolLM2)", allow_custom_value=True, scale=3)
             start_button = gr.Button("Start", scale=1)
             stop_button = gr.Button("Stop", scale=1, variant="stop")
-        embedded_status = gr.Markdown(embedded_status_text(ctx), elem_id="embedded-status")
-        status_timer = gr.Timer(2.0, active=True)
+        embedded_status = gr.Markdown(elem_id="embedded-status")
+        status_timer = gr.Timer(2.0, active=False)  # on while the embedded model loads
 
         gr.Markdown("### MCP servers")
         if ctx.mcp_config_error:
-            gr.Markdown(f"⚠️ The default browser is unavailable: {ctx.mcp_config_error}")
+            gr.Markdown(f"**The default browser is unavailable:** {ctx.mcp_config_error}")
         shared.mcp_json = gr.Code(mcp_config_text(ctx.mcp_config), language="json", label="mcpServers JSON",
                                   interactive=True, max_lines=20)
         connect_button = gr.Button("Connect")
@@ -160,11 +164,12 @@ def build(ctx: AppContext, shared: Shared) -> None:
         return probe_text(report), gr.update(choices=models, value=value)
 
     def refresh_status(preset):
+        """The embedded endpoint's status; once it is ready, the embedded preset's fields follow it (once: the
+        timer stops, so a model the visitor picks afterwards stays picked)."""
         status = ctx.embedded.status
         updates = [embedded_status_text(ctx), gr.Timer(active=status.state == "loading")]
         if preset == "embedded" and status.state == "ready":
-            base, model = preset_changed(preset)
-            return [*updates, base, model]
+            return [*updates, *preset_changed(preset)]
         return [*updates, gr.update(), gr.update()]
 
     def start_embedded(spec):
@@ -183,7 +188,8 @@ def build(ctx: AppContext, shared: Shared) -> None:
     test_button.click(test_connection, [shared.preset, shared.base_url, shared.model, shared.api_key],
                       [probe_report, shared.model])
     status_outputs = [embedded_status, status_timer, shared.base_url, shared.model]
-    status_timer.tick(refresh_status, [shared.preset], status_outputs, show_progress="hidden")
+    gr.on([shared.demo.load, status_timer.tick], refresh_status, [shared.preset], status_outputs,
+          show_progress="hidden")
     start_button.click(start_embedded, [embedded_model], [embedded_status, status_timer])
     stop_button.click(stop_embedded, None, [embedded_status])
     connect_button.click(connect, [shared.session, shared.owner, shared.mcp_json], [shared.session, tools_table])

@@ -61,10 +61,13 @@ def metrics_rows(comparison: dict) -> list[list]:
 
 
 def bars_frame(comparison: dict) -> pd.DataFrame:
+    """One bar per metric and model, side by side (a bar per `metric · model`; the plot would stack a shared x)."""
     totals = comparison["totals"]
-    points = [(name, label, 100 * totals[side][name]) for name in RATES
+    points = [(f"{name} · {label}", label, 100 * totals[side][name]) for name in RATES
               for label, side in (("base", "base"), ("fine-tuned", "tuned")) if totals[side][name] is not None]
-    return pd.DataFrame(points, columns=["metric", "model", "percent"])
+    return pd.DataFrame({"bar": pd.Series([p[0] for p in points], dtype="object"),
+                         "model": pd.Series([p[1] for p in points], dtype="object"),
+                         "percent": pd.Series([p[2] for p in points], dtype="float64")})
 
 
 def _answer(side: dict) -> str:
@@ -81,7 +84,7 @@ def side_rows(comparison: dict) -> list[list]:
 
 def comparison_outputs(comparison: dict | None) -> tuple:
     if not comparison:
-        return [], pd.DataFrame(columns=["metric", "model", "percent"]), []
+        return [], None, []  # None, not an empty frame: a plot first drawn empty never draws its bars later
     return metrics_rows(comparison), bars_frame(comparison), side_rows(comparison)
 
 
@@ -108,8 +111,8 @@ def build(ctx: AppContext, shared: Shared) -> None:
         with gr.Row():
             run = gr.Dropdown([], label="Fine-tuned run", scale=4, elem_id="eval-run")
             heldout_tag = gr.Textbox(HELDOUT_TAG, label="Held-out traces are tagged", scale=2)
-            max_new_tokens = gr.Number(256, label="Max new tokens per step", precision=0, minimum=1, scale=1,
-                                       elem_id="eval-max-new")
+            max_new_tokens = gr.Number(256, label="Max new tokens per step (scores and chat)", precision=0,
+                                       minimum=1, scale=1, elem_id="eval-max-new")
         heldout_note = gr.Markdown(elem_id="heldout-note")
         with gr.Row():
             run_button = gr.Button("Run baseline and fine-tuned", variant="primary", elem_id="eval-start")
@@ -118,7 +121,7 @@ def build(ctx: AppContext, shared: Shared) -> None:
         with gr.Row():
             metrics = gr.Dataframe(headers=METRIC_COLUMNS, value=[], interactive=False, label="Metrics",
                                    elem_id="eval-metrics")
-            bars = gr.BarPlot(pd.DataFrame(columns=["metric", "model", "percent"]), x="metric", y="percent",
+            bars = gr.BarPlot(None, x="bar", y="percent",
                               color="model", title="Before / after", y_lim=[0, 100], height=300, x_label_angle=-30,
                               elem_id="eval-bars")
         side_by_side = gr.Dataframe(headers=SIDE_COLUMNS, value=[], interactive=False, wrap=True, max_height=500,
@@ -126,11 +129,12 @@ def build(ctx: AppContext, shared: Shared) -> None:
         gr.Markdown("### Live side-by-side chat\nOne prompt to both models through the agent (tool calls "
                     "auto-approved; recorded as traces tagged `side-by-side`, excluded from training).")
         with gr.Row():
-            prompt = gr.Textbox(show_label=False, placeholder="A task for both models…", scale=6)
-            chat_button = gr.Button("Send to both", scale=1)
+            prompt = gr.Textbox(show_label=False, placeholder="A task for both models…", scale=6,
+                                elem_id="compare-prompt")
+            chat_button = gr.Button("Send to both", scale=1, elem_id="compare-send")
         with gr.Row():
-            base_chat = gr.Chatbot(label="Base", height=420)
-            tuned_chat = gr.Chatbot(label="Fine-tuned", height=420)
+            base_chat = gr.Chatbot(label="Base", height=420, elem_id="compare-base")
+            tuned_chat = gr.Chatbot(label="Fine-tuned", height=420, elem_id="compare-tuned")
         chat_sessions = gr.State(None, time_to_live=SESSION_TTL_S,
                                  delete_callback=lambda pair: [close_session(s) for s in pair or ()])
 
@@ -186,12 +190,11 @@ def build(ctx: AppContext, shared: Shared) -> None:
         return (text, *comparison_outputs(comparison))
 
     def refresh(owner, run_dir, tag):
-        require_owner(owner)
-        choices = list_runs(ctx, owner)
+        choices = list_runs(ctx, owner) if owner else []
         chosen = run_dir if run_dir in [folder for _, folder in choices] else (choices[0][1] if choices else None)
         return (gr.update(choices=choices, value=chosen), *show_run(owner, chosen, tag))
 
-    def chat(owner, run_dir, text, mcp_json, pair, truncate):
+    def chat(owner, run_dir, text, mcp_json, pair, truncate, max_new):
         require_owner(owner)
         if not (text or "").strip():
             raise gr.Error("Type a prompt first.")
@@ -203,7 +206,7 @@ def build(ctx: AppContext, shared: Shared) -> None:
         url, (base_name, tuned_name) = server.status.base_url, server.status.models[:2]
         for session, name in zip(pair, (base_name, tuned_name)):
             session.new_conversation(Conversation(
-                endpoint=Endpoint(url, name), completion=CompletionSettings(max_tokens=1024),
+                endpoint=Endpoint(url, name), completion=CompletionSettings(max_tokens=int(max_new or 256)),
                 max_steps=int(ctx.settings.get("max_steps", 20)), truncate=int(truncate or 16000),
                 tags=("side-by-side",), included=False))
             session.auto_approve = True
@@ -218,15 +221,15 @@ def build(ctx: AppContext, shared: Shared) -> None:
         yield chat_messages(views[0]), chat_messages(views[1]), pair, "Done."
 
     owner = shared.owner
-    gr.on([tab.select], refresh, [owner, run, heldout_tag], [run, heldout_note, metrics, bars, side_by_side],
-          show_progress="hidden")
+    gr.on([tab.select, owner.change], refresh, [owner, run, heldout_tag],
+          [run, heldout_note, metrics, bars, side_by_side], show_progress="hidden")
     run.input(show_run, [owner, run, heldout_tag], [heldout_note, metrics, bars, side_by_side])
     heldout_tag.submit(show_run, [owner, run, heldout_tag], [heldout_note, metrics, bars, side_by_side])
     run_button.click(evaluate, [owner, run, heldout_tag, max_new_tokens], [status, metrics, bars, side_by_side],
                      concurrency_limit=1, concurrency_id="evaluate")
     stop_button.click(stop, [owner], None)
     gr.on([chat_button.click, prompt.submit], chat,
-          [owner, run, prompt, shared.mcp_json, chat_sessions, shared.truncate],
+          [owner, run, prompt, shared.mcp_json, chat_sessions, shared.truncate, max_new_tokens],
           [base_chat, tuned_chat, chat_sessions, status])
 
 

@@ -4,7 +4,6 @@ components one tab defines and another reads (the owner, the endpoint fields, th
 from __future__ import annotations
 
 import json
-import logging
 import os
 import secrets
 import tempfile
@@ -16,8 +15,6 @@ from mcpft.agent.session import EmbeddedEndpoint
 from mcpft.config import data_dir as default_data_dir
 from mcpft.config import load_settings
 from mcpft.store import Store
-
-log = logging.getLogger(__name__)
 
 HELDOUT_TAG = "heldout"  # traces with this tag are the evaluation set and never trained on
 SESSION_TTL_S = 24 * 3600
@@ -37,6 +34,16 @@ class AppContext:
     train_stops: dict[str, threading.Event] = field(default_factory=dict)  # owner -> stop request of their run
     compare_endpoint: EmbeddedEndpoint | None = None  # base + adapter for Evaluate's side-by-side chat
     compare_lock: threading.Lock = field(default_factory=threading.Lock)
+    demo_site: object = None  # mcpft.demo's local shop + docs site (its tasks are offered in the Agent tab)
+
+    def close(self) -> None:
+        """Stop what the app started: the embedded endpoints, the demo site, the store."""
+        for server in (self.embedded, self.compare_endpoint):
+            if server is not None:
+                server.stop()
+        if self.demo_site is not None:
+            self.demo_site.stop()
+        self.store.close()
 
     @property
     def scratch_dir(self) -> Path:
@@ -63,13 +70,18 @@ def cpu_or_gpu_model(settings: dict) -> str | None:
 
 def make_context(data_dir: Path | None = None, model: str | None = None, settings: dict | None = None,
                  extra_backends: dict | None = None, mcp_config: dict | None = None) -> AppContext:
-    """The app's context from `space.yaml` (or `settings`), with explicit arguments taking precedence."""
+    """The app's context from `space.yaml` (or `settings`), with explicit arguments taking precedence.
+    `extra_backends` (model name -> mcpft.serve Backend) are served beside the model; default: the demo teacher."""
     settings = load_settings() if settings is None else settings
     if data_dir is None:
         data_dir = Path(settings["storage_dir"]).expanduser() if settings.get("storage_dir") else default_data_dir()
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     config_error = ""
+    if extra_backends is None:
+        from mcpft.demo.world import TEACHER, TeacherBackend
+
+        extra_backends = {TEACHER: TeacherBackend()}  # the demo's scripted teacher, served as a model
     if mcp_config is None:
         mcp_config, config_error = _default_mcp_config(settings, data_dir)
     return AppContext(
@@ -103,6 +115,7 @@ def _browser_secret(data_dir: Path) -> str:
 class Shared:
     """Components defined in one tab and used by another (filled in as the tabs are built)."""
 
+    demo: object = None  # the gr.Blocks (for load events)
     owner: object = None  # gr.State: "hf:USER" or "browser:ID"
     preset: object = None
     base_url: object = None

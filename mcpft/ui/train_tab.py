@@ -61,7 +61,7 @@ def device_text(backend: str = "auto") -> str:
     try:
         path, why = choose_path(backend)
     except TrainError as error:
-        return f"⚠️ {error}"
+        return f"**Training path unavailable:** {error}"
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         device = f"GPU {props.name}, {props.total_memory / 2**30:.0f} GiB"
@@ -101,7 +101,9 @@ def progress_note(p: Progress) -> str:
 
 
 def loss_frame(points: list[tuple[int, float]]) -> pd.DataFrame:
-    return pd.DataFrame(points, columns=["step", "loss"])
+    """Typed columns even when empty: the plot takes its axis types from the first frame it gets."""
+    return pd.DataFrame({"step": pd.Series([p[0] for p in points], dtype="int64"),
+                         "loss": pd.Series([p[1] for p in points], dtype="float64")})
 
 
 def build(ctx: AppContext, shared: Shared) -> None:
@@ -181,7 +183,7 @@ def build(ctx: AppContext, shared: Shared) -> None:
             except Exception as error:
                 events.put(error)
 
-        lines = [device_text(path), f"{len(rows)} rows from {n_traces} traces; base model "
+        lines = [device_text(path).replace("**", ""), f"{len(rows)} row(s) from {n_traces} trace(s); base model "
                  f"{model_name(base or None)}; output {out}", "preparing: loading the model, rendering the rows…"]
         points: list[tuple[int, float]] = []
         worker = threading.Thread(target=work, name="mcpft-train", daemon=True)
@@ -205,10 +207,11 @@ def build(ctx: AppContext, shared: Shared) -> None:
                         f"{type(event).__name__}: {event}"
                     raise gr.Error(f"Training failed: {message}")
                 summary = event.summary()
+                loss = "–" if event.final_loss is None else f"{event.final_loss:.4f}"
                 lines.append(f"{'stopped' if event.stopped else 'finished'}: {event.steps}/{event.total_steps} steps "
-                             f"in {event.runtime_s:.0f} s, final loss {event.final_loss}")
+                             f"in {event.runtime_s:.0f} s, final loss {loss}")
                 done = (f"**{'Stopped' if event.stopped else 'Done'}** via {event.path}: {event.steps}/"
-                        f"{event.total_steps} steps, final loss {event.final_loss}. Adapter: `{summary['adapter_dir']}`"
+                        f"{event.total_steps} steps, final loss {loss}. Adapter: `{summary['adapter_dir']}`"
                         + (f" · {len(event.rows_left_out)} row(s) left out (too long)" if event.rows_left_out else ""))
                 choices = list_runs(ctx, owner)
                 yield (progress_html(event.steps, event.total_steps, lines[-1]), loss_frame(points), "\n".join(lines),
@@ -228,7 +231,7 @@ def build(ctx: AppContext, shared: Shared) -> None:
         return "Stopping after the current step (its adapter is kept)…"
 
     def refresh(owner):
-        return gr.update(choices=list_runs(ctx, require_owner(owner)))
+        return gr.update(choices=list_runs(ctx, owner) if owner else [])
 
     def merge(owner, run_dir, dtype):
         folder = owned_run(ctx, owner, run_dir)
@@ -261,6 +264,7 @@ def build(ctx: AppContext, shared: Shared) -> None:
                        concurrency_limit=1, concurrency_id="train")
     stop_button.click(stop, [owner], [result])
     tab.select(lambda b, o: (device_text(b), refresh(o)), [backend, owner], [device, run], show_progress="hidden")
+    owner.change(refresh, [owner], [run], show_progress="hidden")
     backend.change(device_text, [backend], [device])
     refresh_button.click(refresh, [owner], [run])
     merge_button.click(merge, [owner, run, merge_dtype], [run_note])
