@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections import Counter
@@ -20,20 +21,31 @@ from pathlib import Path
 from mcpft.trace import Trace
 
 EXPORT_FORMATS = ("jsonl", "parquet", "hf")
+# Message keys that are no training text: validation flags, and MCP structured results (their text is the content;
+# arbitrary shapes would also break the one Arrow schema of the rows).
+NOT_TRAINING_KEYS = ("flags", "structured_content")
+# What a one-row-per-trace row carries besides the conversation, so that importing it back restores the curation.
+CURATION_FIELDS = ("tags", "rating", "notes", "train_system", "base_url")
+# The files `Dataset.save_to_disk` writes (datasets' arrow_dataset.py), and the cache files `datasets` adds beside
+# a dataset loaded from there: a folder of only these is an earlier `--format hf` export, safe to replace.
+HF_EXPORT_FILE = re.compile(r"state\.json|dataset_info\.json|data-\d{5}-of-\d{5}\.arrow|cache-\w+\.arrow")
+
+
+class ExportError(ValueError):
+    """An export that cannot be written where asked; the message names the path and why."""
 
 
 def unroll(trace: Trace, by_turn: bool = True) -> list[dict]:
     """Training rows of one trace: one per user turn (`by_turn`), or one for the whole trace with every step trained."""
     tools_json = json.dumps(trace.tools, ensure_ascii=False)  # once per trace, shared by its rows
-    messages = [dict(m) for m in trace.messages if trace.train_system or m["role"] != "system"]
-    for m in messages:
-        m.pop("flags", None)
+    messages = [{k: v for k, v in m.items() if k not in NOT_TRAINING_KEYS}
+                for m in trace.messages if trace.train_system or m["role"] != "system"]
     if not by_turn:
         ends = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         if not ends:
             return []
         row_messages = [_marked(m, True) for m in messages[: ends[-1] + 1]]
-        return [_row(trace, 0, row_messages, tools_json)]
+        return [{**_row(trace, 0, row_messages, tools_json), **_curation(trace)}]
     rows = []
     for turn, (start, end) in enumerate(_turn_spans(messages)):
         row_messages = [_marked(m, False, keep_reasoning=False) for m in messages[:start]]
@@ -66,6 +78,12 @@ def _marked(message: dict, train: bool, keep_reasoning: bool = True) -> dict:
 def _row(trace: Trace, turn: int, messages: list[dict], tools_json: str) -> dict:
     return {"id": f"{trace.id}-{turn}", "trace_id": trace.id, "turn": turn, "timestamp": trace.created,
             "model": trace.model, "messages": messages, "tools": tools_json}
+
+
+def _curation(trace: Trace) -> dict:
+    """The trace's curation for its one row; settings as a JSON string, as tools are (their shapes differ)."""
+    return {**{name: getattr(trace, name) for name in CURATION_FIELDS},
+            "settings": json.dumps(trace.settings, ensure_ascii=False)}
 
 
 def rows_from_traces(traces: list[Trace], by_turn: bool = True, include_flagged: bool = False) -> list[dict]:
@@ -111,33 +129,70 @@ def count_tokens(tokenizer, rows: list[dict], max_length: int | None = None) -> 
 # -- export and load ----------------------------------------------------------------------------------------------
 
 
-def _atomic_target(out: Path):
-    """A temporary path beside `out`, renamed over it only once the write finished."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent)) / out.name
-
-
 def export_rows(rows: list[dict], out: str | Path, fmt: str = "jsonl") -> Path:
-    """Write rows as JSONL, Parquet or a `datasets` folder (`save_to_disk`). Nothing half-written is left behind."""
+    """Write rows as JSONL, Parquet or a `datasets` folder (`save_to_disk`). The rows are written beside `out` and
+    renamed over it once complete, so nothing half-written is left behind. What is at `out` is replaced only when
+    it is a file (jsonl, parquet) or an empty folder or earlier hf export (hf): other data is never deleted."""
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
     if not rows:
         raise ValueError("nothing to export: the selection has no rows (are all traces flagged or excluded?)")
-    out = Path(out)
-    tmp = _atomic_target(out)
+    target = Path(out).resolve()  # `.` or `x/..` name no file of their own
+    _check_replaceable(target, fmt, out)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        written = staging / target.name
+        _write_rows(rows, written, fmt)
+        _move_into_place(written, target, staging)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return Path(out)
+
+
+def _check_replaceable(target: Path, fmt: str, out) -> None:
+    if not target.exists():
+        return
+    if fmt != "hf" and not target.is_file():
+        raise ExportError(f"{out} exists and is not a file: --format {fmt} writes one file "
+                          f"(give a file path such as {Path(out) / f'rows.{fmt}'})")
+    if fmt == "hf" and not target.is_dir():
+        raise ExportError(f"{out} exists and is not a folder: --format hf writes a folder (give a new folder's path)")
+    if fmt == "hf" and not _is_hf_export_or_empty(target):
+        raise ExportError(f"{out} is a folder that holds other data than an earlier --format hf export: "
+                          "give a new or empty folder (nothing was written or deleted)")
+
+
+def _is_hf_export_or_empty(folder: Path) -> bool:
+    entries = list(folder.iterdir())
+    return not entries or (any(p.name == "state.json" for p in entries)
+                           and all(p.is_file() and HF_EXPORT_FILE.fullmatch(p.name) for p in entries))
+
+
+def _write_rows(rows: list[dict], path: Path, fmt: str) -> None:
     if fmt == "jsonl":
-        with tmp.open("w", encoding="utf-8") as f:
+        with path.open("w", encoding="utf-8") as f:
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
     elif fmt == "parquet":
-        to_hf_dataset(rows).to_parquet(str(tmp))
+        to_hf_dataset(rows).to_parquet(str(path))
     else:
-        to_hf_dataset(rows).save_to_disk(str(tmp))
-    if out.is_dir():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    tmp.parent.rmdir()
-    return out
+        to_hf_dataset(rows).save_to_disk(str(path))
+
+
+def _move_into_place(written: Path, target: Path, staging: Path) -> None:
+    """Rename `written` to `target`; a folder already there (checked replaceable) is first moved into `staging`, to be
+    removed with it, and moved back if the rename fails."""
+    if not target.is_dir():
+        os.replace(written, target)  # atomic over an earlier file
+        return
+    replaced = written.with_name(f"{written.name}.replaced")
+    os.replace(target, replaced)
+    try:
+        os.replace(written, target)
+    except BaseException:
+        os.replace(replaced, target)
+        raise
 
 
 def to_hf_dataset(rows: list[dict]):
@@ -192,11 +247,16 @@ def dataset_card(rows: list[dict], repo_id: str) -> str:
 
 def push_rows(rows: list[dict], repo_id: str, private: bool = False, token: str | None = None) -> str:
     """Upload rows with `datasets`' push_to_hub and a dataset card. Token: the argument, `HF_TOKEN`, or the login."""
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi, get_token
+    from huggingface_hub.errors import LocalTokenNotFoundError
+    from huggingface_hub.utils import validate_repo_id
 
     if not rows:
         raise ValueError("nothing to push: the selection has no rows")
-    token = token or os.environ.get("HF_TOKEN")
+    validate_repo_id(repo_id)  # a bad id fails here, before the rows are converted and uploads begin
+    token = token or get_token()  # HF_TOKEN, then the stored login
+    if not token:  # checked here: without one the Hub's refusal would come only after the conversion
+        raise LocalTokenNotFoundError("no Hugging Face token: set HF_TOKEN or log in with `hf auth login`")
     to_hf_dataset(rows).push_to_hub(repo_id, private=private, token=token)
     # Uploaded as a file: DatasetCard.push_to_hub validates on huggingface.co directly, ignoring HF_ENDPOINT.
     HfApi(token=token).upload_file(path_or_fileobj=dataset_card(rows, repo_id).encode("utf-8"), path_in_repo="README.md",

@@ -24,6 +24,36 @@ class PushError(Exception):
     """A folder that cannot be pushed; the message says why."""
 
 
+def hub_failure(error: Exception, repo_id: str) -> str | None:
+    """What went wrong talking to the Hub about `repo_id` and what to do, for the errors `huggingface_hub` raises
+    (None for any other error)."""
+    import httpx
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalTokenNotFoundError, OfflineModeIsEnabled
+
+    if isinstance(error, OfflineModeIsEnabled):
+        return f"cannot push to {repo_id}: HF_HUB_OFFLINE is set, so the Hub is never contacted; unset it to push"
+    if isinstance(error, LocalTokenNotFoundError):
+        return f"cannot push to {repo_id}: no Hugging Face token; set HF_TOKEN or log in with `hf auth login`"
+    if isinstance(error, HFValidationError):
+        return f"repo id {repo_id!r} is not valid ({error}); give it as OWNER/NAME"
+    if isinstance(error, HfHubHTTPError):
+        return _refusal(error.response.status_code, repo_id, error)
+    if isinstance(error, httpx.HTTPError):  # no answer at all: DNS, refused connection, timeout
+        return (f"cannot reach the Hub at {constants.ENDPOINT} to push {repo_id} ({error}); check the network "
+                "connection (or HF_ENDPOINT), then push again")
+    return None
+
+
+def _refusal(status: int, repo_id: str, error: Exception) -> str:
+    if status == 401:
+        return (f"the Hub refused the token for {repo_id} (HTTP 401): set HF_TOKEN to a valid token with write "
+                "access, or log in with `hf auth login`")
+    if status == 403:
+        return f"the token may not write to {repo_id} (HTTP 403): use a token with write access to that namespace"
+    return f"the Hub refused the upload to {repo_id} (HTTP {status}): {error}"
+
+
 def _percent(value) -> str:
     return "–" if value is None else f"{100 * value:.1f}%"
 

@@ -4,15 +4,18 @@ own exports. One bad file (or line) never stops the others, and nothing of it is
 from __future__ import annotations
 
 import json
+import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mcpft.store import Store
-from mcpft.trace import TraceError, normalize_trace
+from mcpft.trace import TraceError, is_secret_key, normalize_trace, scrub_secrets
 
 # One conversation larger than this is not a trace but a mistake (a log, a dump): refuse it before parsing.
 MAX_TRACE_BYTES = 32 * 1024 * 1024
 TRACE_SUFFIXES = (".json", ".jsonl")
+# The fields of an imported document kept exactly as given in the stored original: the conversation itself.
+VERBATIM_FIELDS = ("messages", "tools")
 
 
 @dataclass
@@ -45,14 +48,21 @@ def collect_files(paths: list[str | Path]) -> list[Path]:
 
 
 def import_file(store: Store, path: Path, owner: str = "", tags: tuple[str, ...] = ()) -> ImportReport:
+    """Import one file; whatever is wrong with it (or with one of its lines) is a rejection with the reason, never a
+    crash, and nothing of a rejected conversation is stored."""
     report = ImportReport()
     try:
         documents = list(_read_documents(path))
-    except (OSError, TraceError) as e:
+    except Exception as e:  # last resort too: an error nobody foresaw is still this file's rejection
         report.rejected.append({"file": str(path), "error": _problem(e, str(path))})
         return report
     for where, document in documents:
-        _import_document(store, where, document, owner, tags, report)
+        try:
+            _import_document(store, where, document, owner, tags, report)
+        except sqlite3.Error:
+            raise  # the store failing is no fault of this file: stop rather than reject every file after it
+        except Exception as e:
+            report.rejected.append({"file": where, "error": _problem(e, where)})
     return report
 
 
@@ -64,18 +74,14 @@ def import_paths(store: Store, paths: list[str | Path], owner: str = "", tags: t
 
 
 def _import_document(store: Store, where: str, document, owner: str, tags: tuple[str, ...], report: ImportReport):
+    """Store one conversation, or raise what is wrong with it."""
     if isinstance(document, TraceError):
-        report.rejected.append({"file": where, "error": _problem(document, where)})
-        return
+        raise document
     text, raw = document
-    try:
-        trace = normalize_trace(raw, source=where)
-    except TraceError as e:
-        report.rejected.append({"file": where, "error": str(e)})
-        return
+    trace = normalize_trace(raw, source=where)
     trace.owner = owner or trace.owner
     trace.tags = list(dict.fromkeys([*trace.tags, *tags]))
-    result = store.add_trace(trace, original=text)
+    result = store.add_trace(trace, original=_original_text(text, raw))
     if not result.added:
         report.duplicates += 1
         return
@@ -84,11 +90,22 @@ def _import_document(store: Store, where: str, document, owner: str, tags: tuple
         report.flagged.append({"file": where, "id": result.id, "reasons": [f["message"] for f in result.flags]})
 
 
+def _original_text(text: str, raw: dict) -> str:
+    """The imported JSON to keep beside the trace, minus credentials. Not verbatim: the original outlives the import
+    (`traces show --original`, copies of the store), so a key or token in it would be kept for good. All but the
+    conversation is scrubbed as the trace's settings are; the text is re-written only when that removed something."""
+    kept = {key: value if key in VERBATIM_FIELDS else scrub_secrets(value) for key, value in raw.items()
+            if key in VERBATIM_FIELDS or not is_secret_key(key)}
+    return text if kept == raw else json.dumps(kept, ensure_ascii=False)
+
+
 def _problem(error: Exception, where: str) -> str:
     """The error without the file name it may already start with (the report names the file beside it)."""
-    if isinstance(error, TraceError) and error.where == where:
-        return error.problem
-    return str(error)
+    if isinstance(error, TraceError):
+        return error.problem if error.where == where else str(error)
+    if isinstance(error, OSError):
+        return str(error)
+    return f"unexpected {type(error).__name__}: {error}"
 
 
 def _read_documents(path: Path):
@@ -140,3 +157,5 @@ def _parse_json(text: str, where: str):
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise TraceError(where, f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except RecursionError:
+        raise TraceError(where, "JSON nested too deeply to read (~1000 levels of arrays or objects)") from None

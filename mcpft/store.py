@@ -284,8 +284,12 @@ class Store:
 
     def resolve_id(self, id_or_prefix: str) -> str:
         """A full id from a unique prefix (the CLI prints short ids)."""
+        if not id_or_prefix:
+            raise NotFound(id_or_prefix)
         with self._lock:
-            rows = self._db.execute("SELECT id FROM traces WHERE id LIKE ? || '%' LIMIT 2", (id_or_prefix,)).fetchall()
+            # substr, not LIKE: '%' or '_' in what the user typed must not act as wildcards
+            rows = self._db.execute("SELECT id FROM traces WHERE substr(id, 1, ?) = ? LIMIT 2",
+                                    (len(id_or_prefix), id_or_prefix)).fetchall()
         if len(rows) != 1:
             raise NotFound(id_or_prefix) if not rows else ValueError(f"trace id prefix {id_or_prefix!r} is ambiguous")
         return rows[0][0]

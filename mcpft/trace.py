@@ -10,10 +10,14 @@ import json
 import re
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
 ROLES = ("system", "user", "assistant", "tool")
-# Settings keys that may hold credentials: never stored in a trace.
-SECRET_KEY_PATTERN = re.compile(r"(api[_-]?key|token|secret|password|authorization)", re.IGNORECASE)
+# A key (settings, headers, URL query parameter) names a credential when one of its words is one of these...
+SECRET_WORDS = frozenset({"key", "keys", "auth", "sig", "signature", "cookie", "bearer"})
+# ...ends with "token" (`hf_token`, `accessToken`, but not `max_tokens` or `tokenizer`), or contains one of these.
+SECRET_PARTS = ("password", "passwd", "passphrase", "secret", "authorization", "credential", "apikey")
+URL = re.compile(r"[a-z][a-z0-9+.-]*://\S*", re.IGNORECASE)
 
 
 class TraceError(ValueError):
@@ -119,7 +123,8 @@ def normalize_message(raw, where: str = "message") -> dict:
         if calls:
             message["tool_calls"] = [_normalize_tool_call(c, f"{where}.tool_calls[{i}]") for i, c in enumerate(calls)]
         if raw.get("flags"):
-            message["flags"] = [str(f) for f in raw["flags"]]
+            flags = _expect(raw["flags"], list, f"{where}.flags", "a list of strings")
+            message["flags"] = [_expect(f, str, f"{where}.flags[{i}]", "a string") for i, f in enumerate(flags)]
     elif role == "tool":
         call_id = raw.get("tool_call_id")
         if not isinstance(call_id, str) or not call_id:
@@ -127,7 +132,23 @@ def normalize_message(raw, where: str = "message") -> dict:
         message["tool_call_id"] = call_id
         if raw.get("name"):
             message["name"] = _expect(raw["name"], str, f"{where}.name", "a string")
+        # An MCP tool's structured result, kept for the record; `content` holds its text, which is what is trained.
+        if raw.get("structured_content") is not None:
+            message["structured_content"] = _expect(raw["structured_content"], dict, f"{where}.structured_content",
+                                                    "a JSON object")
+    _check_unicode(message, where)
     return message
+
+
+def _check_unicode(message: dict, where: str) -> None:
+    """JSON may escape a lone surrogate ("\\ud800") that no UTF-8 file or SQLite text can hold: name where it is."""
+    for key, value in message.items():
+        text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise TraceError(f"{where}.{key}", f"text that is not valid Unicode (a lone surrogate at character "
+                                               f"{error.start})") from None
 
 
 def normalize_tool(raw, where: str) -> dict:
@@ -139,16 +160,21 @@ def normalize_tool(raw, where: str) -> dict:
     if not isinstance(name, str) or not name:
         raise TraceError(f"{where}.function.name", "missing tool name")
     parameters = function.get("parameters", function.get("input_schema", function.get("inputSchema", {})))
-    tool = {"name": name, "description": function.get("description") or "", "parameters": parameters or {}}
+    parameters = _expect(parameters or {}, dict, f"{where}.function.parameters", "a JSON schema object")
+    tool = {"name": name, "description": function.get("description") or "", "parameters": parameters}
     return {"type": "function", "function": tool}
 
 
-def parse_created(value) -> str:
-    """ISO 8601 from an ISO string, the Trelis recorder's `YYYYmmdd_HHMMSS`, or a unix time."""
+def parse_created(value, where: str = "created") -> str:
+    """ISO 8601 from an ISO string, the Trelis recorder's `YYYYmmdd_HHMMSS`, or a unix time (`where`: the field)."""
     if value in (None, ""):
         return now_iso()
-    if isinstance(value, (int, float)):
-        return datetime.fromtimestamp(value, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            moment = datetime.fromtimestamp(value, timezone.utc)
+        except (OverflowError, OSError, ValueError):  # beyond year 9999, or NaN
+            raise TraceError(where, f"unix time {value!r} is out of range") from None
+        return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
     if isinstance(value, str):
         for fmt in ("%Y%m%d_%H%M%S",):
             try:
@@ -160,12 +186,60 @@ def parse_created(value) -> str:
             return value
         except ValueError:
             pass
-    raise TraceError("created", f"unreadable time {value!r}")
+    raise TraceError(where, f"unreadable time {value!r}")
 
 
-def scrub_secrets(settings: dict) -> dict:
-    """Settings minus anything that looks like a credential."""
-    return {k: v for k, v in settings.items() if not SECRET_KEY_PATTERN.search(str(k))}
+def _created_field(raw: dict) -> tuple:
+    """(value, field name) of the creation time: ours is `created`, the Trelis recorder's `timestamp`."""
+    key = "created" if "created" in raw else "timestamp"
+    return raw.get(key), key
+
+
+def _key_words(key: str) -> list[str]:
+    """`X-Api-Key` -> x, api, key; `HFToken` -> hf, token; `openai_api_key` -> openai, api, key."""
+    spaced = re.sub(r"([a-z0-9])([A-Z])", r"\1 \2", re.sub(r"([A-Z]+)([A-Z][a-z])", r"\1 \2", key))
+    return re.split(r"[^a-z0-9]+", spaced.lower())
+
+
+def is_secret_key(key) -> bool:
+    """Whether a key names a credential: api_key, apiKey, X-Api-Key, HF_TOKEN, Authorization, password, ..."""
+    return any(word in SECRET_WORDS or word.endswith("token") or any(part in word for part in SECRET_PARTS)
+               for word in _key_words(str(key)))
+
+
+def scrub_url(url: str) -> str:
+    """`url` without credentials: no `user:password@`, no query parameter that names one (`api_key`, `key`, ...)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # unparseable (a broken IPv6 host): keep only what cannot hold a credential
+        return re.sub(r"//[^/]*@", "//", re.split(r"[?#]", url, maxsplit=1)[0])
+    netloc = parts.netloc.rpartition("@")[2]
+    query = "&".join(p for p in parts.query.split("&") if not is_secret_key(unquote_plus(p.partition("=")[0])))
+    if (netloc, query) == (parts.netloc, parts.query):
+        return url
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def scrub_secrets(value):
+    """`value` (settings, at any depth) minus credentials: keys that name one are dropped, URLs lose theirs."""
+    if isinstance(value, dict):
+        return {k: scrub_secrets(v) for k, v in value.items() if not is_secret_key(k)}
+    if isinstance(value, list):
+        return [scrub_secrets(v) for v in value]
+    if isinstance(value, str) and URL.fullmatch(value):
+        return scrub_url(value)
+    return value
+
+
+def _json_field(raw: dict, key: str, kind, what: str):
+    """A field that exported rows carry as a JSON string (one Arrow schema whatever its shape), or as itself."""
+    value = raw.get(key)
+    if isinstance(value, str) and value:
+        try:
+            value = json.loads(value)
+        except ValueError as e:
+            raise TraceError(key, f"not valid JSON: {e}") from None
+    return _expect(value or kind(), kind, key, what)
 
 
 def normalize_trace(raw, source: str = "") -> Trace:
@@ -176,13 +250,7 @@ def normalize_trace(raw, source: str = "") -> Trace:
     messages = _expect(raw["messages"], list, "messages", "a list")
     if not messages:
         raise TraceError("messages", "empty conversation")
-    tools = raw.get("tools") or []
-    if isinstance(tools, str):  # exported rows carry tools as a JSON string (one Arrow schema for all tool sets)
-        try:
-            tools = json.loads(tools)
-        except ValueError as e:
-            raise TraceError("tools", f"not valid JSON: {e}") from None
-    tools = _expect(tools, list, "tools", "a list")
+    tools = _json_field(raw, "tools", list, "a list")
     rating = raw.get("rating")
     if rating is not None and not isinstance(rating, int):
         raise TraceError("rating", "expected an integer or null")
@@ -191,9 +259,9 @@ def normalize_trace(raw, source: str = "") -> Trace:
         messages=[normalize_message(m, f"messages[{i}]") for i, m in enumerate(messages)],
         tools=[normalize_tool(t, f"tools[{i}]") for i, t in enumerate(tools)],
         model=str(raw.get("model") or ""),
-        created=parse_created(raw.get("created", raw.get("timestamp"))),
-        base_url=str(raw.get("base_url") or ""),
-        settings=scrub_secrets(_expect(raw.get("settings") or {}, dict, "settings", "an object")),
+        created=parse_created(*_created_field(raw)),
+        base_url=scrub_url(str(raw.get("base_url") or "")),
+        settings=scrub_secrets(_json_field(raw, "settings", dict, "an object")),
         tags=[str(t) for t in tags],
         rating=rating,
         notes=str(raw.get("notes") or ""),

@@ -2,7 +2,9 @@
 
 import json
 
-from mcpft.dataset import rows_from_traces, unroll
+import pytest
+
+from mcpft.dataset import ExportError, export_rows, load_rows, rows_from_traces, unroll
 from mcpft.trace import normalize_trace
 
 TOOLS = [{"type": "function", "function": {"name": "nav", "description": "", "parameters": {}}}]
@@ -87,3 +89,68 @@ def test_trelis_rows(store, trelis_dir):
     assert [m["role"] for m in parallel["messages"]] == ["user", "assistant", "tool", "tool", "assistant"]
     assert len(parallel["messages"][1]["tool_calls"]) == 2
     assert all(m["train"] and m["reasoning_content"] for m in parallel["messages"] if m["role"] == "assistant")
+
+
+def test_structured_tool_results_stay_in_the_trace_but_out_of_the_rows(store):
+    structured = [{"title": "A", "links": [1, 2]}, {"title": 3}]  # shapes that share no Arrow type
+    trace = normalize_trace({"tools": TOOLS, "messages": [
+        {"role": "user", "content": "one"}, assistant("", calls=["a"]),
+        {"role": "tool", "tool_call_id": "a", "content": "A", "structured_content": structured[0]},
+        assistant("ok"), {"role": "user", "content": "two"}, assistant("", calls=["b"]),
+        {"role": "tool", "tool_call_id": "b", "content": "B", "structured_content": structured[1]}, assistant("ok")]})
+    stored = store.get(store.add_trace(trace).id)
+    assert [m["structured_content"] for m in stored.messages if "structured_content" in m] == structured
+    for by_turn in (True, False):
+        rows = rows_from_traces([stored], by_turn=by_turn)
+        assert not any("structured_content" in m for row in rows for m in row["messages"])
+    assert len(load_rows(export_rows(rows_from_traces([stored]), store.path.parent / "rows.parquet", "parquet"))) == 2
+
+
+@pytest.fixture
+def rows():
+    return unroll(THREE_TURNS)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_export_never_replaces_a_folder_with_a_file(rows, tmp_path, fmt):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me")
+    with pytest.raises(ExportError, match=f"^{folder} exists and is not a file: --format {fmt} writes one file"):
+        export_rows(rows, folder, fmt)
+    assert (folder / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # no temporary folder left behind
+
+
+def test_export_to_the_current_folder_is_refused_cleanly(rows, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data.txt").write_text("x")
+    for fmt in ("jsonl", "hf"):
+        with pytest.raises(ExportError, match=r"^\. "):
+            export_rows(rows, ".", fmt)
+    assert [p.name for p in tmp_path.iterdir()] == ["data.txt"]
+
+
+def test_hf_export_replaces_only_an_empty_folder_or_an_earlier_hf_export(rows, tmp_path):
+    out = tmp_path / "hf"
+    out.mkdir()
+    export_rows(rows, out, "hf")  # into an empty folder
+    export_rows(rows[:1], out, "hf")  # over the earlier export
+    assert len(load_rows(out)) == 1
+    (out / "mine.txt").write_text("keep me")
+    with pytest.raises(ExportError, match="holds other data than an earlier --format hf export"):
+        export_rows(rows, out, "hf")
+    assert (out / "mine.txt").read_text() == "keep me" and len(load_rows(out)) == 1
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ExportError, match="is not a folder: --format hf writes a folder"):
+        export_rows(rows, tmp_path / "file", "hf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "hf"]
+
+
+def test_a_failed_export_leaves_the_earlier_one_and_no_temporary_files(rows, tmp_path):
+    out = export_rows(rows, tmp_path / "rows.jsonl")
+    earlier = out.read_bytes()
+    with pytest.raises(TypeError):  # a row that is not JSON fails mid-write
+        export_rows([*rows, {**rows[0], "id": {"not", "json"}}], out)
+    assert out.read_bytes() == earlier
+    assert [p.name for p in tmp_path.iterdir()] == ["rows.jsonl"]

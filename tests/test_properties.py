@@ -104,3 +104,21 @@ def test_unroll_rows_are_prefixes_that_train_exactly_their_turn(raw):
                 assert ("reasoning_content" in m) == (j > users[k] and "reasoning_content" in trace.messages[j])
     (whole,) = unroll(trace, by_turn=False)
     assert all(m["train"] for m in whole["messages"] if m["role"] == "assistant")
+
+
+curation = st.fixed_dictionaries({
+    "tags": st.lists(text, max_size=3, unique=True), "rating": st.one_of(st.none(), st.integers(1, 5)), "notes": text,
+    "settings": st.dictionaries(st.sampled_from(["temperature", "top_p", "max_tokens", "extra"]),
+                                st.one_of(st.integers(), text, st.lists(st.integers(), max_size=2)), max_size=3),
+    "base_url": st.sampled_from(["", "http://127.0.0.1:8000/v1", "https://api.example.com/v1?deployment=a"]),
+})
+
+
+@settings(max_examples=100, deadline=None)
+@given(conversation(), curation)
+def test_a_one_row_export_reads_back_as_the_same_curated_trace(raw, curated):
+    """A --no-unroll row, through its JSON line, normalises back to the trace it came from, curation included."""
+    trace = normalize_trace({**raw, **curated})
+    (row,) = unroll(trace, by_turn=False)
+    again = normalize_trace(json.loads(json.dumps(row)))
+    assert again.to_dict() == {**trace.to_dict(), "source": again.source}

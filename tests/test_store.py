@@ -163,3 +163,11 @@ def test_import_killed_midway_leaves_a_consistent_database(tmp_path):
             trace = store.get(trace_id)
             i = int(trace.messages[0]["content"].split()[1])
             assert len(trace.messages) == 1 + 3 * (1 + i % 5), "a trace was stored in part"
+
+
+def test_id_prefixes_are_matched_literally(store):
+    trace_id = store.add_trace(normalize_trace({"messages": CONVERSATION, "tools": TOOLS})).id
+    assert store.resolve_id(trace_id[:4]) == trace_id
+    for pattern in ("%", "_", trace_id[:3] + "%", ""):  # LIKE wildcards and the empty prefix match nothing
+        with pytest.raises(NotFound):
+            store.resolve_id(pattern)

@@ -7,7 +7,8 @@ import json
 
 from mcpft import curate
 from mcpft.cli.common import CliError, emit, open_store, progress
-from mcpft.dataset import EXPORT_FORMATS, export_rows, push_rows, rows_from_traces
+from mcpft.dataset import EXPORT_FORMATS, ExportError, export_rows, push_rows, rows_from_traces
+from mcpft.hub import hub_failure
 from mcpft.ingest import ImportReport, collect_files, import_file
 from mcpft.store import NotFound
 
@@ -93,21 +94,28 @@ def cmd_list(args):
     emit(args, {"traces": [vars(s) for s in rows]}, text)
 
 
+def _trace_id(store, given: str) -> str:
+    """The full id of the trace `given` names (a unique prefix will do), or a CliError saying why there is none."""
+    if not given.strip():
+        raise CliError("empty trace id (see `mcpft traces list` for the ids)")
+    try:
+        return store.resolve_id(given)
+    except (NotFound, ValueError) as e:  # no such trace, or an ambiguous prefix
+        raise CliError(str(e)) from None
+
+
 def cmd_show(args):
     store = open_store(args)
-    try:
-        trace = store.get(args.id)
-        summary = store.original(trace.id) if args.original else trace.to_dict()
-    except NotFound as e:
-        raise CliError(str(e)) from None
+    trace_id = _trace_id(store, args.id)
+    summary = store.original(trace_id) if args.original else store.get(trace_id).to_dict()
     if summary is None:
-        raise CliError(f"trace {trace.id} was written by the agent, not imported: it has no original file")
+        raise CliError(f"trace {trace_id} was written by the agent, not imported: it has no original file")
     emit(args, summary, json.dumps(summary, indent=2, ensure_ascii=False))
 
 
 def cmd_validate(args):
     store = open_store(args)
-    ids = [store.resolve_id(i) for i in args.ids] or store.ids()
+    ids = [_trace_id(store, i) for i in args.ids] or store.ids()
     store.revalidate(ids)
     flagged = {t: store.get(t).flags for t in ids}
     flagged = {t: f for t, f in flagged.items() if f}
@@ -121,7 +129,11 @@ def _curate_call(args, trace_id):
     """The curate operation a `traces ACTION` stands for."""
     value = args.__dict__.get("value")
     if args.action == "edit" and args.field == "tool_calls":
-        value = json.loads(value)
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise CliError(f"the new messages[{args.index}].tool_calls is not valid JSON: {e.msg} at line {e.lineno} "
+                           f"column {e.colno} (character {e.pos})") from None
     return {
         "include": lambda store: curate.set_included(store, trace_id, True),
         "exclude": lambda store: curate.set_included(store, trace_id, False),
@@ -138,10 +150,10 @@ def _curate_call(args, trace_id):
 
 def cmd_edit(args):
     store = open_store(args)
+    trace_id = _trace_id(store, args.id)
     try:
-        trace_id = store.resolve_id(args.id)
         result = _curate_call(args, trace_id)(store)
-    except (NotFound, ValueError, IndexError) as e:
+    except (ValueError, IndexError) as e:  # a refused edit (TraceError is a ValueError): say which and why
         raise CliError(str(e)) from None
     if args.action == "undo":
         emit(args, {"id": trace_id, "undone": result}, f"undid: {result}" if result else "nothing to undo")
@@ -152,11 +164,8 @@ def cmd_edit(args):
 
 def cmd_delete(args):
     store = open_store(args)
-    try:
-        trace_id = store.resolve_id(args.id)
-        store.delete_trace(trace_id)
-    except NotFound as e:
-        raise CliError(str(e)) from None
+    trace_id = _trace_id(store, args.id)
+    store.delete_trace(trace_id)
     emit(args, {"deleted": trace_id}, f"deleted {trace_id}")
 
 
@@ -172,12 +181,21 @@ def selected_rows(args) -> list[dict]:
 
 def cmd_export(args):
     rows = selected_rows(args)
-    out = export_rows(rows, args.out, args.format)
+    try:
+        out = export_rows(rows, args.out, args.format)
+    except (ExportError, OSError) as e:  # a target that is other data, a parent that is a file, no permission
+        raise CliError(str(e)) from None
     emit(args, {"out": str(out), "rows": len(rows), "traces": len({r["trace_id"] for r in rows}),
                 "format": args.format}, f"wrote {len(rows)} rows to {out}")
 
 
 def cmd_push(args):
     rows = selected_rows(args)
-    url = push_rows(rows, args.repo_id, private=args.private)
+    try:
+        url = push_rows(rows, args.repo_id, private=args.private)
+    except Exception as e:
+        reason = hub_failure(e, args.repo_id)
+        if reason is None:
+            raise
+        raise CliError(reason) from None
     emit(args, {"url": url, "rows": len(rows)}, f"pushed {len(rows)} rows to {url}")

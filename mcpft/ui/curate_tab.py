@@ -13,6 +13,7 @@ import gradio as gr
 
 from mcpft import curate
 from mcpft.dataset import count_tokens, export_rows, push_rows, rows_from_traces, unroll
+from mcpft.hub import hub_failure
 from mcpft.ingest import import_paths
 from mcpft.models import ModelError, load_tokenizer
 from mcpft.render import RenderError, render, render_text
@@ -367,8 +368,8 @@ def build(ctx: AppContext, shared: Shared) -> gr.Tab:
         out = ctx.scratch_dir / owner_slug(owner) / f"mcpft-rows-{time.strftime('%Y%m%d-%H%M%S')}.{fmt}"
         try:
             return str(export_rows(rows, out, fmt))
-        except ValueError as error:
-            raise gr.Error(str(error)) from None
+        except (ValueError, OSError) as error:  # a bad target, a full disk: said, never a half file
+            raise gr.Error(f"The export failed: {error}") from None
 
     def do_push(owner, repo, is_private, hf_token, oauth_token: gr.OAuthToken | None = None):
         rows = rows_of(owner, True, False)
@@ -378,7 +379,7 @@ def build(ctx: AppContext, shared: Shared) -> gr.Tab:
         try:
             url = push_rows(rows, repo.strip(), private=bool(is_private), token=credential)
         except Exception as error:  # the Hub's refusals come in many types; the message is what matters
-            raise gr.Error(f"The push failed: {error}") from None
+            raise gr.Error(f"The push failed: {hub_failure(error, repo.strip()) or error}") from None
         return f"Pushed {len(rows)} rows to [{url}]({url})."
 
     owner = shared.owner
