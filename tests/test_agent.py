@@ -2,11 +2,14 @@
 
 import asyncio
 import json
+import os
+import re
 import signal
 import sqlite3
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -17,6 +20,7 @@ from mcpft.agent.mcp import ToolHub, load_mcp_config
 from mcpft.recording import open_trace, sink_for
 from mcpft.serve import create_app, serve_in_thread
 from tests.scripted import ScriptedBackend
+from tests.test_mcp import child_pid
 
 TINY_SERVER = Path(__file__).parent / "tiny_mcp_server.py"
 MCP_CONFIG = {"mcpServers": {"tiny": {"command": sys.executable, "args": [str(TINY_SERVER), "one"]}}}
@@ -25,7 +29,8 @@ MCP_CONFIG = {"mcpServers": {"tiny": {"command": sys.executable, "args": [str(TI
 @pytest.fixture(scope="module")
 def endpoint_url():
     backends = {"scripted": ScriptedBackend(calls=1), "looping": ScriptedBackend(calls=10**6),
-                "hanging": ScriptedBackend(calls=1, tool="hang")}
+                "hanging": ScriptedBackend(calls=1, tool="hang"), "measuring": ScriptedBackend(calls=1, tool="measure"),
+                "picturing": ScriptedBackend(calls=1, tool="picture")}
     url, stop = serve_in_thread(create_app(backends))
     yield url
     stop()
@@ -147,24 +152,118 @@ def test_kill_9_mid_run_keeps_every_completed_step(endpoint_url, tmp_path):
             assert tool["tool_call_id"] == assistant["tool_calls"][0]["id"] and tool["content"] == "one: forever"
 
 
-def test_cli_run_prints_trace_id_and_answer(endpoint_url, tmp_path):
-    config = tmp_path / "mcp.json"
+def test_structured_content_is_recorded_beside_the_text(store, endpoint_url, tmp_path):
+    agent, trace_id, result = asyncio.run(run_agent(store, endpoint_url, "two words", model="measuring", tmp=tmp_path))
+    stored = store.get(trace_id).messages[3]
+    assert stored == agent.messages[3] and stored["name"] == "measure"
+    assert stored["structured_content"] == {"chars": 9, "words": 2} == json.loads(stored["content"])
+    assert "structured_content" not in store.get(trace_id).messages[2]
+
+
+def test_a_crashed_server_is_restarted_at_the_next_call_and_the_trace_keeps_both(store, endpoint_url, tmp_path):
+    marker = f"loop-{uuid.uuid4().hex[:8]}"
+    config = {"mcpServers": {"tiny": {"command": sys.executable, "args": [str(TINY_SERVER), marker]}}}
+
+    async def main():
+        async with ToolHub(load_mcp_config(config), tmp_path) as hub:
+            trace_id = open_trace(store, model="scripted", base_url=endpoint_url, tools=hub.openai_tools())
+            agent = Agent(endpoint_generate(Endpoint(endpoint_url, "scripted")), hub, sink=sink_for(store, trace_id))
+            await agent.send("before")
+            os.kill(child_pid(marker), signal.SIGKILL)
+            return trace_id, [await agent.send(text) for text in ("during", "after")]
+
+    trace_id, (crashed, recovered) = asyncio.run(main())
+    assert (crashed.stop_reason, crashed.tool_errors, recovered.stop_reason, recovered.tool_errors) == \
+        ("answer", 1, "answer", 0)
+    results = [m["content"] for m in store.get(trace_id).messages if m["role"] == "tool"]
+    assert results[0] == f"{marker}: before"
+    assert results[1].startswith("Error: the MCP server 'tiny' stopped responding")
+    assert results[2] == f"(the MCP server 'tiny' had stopped and was restarted)\n{marker}: after"
+
+
+# --------------------------------------------------------------------------------------------------------- CLI
+
+
+def mcpft(home: Path, *args: str, stdin: str = "", env: dict | None = None) -> subprocess.CompletedProcess:
+    """The real CLI in a subprocess, its data dir under `home`."""
+    return subprocess.run([sys.executable, "-m", "mcpft", *args], input=stdin, capture_output=True, text=True,
+                          timeout=180, cwd=Path(__file__).parent.parent,
+                          env={**(os.environ if env is None else env), "MCPFT_HOME": str(home)})
+
+
+def tiny_config(tmp_path: Path) -> Path:
+    config = tmp_path / "tiny-mcp.json"
     config.write_text(json.dumps(MCP_CONFIG))
-    db = tmp_path / "cli.db"
-    done = subprocess.run(
-        [sys.executable, "-m", "mcpft", "run", "--task", "ping", "--base-url", endpoint_url, "--model", "scripted",
-         "--mcp-config", str(config), "--auto-approve", "--db", str(db), "--json", "--api-key", "sk-never-stored"],
-        capture_output=True, text=True, timeout=120, env={**__import__("os").environ, "MCPFT_HOME": str(tmp_path)})
+    return config
+
+
+def test_cli_run_prints_trace_id_and_answer(endpoint_url, tmp_path):
+    db = tmp_path / "store" / "cli.db"
+    done = mcpft(tmp_path, "run", "--task", "ping", "--base-url", endpoint_url, "--model", "picturing",
+                 "--mcp-config", str(tiny_config(tmp_path)), "--auto-approve", "--db", str(db), "--json",
+                 "--api-key", "sk-never-stored")
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
-    assert (summary["answer"], summary["steps"], summary["tool_calls"]) == ("The tool said: one: ping", 2, 1)
+    assert (summary["answer"], summary["steps"], summary["tool_calls"]) == \
+        ("The tool said: a red square\n[image: image-1.png]", 2, 1)
     from mcpft.store import Store
 
     with Store(db) as store:
         trace = store.get(summary["trace_id"])
         assert trace.source == "cli" and trace.settings["max_steps"] == 20
+    # The screenshot the placeholder names lies beside the store --db chose, not in the default data dir.
+    assert (db.parent / "tool-files" / "image-1.png").read_bytes().startswith(b"\x89PNG")
+    assert not (tmp_path / "tool-files").exists()
     for written in tmp_path.rglob("*"):
         assert not written.is_file() or b"sk-never-stored" not in written.read_bytes(), written
+
+
+def test_cli_agent_asks_per_call_shows_reasoning_and_prints_the_trace_at_eof(endpoint_url, tmp_path):
+    db = tmp_path / "agent.db"
+    done = mcpft(tmp_path, "agent", "--base-url", endpoint_url, "--model", "scripted", "--db", str(db),
+                 "--mcp-config", str(tiny_config(tmp_path)), stdin="first\ny\nsecond\nn\n")  # then end of input
+    assert done.returncode == 0, done.stderr
+    assert 'run echo({"text": "first"})? [y/N]' in done.stdout and "I should call echo." in done.stderr
+    trace_id = re.search(r"trace (\S+)\s*$", done.stdout)[1]
+    from mcpft.store import Store
+
+    with Store(db) as store:
+        messages = store.get(trace_id).messages
+    assert [m["role"] for m in messages] == ["user", "assistant", "tool", "assistant"] * 2
+    assert [m["content"] for m in messages if m["role"] == "tool"] == ["one: first", REJECTED]
+    assert messages[-1]["content"] == f"The tool said: {REJECTED}"
+
+
+@pytest.mark.parametrize("case, fragment", [
+    ("missing config", r"MCP config \S+nowhere.json: cannot read it \(No such file or directory\)"),
+    ("invalid config", r'MCP config \S+mcp.json: expected an object with an "mcpServers" object'),
+    ("missing server", r"MCP server 'ghost' did not start: .*/nonexistent/mcp-server"),
+    ("missing prompt", r"--system-prompt-file \S+prompt.txt: cannot read it \(No such file or directory\)"),
+    ("headed, own config", r"--headed applies to the default browser only"),
+    ("headed, no display", r"a visible browser was asked for, but there is no display"),
+])
+def test_cli_setup_mistakes_are_one_clear_line(case, fragment, tmp_path):
+    config = tmp_path / "mcp.json"
+    config.write_text(json.dumps({"mcpServers": {"ghost": {"command": "/nonexistent/mcp-server"}}}
+                                 if case == "missing server" else {"servers": {}}))
+    extra = {"missing config": ["--mcp-config", str(tmp_path / "nowhere.json")],
+             "invalid config": ["--mcp-config", str(config)], "missing server": ["--mcp-config", str(config)],
+             "missing prompt": ["--mcp-config", str(tiny_config(tmp_path)),
+                                "--system-prompt-file", str(tmp_path / "prompt.txt")],
+             "headed, own config": ["--headed", "--mcp-config", str(config)], "headed, no display": ["--headed"]}[case]
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
+    done = mcpft(tmp_path, "run", "--task", "x", "--auto-approve", "--base-url", "http://127.0.0.1:9/v1",
+                 "--model", "m", "--db", str(tmp_path / "x.db"), *extra, env=env)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert re.search(f"^mcpft run: {fragment}", done.stderr, re.MULTILINE | re.DOTALL), done.stderr
+
+
+def test_cli_headed_makes_the_default_browser_visible(endpoint_url, tmp_path):
+    done = mcpft(tmp_path, "run", "--task", "x", "--auto-approve", "--headed", "--base-url", endpoint_url,
+                 "--model", "scripted", "--db", str(tmp_path / "x.db"), env={**os.environ, "DISPLAY": ":99"})
+    assert done.returncode == 0, done.stderr  # the browser starts lazily: no window opened for this task
+    written = json.loads((tmp_path / "browser" / "playwright-mcp.json").read_text())
+    assert written["browser"]["launchOptions"]["headless"] is False
 
 
 def test_cli_run_without_a_terminal_needs_auto_approve(tmp_path):

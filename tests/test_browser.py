@@ -240,6 +240,16 @@ def test_default_config_is_an_ordinary_mcp_config(tmp_path):
     assert not any("host-resolver-rules" in arg for arg in written["browser"]["launchOptions"]["args"])
 
 
+def test_default_config_visible_only_with_a_display(tmp_path, monkeypatch):
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    with pytest.raises(BrowserSetupError, match="no display .*DISPLAY"):  # asked for: an error, not a fallback
+        default_mcp_config(tmp_path, headless=False)
+    monkeypatch.setenv("DISPLAY", ":42")
+    spec = load_mcp_config(default_mcp_config(tmp_path, headless=False))["playwright"]
+    assert launch_options(tmp_path / "browser")["headless"] is False and spec.env["DISPLAY"] == ":42"
+
+
 def test_missing_parts_say_how_to_install_them(tmp_path, monkeypatch):
     monkeypatch.setenv("CHROME_PATH", str(tmp_path / "chrome"))
     with pytest.raises(BrowserSetupError, match="CHROME_PATH"):

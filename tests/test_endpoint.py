@@ -204,6 +204,8 @@ def test_history_puts_reasoning_where_the_server_reads_it():
     assert assistant_message_for_history(message, "think_tags") == {
         "role": "assistant", "content": "<think>\nChecked it.\n</think>\n\nDone."}
     assert assistant_message_for_history(message, "none") == {"role": "assistant", "content": "Done."}
+    assert assistant_message_for_history(message, None) == {  # not known yet: vLLM's field
+        "role": "assistant", "content": "Done.", "reasoning_content": "Checked it."}
 
 
 def test_complete_sends_past_reasoning_back_and_keeps_our_keys_home():

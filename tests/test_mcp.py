@@ -288,18 +288,42 @@ async def test_crashed_server_gives_clear_errors_and_restarts(tmp_path):
     marker = f"crash-{uuid.uuid4().hex[:8]}"
     async with ToolHub([tiny("fragile", marker), tiny("steady", "S")], tmp_path) as live:
         assert (await live.call("fragile__echo", {"text": "1"})).text == f"{marker}: 1"
-        os.kill(child_pid(marker), signal.SIGKILL)
+        first_pid = child_pid(marker)
+        os.kill(first_pid, signal.SIGKILL)
         crashed = await live.call("fragile__echo", {"text": "2"})
         assert crashed.is_error and "'fragile' stopped responding" in crashed.text
+        assert "restarted at the next call" in crashed.text  # the crashing call itself is never re-run
         assert not live.is_running("fragile")
-        again = await live.call("fragile__echo", {"text": "3"})
-        assert again.is_error and "'fragile'" in again.text and "not running" in again.text
         assert (await live.call("steady__echo", {"text": "ok"})).text == "S: ok"  # the hub stays usable
+        again = await live.call("fragile__echo", {"text": "3"})  # the next call brings the server back
+        assert not again.is_error
+        assert again.text == f"(the MCP server 'fragile' had stopped and was restarted)\n{marker}: 3"
+        assert live.is_running("fragile") and child_pid(marker) != first_pid
+        assert (await live.call("fragile__echo", {"text": "4"})).text == f"{marker}: 4"  # noted once only
         await live.restart("fragile")
-        assert live.is_running("fragile")
-        assert (await live.call("fragile__echo", {"text": "4"})).text == f"{marker}: 4"
+        assert (await live.call("fragile__echo", {"text": "5"})).text == f"{marker}: 5"
         with pytest.raises(ValueError, match="no MCP server named 'nope'"):
             await live.restart("nope")
+
+
+async def test_server_that_cannot_come_back_gives_an_error_result_at_each_call(tmp_path):
+    marker, gate = f"gone-{uuid.uuid4().hex[:8]}", tmp_path / "may-start"
+    gate.touch()
+    # A server that starts only while the gate file exists (exec keeps the pid: the child is the server itself).
+    script = (f'[ -e "{gate}" ] || {{ echo "gate closed" >&2; exit 3; }}; '
+              f'exec "{sys.executable}" "{TINY_SERVER}" {marker}')
+    async with ToolHub([ServerSpec("gated", command="sh", args=("-c", script))], tmp_path) as live:
+        assert (await live.call("echo", {"text": "1"})).text == f"{marker}: 1"
+        gate.unlink()
+        os.kill(child_pid(marker), signal.SIGKILL)
+        assert "stopped responding" in (await live.call("echo", {"text": "2"})).text
+        for attempt in ("3", "4"):  # each call tries once more, and says why it could not
+            failed = await live.call("echo", {"text": attempt})
+            assert failed.is_error and "'gated' behind echo had stopped and could not be restarted" in failed.text
+            assert "gate closed" in failed.text
+        gate.touch()
+        back = await live.call("echo", {"text": "5"})
+        assert back.text == f"(the MCP server 'gated' had stopped and was restarted)\n{marker}: 5"
 
 
 async def test_wedged_server_times_out_and_restarts(tmp_path):

@@ -171,3 +171,13 @@ def test_id_prefixes_are_matched_literally(store):
     for pattern in ("%", "_", trace_id[:3] + "%", ""):  # LIKE wildcards and the empty prefix match nothing
         with pytest.raises(NotFound):
             store.resolve_id(pattern)
+
+
+def test_an_agent_trace_never_stores_a_key_in_its_url(store):
+    from mcpft.recording import open_trace
+
+    trace_id = open_trace(store, model="m", base_url="https://me:sk-in-url@llm.example/v1?api_key=sk-in-query",
+                          tools=[], settings={"extra": {"headers": {"Authorization": "Bearer sk-in-header"}}})
+    stored = store.get(trace_id)
+    assert "sk-" not in stored.base_url + json.dumps(stored.settings)
+    assert stored.base_url.startswith("https://llm.example/v1")

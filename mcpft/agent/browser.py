@@ -116,7 +116,7 @@ def playwright_server(output_dir: str | os.PathLike[str], headless: bool = True,
     node, cli = find_node(), find_playwright_cli()  # fail before writing anything
     output_dir = Path(output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
-    if not headless and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+    if not headless and not has_display():
         log.warning("a visible browser was asked for, but there is no DISPLAY: running headless")
         headless = True
     config = playwright_config(output_dir, headless=headless, offline=offline, extra_args=extra_args)
@@ -135,7 +135,15 @@ def playwright_server(output_dir: str | os.PathLike[str], headless: bool = True,
     )
 
 
-def default_mcp_config(data_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """The `{"mcpServers": {...}}` config with the browser, its files under `data_dir/browser`."""
-    spec = playwright_server(Path(data_dir) / "browser")
+def has_display() -> bool:
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+
+
+def default_mcp_config(data_dir: str | os.PathLike[str], headless: bool = True) -> dict[str, Any]:
+    """The `{"mcpServers": {...}}` config with the browser, its files under `data_dir/browser`. A visible browser
+    (`headless=False`) is something the user asked for, so no display is an error here, not a quiet fallback."""
+    if not headless and not has_display():
+        raise BrowserSetupError("a visible browser was asked for, but there is no display (neither DISPLAY nor "
+                                "WAYLAND_DISPLAY is set): run headless, or inside a desktop session or `xvfb-run`")
+    spec = playwright_server(Path(data_dir) / "browser", headless=headless)
     return {"mcpServers": {spec.name: spec.to_config()}}

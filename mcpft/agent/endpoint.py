@@ -3,7 +3,8 @@
 Servers differ in two ways that matter to the agent: whether they parse tool calls themselves (vLLM with
 `--enable-auto-tool-choice`, OpenAI, our embedded server) or hand back Hermes `<tool_call>` text, and where they put
 reasoning (`reasoning_content`, `reasoning`, `<think>` in the content, or nowhere). `probe` finds both out; `complete`
-copes with either by parsing on the client side when the server returned text.
+copes with either by parsing on the client side when the server returned text, and reports where a reply's reasoning
+was so that a conversation can send its history back the same way (`learn_reasoning_form`).
 The API key lives only in `Endpoint.api_key` (or the environment): it is never part of a record, repr or report.
 """
 
@@ -13,16 +14,18 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from urllib.parse import urlparse
 
 import openai
 from openai.pagination import AsyncPage
 from openai.types.chat import ChatCompletion
 
-from mcpft.hermes import THINK_CLOSE, ParsedAssistant, ThinkStreamSplitter, new_call_id, parse_assistant_text
+from mcpft.hermes import (
+    THINK_CLOSE, THINK_OPEN, ParsedAssistant, ThinkStreamSplitter, new_call_id, parse_assistant_text)
 
 REASONING_FIELDS = ("reasoning_content", "reasoning")  # where servers put reasoning in a message / delta
+REASONING_FORMS = (*REASONING_FIELDS, "think_tags")  # ... or in the content, inside <think>
 LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1", "0.0.0.0"}
 NO_KEY = "EMPTY"  # what local servers without --api-key accept; the SDK refuses an empty key
 
@@ -131,7 +134,7 @@ PROBE_CHAT_PROMPT = "Reply with one short sentence: what is 2 + 2?"
 class ProbeReport:
     """What a probe found out. `tool_calls`: "native" (the server parses them), "hermes_text" (`<tool_call>` text
     in the content), "none" (the model called nothing), None (not tested). `reasoning_field`: "reasoning_content",
-    "reasoning", "think_tags", "none", or None (not tested)."""
+    "reasoning", "think_tags", "none", or None (not tested); `think_opened`: the `<think>` was opened by the prompt."""
 
     base_url: str
     model: str
@@ -141,6 +144,7 @@ class ProbeReport:
     reply: str | None = None
     tool_calls: str | None = None
     reasoning_field: str | None = None
+    think_opened: bool = False
     latencies_s: dict[str, float] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
 
@@ -159,7 +163,8 @@ class ProbeReport:
         if self.tool_calls:
             lines.append(f"  tool calls: {self.tool_calls}")
         if self.reasoning_field:
-            lines.append(f"  reasoning: {self.reasoning_field}")
+            opened = " (<think> opened by the prompt)" if self.think_opened else ""
+            lines.append(f"  reasoning: {self.reasoning_field}{opened}")
         lines += [f"  {step}: {seconds:.2f} s" for step, seconds in self.latencies_s.items()]
         lines += [f"  error in {step}: {message}" for step, message in self.errors.items()]
         return "\n".join(lines)
@@ -192,6 +197,7 @@ async def probe(endpoint: Endpoint, timeout: float = 60.0, max_tokens: int = 512
         report.tool_calls = _tool_call_style(tools.choices[0].message)
     if messages:
         report.reasoning_field = next((style for m in messages if (style := _reasoning_style(m)) != "none"), "none")
+        report.think_opened = any(prompt_opened_think(m.content or "") for m in messages)
     return report
 
 
@@ -226,9 +232,11 @@ def _reasoning_style(message) -> str:
 
 def assistant_message_for_history(message: dict, reasoning_field: str | None) -> dict:
     """An assistant message (mcpft format) as the server expects it back: reasoning under the field its template
-    reads (`reasoning_content` for vLLM), inside `<think>` for "think_tags", dropped for "none"; our keys removed."""
+    reads (None, not known yet: vLLM's `reasoning_content`), inside `<think>` for "think_tags", dropped for "none";
+    our keys removed."""
     out = {key: value for key, value in message.items() if key not in ("flags", "train", "reasoning_content")}
     reasoning = message.get("reasoning_content")
+    reasoning_field = reasoning_field or "reasoning_content"
     if reasoning and reasoning_field in REASONING_FIELDS:
         out[reasoning_field] = reasoning
     elif reasoning and reasoning_field == "think_tags":
@@ -249,8 +257,16 @@ class CompletionSettings:
     tool_choice: str | None = None  # "auto" / "none"; None: the server's default
     timeout: float = 600.0
     think_opened: bool = False  # for servers returning raw text after a prompt that opened <think>
-    reasoning_field: str | None = "reasoning_content"  # where past reasoning goes back (ProbeReport.reasoning_field)
+    # Where past reasoning goes back: one of REASONING_FORMS or "none"; None until a reply (or a probe) shows it.
+    reasoning_field: str | None = None
     extra_body: dict | None = None  # e.g. {"chat_template_kwargs": {"enable_thinking": False}} for vLLM
+
+    def adapted_to(self, report: ProbeReport | None) -> CompletionSettings:
+        """These settings with reasoning sent back as the connection test saw the server reply; a probe that saw
+        no reasoning presets nothing, so the conversation's replies can still show it."""
+        if report is None or report.reasoning_field not in REASONING_FORMS:
+            return self
+        return replace(self, reasoning_field=report.reasoning_field, think_opened=report.think_opened)
 
 
 @dataclass
@@ -266,10 +282,26 @@ class Completion:
     latency_s: float = 0.0
     first_token_s: float | None = None
     parsed_client_side: bool = False
+    reasoning_form: str | None = None  # where this reply's reasoning was (one of REASONING_FORMS), None: it had none
+    think_opened: bool = False  # a `</think>` with no `<think>` before it: the prompt opened the reasoning
 
     def to_message(self) -> dict:
         """The assistant message in mcpft's format."""
         return ParsedAssistant(self.content, self.reasoning, self.tool_calls, self.flags).to_message()
+
+
+def learn_reasoning_form(settings: CompletionSettings, reply: Completion) -> None:
+    """The first reply that carries reasoning shows where this server puts it; the rest of the conversation sends
+    its history back in that same form (a server's template reads only its own field)."""
+    if settings.reasoning_field is None and reply.reasoning_form:
+        settings.reasoning_field = reply.reasoning_form
+        settings.think_opened = settings.think_opened or reply.think_opened
+
+
+def prompt_opened_think(text: str) -> bool:
+    """True when the text closes a `<think>` it never opened (the chat template opened it in the prompt)."""
+    close_at = text.find(THINK_CLOSE)
+    return close_at != -1 and THINK_OPEN not in text[:close_at]
 
 
 StreamCallback = Callable[[str, str], None]  # (kind: "content" | "reasoning", text)
@@ -328,6 +360,7 @@ class _Turn:
         self.finish_reason: str | None = None
         self.usage: dict | None = None
         self.first_token_s: float | None = None
+        self.reasoning_field: str | None = None  # the delta field the server's reasoning came in
         self.chunks = 0
 
     def add(self, chunk) -> None:
@@ -340,10 +373,12 @@ class _Turn:
 
     def _add_delta(self, delta) -> None:
         extra = delta.model_extra or {}
-        reasoning = next((extra[name] for name in REASONING_FIELDS if extra.get(name)), None)
+        field_name = next((name for name in REASONING_FIELDS if extra.get(name)), None)
+        reasoning = extra[field_name] if field_name else None
         if self.first_token_s is None and (reasoning or delta.content or delta.tool_calls):
             self.first_token_s = round(time.perf_counter() - self.started, 3)
         if reasoning:
+            self.reasoning_field = field_name
             self.reasoning.append(reasoning)
             self.stream_cb("reasoning", reasoning)
         if delta.content:
@@ -363,7 +398,8 @@ class _Turn:
             self.stream_cb(kind, text)
         content, reasoning = "".join(self.content), "".join(self.reasoning).strip()
         completion = Completion(content=content, reasoning=reasoning, finish_reason=self.finish_reason,
-                                usage=self.usage, first_token_s=self.first_token_s)
+                                usage=self.usage, first_token_s=self.first_token_s,
+                                reasoning_form=self.reasoning_field if reasoning else None)
         if self.calls:
             completion.tool_calls = [self.calls[i] for i in sorted(self.calls)]
             completion.flags = [flag for call in completion.tool_calls if (flag := _complete_call(call))]
@@ -373,6 +409,8 @@ class _Turn:
         completion.parsed_client_side = bool(parsed.tool_calls or parsed.reasoning)
         completion.content, completion.tool_calls, completion.flags = parsed.content, parsed.tool_calls, parsed.flags
         completion.reasoning = "\n\n".join(part for part in (reasoning, parsed.reasoning) if part)
+        if parsed.reasoning and not completion.reasoning_form:
+            completion.reasoning_form, completion.think_opened = "think_tags", prompt_opened_think(content)
         return completion
 
 

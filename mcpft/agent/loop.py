@@ -8,12 +8,13 @@ answers per call. A stop request is honoured at any point, also in the middle of
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Protocol
 
-from mcpft.agent.endpoint import CompletionSettings, Endpoint, EndpointError, complete
+from mcpft.agent.endpoint import CompletionSettings, Endpoint, EndpointError, complete, learn_reasoning_form
 from mcpft.hermes import ParsedAssistant
 
 REJECTED = "User rejected tool call."  # what the model is told, as in the Trelis workshop's agent
@@ -40,11 +41,15 @@ Approve = Callable[[list[dict]], Awaitable[list[bool]]]
 
 
 def endpoint_generate(endpoint: Endpoint, settings: CompletionSettings | None = None) -> Generate:
-    """A model step through an OpenAI-compatible endpoint (`complete` sends history back with reasoning under the
-    field the server's template reads: `settings.reasoning_field`, vLLM's `reasoning_content` by default)."""
+    """Model steps of one conversation through an OpenAI-compatible endpoint. History goes back with reasoning in
+    the form the server's template reads: `settings.reasoning_field` when given (e.g. from a probe), else the form of
+    the first reply that carried reasoning."""
+    settings = dataclasses.replace(settings or CompletionSettings())  # what it learns stays in this conversation
 
     async def generate(messages, tools, on_delta):
-        return await complete(endpoint, messages, tools, on_delta, settings)
+        reply = await complete(endpoint, messages, tools, on_delta, settings)
+        learn_reasoning_form(settings, reply)
+        return reply
 
     return generate
 
@@ -181,7 +186,10 @@ class Agent:
         finally:
             result.seconds["tools"] += time.perf_counter() - t0
         result.tool_errors += int(outcome.is_error)
-        self._record({"role": "tool", "tool_call_id": call["id"], "name": name, "content": outcome.text})
+        message = {"role": "tool", "tool_call_id": call["id"], "name": name, "content": outcome.text}
+        if outcome.structured is not None:  # MCP structuredContent, kept beside the text the model saw
+            message["structured_content"] = outcome.structured
+        self._record(message)
 
 
 def describe_call(call: dict) -> str:

@@ -12,7 +12,8 @@ server with ``"disabled": true`` is skipped.
 `ToolHub` connects several servers at once (stdio or streamable HTTP), lists their tools, exposes them as
 OpenAI functions and turns every tool call into a `ToolResult`: the exact text the model sees plus what the
 trace keeps. Failures of any kind (unknown tool, bad arguments, timeout, a crashed server) come back as
-error results, never as exceptions, so an agent loop keeps going; `ToolHub.restart` brings a server back.
+error results, never as exceptions, so an agent loop keeps going; a server that has stopped is restarted at the
+next call to one of its tools (`ToolHub.restart` does it on demand).
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ _SNAPSHOT_LINK = re.compile(r"^- \[Snapshot\]\((?P<path>[^)\n]+\.yml)\)$", re.MU
 DEFAULT_MAX_CHARS = 16_000  # the Trelis workshop's limit, with its notice below
 TRUNCATION_NOTICE = "\n[Content truncated to {n} characters]"
 ERROR_PREFIX = "Error: "
+RESTARTED_NOTE = "(the MCP server {server!r} had stopped and was restarted)"
 MAX_STRUCTURED_CHARS = 100_000  # structured content larger than this is left out of results and traces
 
 # Playwright MCP is the browser mcpft ships; a config that runs it gets these defaults unless it says otherwise.
@@ -630,17 +632,32 @@ class ToolHub:
             args = parse_arguments(arguments)
         except ValueError as exc:
             return error_result(f"cannot call {name}: {exc}")
-        link = self._links.get(tool.server)
-        if link is None or link.dead or link.session is None:
-            reason = link.dead if link else "it is not connected"
-            return error_result(f"the MCP server {tool.server!r} behind {name} is not running ({reason})")
-        timeout = self.default_timeout if timeout is None else timeout
+        try:
+            restarted = await self._ensure_running(tool.server)
+        except MCPServerError as exc:
+            return error_result(f"the MCP server {tool.server!r} behind {name} had stopped and could not be "
+                                f"restarted: {describe_error(exc)}")
+        result = await self._call_live(self._links[tool.server], tool, args,
+                                       self.default_timeout if timeout is None else timeout)
+        if restarted:  # the model should know its earlier state (a page, a login) may be gone
+            result.text = f"{RESTARTED_NOTE.format(server=tool.server)}\n{result.text}"
+        return result
+
+    async def _ensure_running(self, server: str) -> bool:
+        """Restart the server if it has stopped (crashed, connection closed); True when it was restarted."""
+        link = self._links.get(server)
+        if link is not None and link.dead is None:
+            return False
+        await self.restart(server)
+        return True
+
+    async def _call_live(self, link: _Link, tool: HubTool, args: dict[str, Any], timeout: float) -> ToolResult:
         try:
             result = await link.session.call_tool(tool.tool, args, read_timeout_seconds=timeout)
         except MCPError as exc:
-            return self._call_failure(link, name, timeout, exc)
+            return self._call_failure(link, tool.name, timeout, exc)
         except Exception as exc:  # e.g. structured content that breaks the tool's own output schema
-            return error_result(f"{name} failed: {describe_error(exc)}")
+            return error_result(f"{tool.name} failed: {describe_error(exc)}")
         return convert_result(result, saver=self._saver, max_chars=self.max_chars, snapshot_dir=link.snapshot_dir)
 
     def _call_failure(self, link: _Link, name: str, timeout: float, exc: MCPError) -> ToolResult:
@@ -650,7 +667,7 @@ class ToolHub:
         if exc.code == mcp_types.CONNECTION_CLOSED:
             link.dead = f"its connection closed during a call to {name}; it may have crashed"
             return error_result(f"the MCP server {server!r} stopped responding ({link.dead}). "
-                                "It must be restarted before its tools work again")
+                                "It will be restarted at the next call to one of its tools")
         return error_result(f"{name} failed: {describe_error(exc)}")
 
     def is_running(self, server: str) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 from mcpft.cli.common import CliError, emit, open_store
@@ -30,6 +30,8 @@ def register(verbs, parent):
         p.add_argument("--max-steps", type=int, default=settings.get("max_steps", 20))
         p.add_argument("--temperature", type=float)
         p.add_argument("--auto-approve", action="store_true")
+        p.add_argument("--headed", action="store_true",
+                       help="show the default browser's window (needs a display: DISPLAY or WAYLAND_DISPLAY)")
         p.add_argument("--tag", action="append", default=[])
         p.set_defaults(handler=handler)
 
@@ -46,39 +48,68 @@ async def agent_session(args, approve):
     """The endpoint (embedded when no --base-url), the MCP tools, an open trace and the agent, wired together."""
     from mcpft.agent.endpoint import CompletionSettings, Endpoint
     from mcpft.agent.loop import Agent, AgentConfig, endpoint_generate
-    from mcpft.agent.mcp import ToolHub, load_mcp_config
     from mcpft.recording import open_trace, sink_for
 
-    store = open_store(args)
-    system_prompt = args.system_prompt_file.read_text() if args.system_prompt_file else ""
-    stop_server = None
-    if args.base_url:
-        if not args.model:
-            raise CliError("--model is required with --base-url")
-        endpoint = Endpoint(args.base_url, args.model, api_key=args.api_key)
-    else:
-        endpoint, stop_server = start_embedded(args.model)
-    mcp_config = args.mcp_config or default_browser_config()
+    if args.base_url and not args.model:
+        raise CliError("--model is required with --base-url")
+    system_prompt = read_system_prompt(args.system_prompt_file)
+    specs = mcp_specs(args)  # every setup mistake is reported before a model loads or a server starts
+    async with AsyncExitStack() as stack:
+        store = stack.enter_context(open_store(args))
+        if args.base_url:
+            endpoint = Endpoint(args.base_url, args.model, api_key=args.api_key)
+        else:
+            endpoint, stop_server = start_embedded(args.model)
+            stack.callback(stop_server)
+        hub = await open_hub(stack, specs, Path(store.path).parent / "tool-files", args.truncate)
+        settings = {"truncate": args.truncate, "max_steps": args.max_steps, "temperature": args.temperature}
+        trace_id = open_trace(store, model=endpoint.model, base_url=endpoint.base_url, tools=hub.openai_tools(),
+                              settings=settings, train_system=not args.exclude_system_prompt, tags=args.tag,
+                              source="cli")
+        # endpoint_generate learns from the replies where this server puts reasoning, and sends history back so.
+        agent = Agent(endpoint_generate(endpoint, CompletionSettings(temperature=args.temperature)), hub,
+                      sink=sink_for(store, trace_id), approve=approve, on_delta=print_delta,
+                      system_prompt=system_prompt, config=AgentConfig(max_steps=args.max_steps))
+        yield agent, trace_id
+
+
+def read_system_prompt(path: Path | None) -> str:
+    if path is None:
+        return ""
     try:
-        async with ToolHub(load_mcp_config(mcp_config), data_dir() / "tool-files", max_chars=args.truncate) as hub:
-            settings = {"truncate": args.truncate, "max_steps": args.max_steps, "temperature": args.temperature}
-            trace_id = open_trace(store, model=endpoint.model, base_url=endpoint.base_url, tools=hub.openai_tools(),
-                                  settings=settings, train_system=not args.exclude_system_prompt, tags=args.tag,
-                                  source="cli")
-            agent = Agent(endpoint_generate(endpoint, CompletionSettings(temperature=args.temperature)), hub,
-                          sink=sink_for(store, trace_id), approve=approve, on_delta=print_delta,
-                          system_prompt=system_prompt, config=AgentConfig(max_steps=args.max_steps))
-            yield agent, trace_id
-    finally:
-        if stop_server:
-            stop_server()
+        return path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise CliError(f"--system-prompt-file {path}: cannot read it ({e.strerror})") from None
 
 
-def default_browser_config() -> dict:
+def mcp_specs(args) -> dict:
+    """The servers of --mcp-config, or the Playwright browser (visible with --headed)."""
+    from mcpft.agent.mcp import MCPConfigError, load_mcp_config
+
+    if args.headed and args.mcp_config:
+        raise CliError("--headed applies to the default browser only; with --mcp-config, set the browser's "
+                       "headless option in that config")
+    try:
+        return load_mcp_config(args.mcp_config or default_browser_config(headless=not args.headed))
+    except MCPConfigError as e:
+        raise CliError(str(e)) from None
+
+
+async def open_hub(stack: AsyncExitStack, specs: dict, folder: Path, max_chars: int):
+    """The MCP servers started (tool output files under `folder`), closed with `stack`."""
+    from mcpft.agent.mcp import MCPServerError, ToolHub
+
+    try:
+        return await stack.enter_async_context(ToolHub(specs, folder, max_chars=max_chars))
+    except MCPServerError as e:
+        raise CliError(str(e)) from None
+
+
+def default_browser_config(headless: bool) -> dict:
     from mcpft.agent.browser import BrowserSetupError, default_mcp_config
 
     try:
-        return default_mcp_config(data_dir())
+        return default_mcp_config(data_dir(), headless=headless)
     except BrowserSetupError as e:
         raise CliError(str(e)) from None
 
@@ -116,19 +147,21 @@ async def ask_each(calls: list[dict]) -> list[bool]:
 def cmd_agent(args):
     async def chat():
         async with agent_session(args, None if args.auto_approve else ask_each) as (agent, trace_id):
-            print(f"trace {trace_id}: type a message, an empty line to quit", file=sys.stderr)
-            while True:
-                text = (await asyncio.to_thread(input, "\n> ")).strip()
-                if not text:
-                    return trace_id
-                result = await agent.send(text)
-                print(f"\n[{result.stop_reason}: {result.steps} steps, {result.tool_calls} tool calls]", file=sys.stderr)
+            print(f"trace {trace_id}: type a message; an empty line or Ctrl-D quits", file=sys.stderr)
+            try:
+                await converse(agent)
+            except EOFError:  # Ctrl-D at the prompt or at an approval: every step so far is stored
+                print(file=sys.stderr)
+            return trace_id
 
-    try:
-        trace_id = asyncio.run(chat())
-    except EOFError:
-        return 0
+    trace_id = asyncio.run(chat())
     emit(args, {"trace_id": trace_id}, f"trace {trace_id}")
+
+
+async def converse(agent):
+    while text := (await asyncio.to_thread(input, "\n> ")).strip():
+        result = await agent.send(text)
+        print(f"\n[{result.stop_reason}: {result.steps} steps, {result.tool_calls} tool calls]", file=sys.stderr)
 
 
 def cmd_run(args):
