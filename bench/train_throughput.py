@@ -71,7 +71,8 @@ def run_once(args, base_model: str | None, backend: str) -> dict:
     tokenizer = load_tokenizer(base_model, data_dir())
     rows = [synthetic_row(tokenizer, i, args.tokens) for i in range(args.steps * args.grad_accum)]
     config = TrainConfig(max_steps=args.steps, gradient_accumulation_steps=args.grad_accum, backend=backend,
-                         max_length=max(render(tokenizer, r).n_tokens for r in rows) + 1)
+                         max_length=max(render(tokenizer, r).n_tokens for r in rows) + 1,
+                         gradient_checkpointing=args.gradient_checkpointing)
     progress = []
     with tempfile.TemporaryDirectory() as out:
         started = time.perf_counter()
@@ -80,7 +81,7 @@ def run_once(args, base_model: str | None, backend: str) -> dict:
     row_tokens = sum(render(tokenizer, r).n_tokens for r in rows)
     figures = {
         "backend": result.path, "why": result.why, "device": args.device, "model": base_model or "SmolLM2-135M",
-        "steps": result.steps, "rows_per_step": args.grad_accum, "tokens_per_row": row_tokens // len(rows),
+        "steps": result.steps, "rows_per_step": args.grad_accum, "gradient_checkpointing": args.gradient_checkpointing, "tokens_per_row": row_tokens // len(rows),
         "wall_s": round(seconds, 2), "train_s": round(result.runtime_s, 2),
         "tokens_per_s": round(progress[-1].tokens_per_s, 1),  # all tokens seen / time since training began
         "s_per_step": round(result.runtime_s / max(1, result.steps), 3),
@@ -99,6 +100,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--grad-accum", type=int, default=1, help="rows per optimizer step")
     parser.add_argument("--tokens", type=int, default=1000, help="tokens per row")
+    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                        help="default: the training default for the device")
     parser.add_argument("--backend", choices=("unsloth", "trl+peft"), default=None,
                         help="CUDA: run only this backend (in this process)")
     parser.add_argument("--model-dir", type=Path, default=None, help="CUDA: reuse a random Qwen3-4B folder")

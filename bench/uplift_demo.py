@@ -22,30 +22,37 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from mcpft.agent.endpoint import Endpoint
+from mcpft.agent.endpoint import CompletionSettings, Endpoint
 from mcpft.config import data_dir
 from mcpft.dataset import rows_from_traces
-from mcpft.demo.world import DEMO_TAG, collect, evaluate_tasks
+from mcpft.demo.world import DEMO_TAG, collect, evaluate_tasks, pick_tasks
 from mcpft.evaluate import EndpointGenerator, evaluate_rows
 from mcpft.serve import create_app, load_backends, serve_in_thread
 from mcpft.store import Store
-from mcpft.train import TrainConfig, train
+from mcpft.train import TrainConfig, check_out_dir, train
 
 
 def collect_traces(store: Store, n: int, split: str) -> list[dict]:
-    bar = tqdm(total=n, desc=f"collect {split}", file=sys.stderr)
-    report = asyncio.run(collect(store, n, split, on_task=lambda o: bar.update()))
-    bar.close()
-    print(f"collected {n} {split} teacher traces: {report.totals()['successes']} solved", file=sys.stderr)
-    return rows_from_traces(store.traces(tags=[DEMO_TAG, split]))
+    """Training rows of `n` teacher traces of the split: collected, unless a rerun's store already holds enough
+    (collection takes tasks in a fixed order, so its first `n` are those `n` would collect)."""
+    if len(store.traces(tags=[DEMO_TAG, split])) < n:
+        bar = tqdm(total=n, desc=f"collect {split}", file=sys.stderr)
+        report = asyncio.run(collect(store, n, split, on_task=lambda o: bar.update()))
+        bar.close()
+        print(f"collected {n} {split} teacher traces: {report.totals()['successes']} solved", file=sys.stderr)
+    traces = sorted(store.traces(tags=[DEMO_TAG, split]), key=lambda t: t.created)[:n]
+    return rows_from_traces(traces)
 
 
-def score_model(base_url: str, model: str, heldout_tasks: int, heldout_rows: list[dict], max_steps: int) -> dict:
+def score_model(base_url: str, model: str, heldout_tasks: int, heldout_rows: list[dict], max_steps: int,
+                max_new_tokens: int) -> dict:
     bar = tqdm(total=heldout_tasks, desc=f"tasks {model}", file=sys.stderr)
-    tasks = asyncio.run(evaluate_tasks(Endpoint(base_url, model), "heldout", heldout_tasks, max_steps=max_steps,
-                                       on_task=lambda o: bar.update()))
+    task_ids = [task.id for task in pick_tasks("heldout", heldout_tasks)]  # every template before any repeats
+    settings = CompletionSettings(temperature=0.0, max_tokens=max_new_tokens)
+    tasks = asyncio.run(evaluate_tasks(Endpoint(base_url, model), "heldout", max_steps=max_steps, settings=settings,
+                                       on_task=lambda o: bar.update(), task_ids=task_ids))
     bar.close()
-    steps = evaluate_rows(heldout_rows, EndpointGenerator(base_url, model, max_new_tokens=256))
+    steps = evaluate_rows(heldout_rows, EndpointGenerator(base_url, model, max_new_tokens=max_new_tokens))
     return {"tasks": tasks.to_dict(), "steps": steps}
 
 
@@ -58,24 +65,28 @@ def served(adapter: Path | None):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train-traces", type=int, default=100)
-    parser.add_argument("--heldout-tasks", type=int, default=44, help="held-out tasks for task success")
+    parser.add_argument("--heldout-tasks", type=int, default=44, help="held-out tasks for task success (templates "
+                                                                      "taken in turn: 13 = one of each)")
     parser.add_argument("--heldout-traces", type=int, default=13, help="held-out teacher traces for step scores")
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--grad-accum", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=8192)
     parser.add_argument("--agent-max-steps", type=int, default=8)
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--max-new-tokens", type=int, default=192, help="per step (a teacher step needs ~100)")
+    parser.add_argument("--out", type=Path, default=None, help="work dir (a rerun reuses its collected traces)")
     args = parser.parse_args()
     work = args.out or Path(tempfile.mkdtemp(prefix="mcpft-uplift-"))
     work.mkdir(parents=True, exist_ok=True)
+    adapter_dir = check_out_dir(work / "adapter")  # refused now, not after the long baseline
     store = Store(work / "demo.db")
     train_rows = collect_traces(store, args.train_traces, "train")
     heldout_rows = collect_traces(store, args.heldout_traces, "heldout")
 
     base_url, names, stop = served(None)
     try:
-        before = score_model(base_url, names[0], args.heldout_tasks, heldout_rows, args.agent_max_steps)
+        before = score_model(base_url, names[0], args.heldout_tasks, heldout_rows, args.agent_max_steps,
+                             args.max_new_tokens)
     finally:
         stop()
 
@@ -90,13 +101,14 @@ def main():
     started = time.monotonic()
     result = train(TrainConfig(epochs=args.epochs, learning_rate=args.lr, max_length=args.max_length,
                                 gradient_accumulation_steps=args.grad_accum), train_rows,
-                   work / "adapter", on_progress=on_progress)
+                   adapter_dir, on_progress=on_progress)
     bar.close()
     train_minutes = (time.monotonic() - started) / 60
 
     base_url, names, stop = served(result.adapter_dir)
     try:
-        after = score_model(base_url, names[-1], args.heldout_tasks, heldout_rows, args.agent_max_steps)
+        after = score_model(base_url, names[-1], args.heldout_tasks, heldout_rows, args.agent_max_steps,
+                            args.max_new_tokens)
     finally:
         stop()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -33,3 +34,16 @@ def load_settings(path: Path = SPACE_YAML) -> dict:
         if env_value is not None:
             settings[key] = yaml.safe_load(env_value)
     return settings
+
+
+def default_base_model(settings: dict) -> str | None:
+    """space.yaml's `base_model` for this machine: `gpu` with CUDA, else `cpu` ("smollm2" = the packaged model)."""
+    base = settings.get("base_model") or {}
+    if not isinstance(base, dict):
+        return str(base)
+    on_cuda = False
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+
+        on_cuda = torch.cuda.is_available()
+    return base.get("gpu" if on_cuda else "cpu")

@@ -15,11 +15,13 @@ Hermes, and the answer is compared with the recorded message:
 - answer steps (the reference calls nothing):
   - `irrelevance`: the model called nothing (a malformed call attempt counts as a call);
   - `answer_match`: the reference text, normalised (case-folded, every non-alphanumeric character a space, whitespace
-    collapsed), is contained in the output's normalised content, or their token F1 is at least 0.5.
+    collapsed), is contained in the output's normalised content, or their token F1 is at least 0.5; and every number
+    of the reference is in the output (compared as values, thousands commas dropped: "$1,299.00" matches "1299").
 A step passes when its arguments match (call step) or when it called nothing and its answer matches (answer step).
 
-Prompts whose tokens plus `max_new_tokens` exceed the model's context are not cut: they are counted as `too_long` and
-left out of every rate. A rate with nothing to count is `None`.
+Prompts whose tokens plus `max_new_tokens` exceed the model's context, or that an endpoint refuses as longer than its
+context, are not cut: they are counted as `too_long` and left out of every rate. A rate with nothing to count is
+`None`.
 """
 
 from __future__ import annotations
@@ -31,14 +33,18 @@ import threading
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 
 from mcpft.hermes import ParsedAssistant, format_assistant_text, parse_assistant_text
+from mcpft.models import explain_out_of_memory
 from mcpft.render import row_tools
 from mcpft.trace import now_iso
+from mcpft.train import load_adapter_model, rows_problem
 
 DEFAULT_MAX_NEW_TOKENS = 512
 ANSWER_F1_THRESHOLD = 0.5
+NUMBER = re.compile(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?")  # 1,299.00 | 1299 | 3.5
 RATES = ("valid_call_rate", "tool_name_accuracy", "argument_accuracy", "irrelevance_accuracy", "answer_accuracy",
          "pass_rate")
 
@@ -67,6 +73,8 @@ class Step:
 
 def steps_from_rows(rows: list[dict]) -> list[Step]:
     """One step per trained assistant message (`train` not false), prompted with the messages before it."""
+    if problem := rows_problem(rows):
+        raise EvaluationError(f"held-out rows: {problem}")
     steps = []
     for r, row in enumerate(rows):
         row_id = str(row.get("id", r))
@@ -195,12 +203,30 @@ def token_f1(predicted: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def answer_matches(predicted: str, reference: str) -> bool:
-    """Normalised containment of the reference, or token F1 >= 0.5 (an empty reference needs an empty answer)."""
+def _number_value(text: str) -> Decimal:
+    return Decimal(text.replace(",", ""))
+
+
+def missing_numbers(predicted: str, reference: str) -> list[str]:
+    """The reference's numbers (as written there) whose value is not among the answer's numbers."""
+    found = {_number_value(n) for n in NUMBER.findall(predicted)}
+    return [n for n in dict.fromkeys(NUMBER.findall(reference)) if _number_value(n) not in found]
+
+
+def answer_problem(predicted: str, reference: str) -> str | None:
+    """Why the answer does not match the reference (see the module doc), or None when it does. An empty reference
+    needs an empty answer; a text match with a wrong number is no match ("$249.00" for "$129.00")."""
     p_norm, r_norm = normalize_answer(predicted), normalize_answer(reference)
     if not r_norm:
-        return not p_norm
-    return f" {r_norm} " in f" {p_norm} " or token_f1(predicted, reference) >= ANSWER_F1_THRESHOLD
+        return "the answer does not match" if p_norm else None
+    if f" {r_norm} " not in f" {p_norm} " and token_f1(predicted, reference) < ANSWER_F1_THRESHOLD:
+        return "the answer does not match"
+    missing = missing_numbers(predicted, reference)
+    return f"the answer lacks the reference's number(s) {', '.join(missing)}" if missing else None
+
+
+def answer_matches(predicted: str, reference: str) -> bool:
+    return answer_problem(predicted, reference) is None
 
 
 def score_step(reference: dict, parsed: ParsedAssistant, tools: list[dict] | None = None) -> dict:
@@ -210,11 +236,11 @@ def score_step(reference: dict, parsed: ParsedAssistant, tools: list[dict] | Non
     malformed = [f for f in parsed.flags if f.startswith("malformed tool call")]
     if not reference_calls:
         no_call = not predicted and not malformed
-        answer = answer_matches(parsed.content, reference.get("content") or "")
+        problem = answer_problem(parsed.content, reference.get("content") or "")
         reasons = ([] if no_call else [f"called {', '.join(n for n, _ in predicted) or 'a malformed tool call'}, "
-                                       "expected no call"]) + ([] if answer else ["the answer does not match"])
-        return {"kind": "answer", "irrelevance": no_call, "answer_match": answer, "passed": no_call and answer,
-                "reasons": reasons}
+                                       "expected no call"]) + ([problem] if problem else [])
+        return {"kind": "answer", "irrelevance": no_call, "answer_match": problem is None,
+                "passed": no_call and problem is None, "reasons": reasons}
     valid = bool(predicted) and not malformed
     names = valid and Counter(n for n, _ in predicted) == Counter(n for n, _ in reference_calls)
     arguments, reasons = _match_calls(predicted, reference_calls, _schemas(tools)) if names else (False, [])
@@ -278,8 +304,6 @@ def local_generator(model_spec: str | None = None, adapter: str | Path | None = 
     if adapter is None:
         model, tokenizer = load_model(model_spec, data_dir)
         return LocalGenerator(model, tokenizer, model_name(model_spec), max_new_tokens)
-    from mcpft.train import load_adapter_model
-
     model, tokenizer = load_adapter_model(adapter, model_spec, data_dir)
     return LocalGenerator(model, tokenizer, Path(adapter).resolve().name, max_new_tokens)
 
@@ -288,7 +312,10 @@ class EndpointGenerator:
     """Greedy chat completions from an OpenAI-compatible endpoint (vLLM, `mcpft serve`, ...).
 
     Tool calls come from the reply's `tool_calls`; a reply without them whose content holds Hermes call text (a
-    server without a tool parser) is parsed here. Give `tokenizer` and `context_length` to count prompt tokens.
+    server without a tool parser) is parsed here. A prompt the server refuses as longer than its context (the 400
+    "maximum context length is N tokens" of vLLM and `mcpft serve`) counts as too long. With `tokenizer` and
+    `context_length` the prompt is counted here first, so that prompt + `max_new_tokens` beyond the context counts as
+    too long too, rather than the server quietly shortening the answer's budget.
     """
 
     def __init__(self, base_url: str, model: str, api_key: str | None = None,
@@ -316,7 +343,7 @@ class EndpointGenerator:
         try:
             reply = self.client.chat.completions.create(**request)
         except openai.BadRequestError as error:
-            if "context" in str(error).lower():
+            if _context_exceeded(error):
                 raise _TooLong(str(error)) from None
             raise EvaluationError(f"step {step.key}: the endpoint refused the request: {error}") from None
         except openai.APIError as error:
@@ -352,6 +379,11 @@ class _TooLong(Exception):
     """The endpoint said the prompt does not fit its context."""
 
 
+def _context_exceeded(error) -> bool:
+    """A 400 saying the prompt exceeds the context: vLLM's and `mcpft serve`'s wording, or OpenAI's error code."""
+    return error.code == "context_length_exceeded" or "maximum context length" in str(error)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Running an evaluation
 
@@ -382,8 +414,11 @@ def _evaluate_step(step: Step, generator) -> dict:
         return {**record, "too_long": True, "kind": _kind(step.reference), "passed": False,
                 "reasons": [f"prompt of {prompt_tokens} tokens + {generator.max_new_tokens} new tokens exceeds the "
                             f"context of {context}"]}
+    doing = f"generating step {step.key}" + (f" ({prompt_tokens} prompt tokens)" if prompt_tokens is not None else "")
     try:
-        output = generator.generate(step)
+        with explain_out_of_memory(doing, f"Lower max_new_tokens (now {generator.max_new_tokens}), leave the longest "
+                                          "held-out rows out, or evaluate a smaller model."):
+            output = generator.generate(step)
     except _TooLong as error:
         return {**record, "too_long": True, "kind": _kind(step.reference), "passed": False, "reasons": [str(error)]}
     parsed = output.parsed

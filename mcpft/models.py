@@ -14,6 +14,7 @@ import re
 import shutil
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from mcpft.chat_template import ensure_tool_template
@@ -29,6 +30,34 @@ TRUE_VALUES = {"1", "true", "yes", "on"}
 
 class ModelError(Exception):
     """A model spec that cannot be resolved or loaded; the message says which spec and why."""
+
+
+class OutOfMemory(ModelError):
+    """The GPU or the RAM ran out of memory; the message says which, while doing what, and which settings to lower."""
+
+
+def memory_that_ran_out(error: BaseException) -> str | None:
+    """Which memory an error says ran out ("the GPU's memory", "the RAM"), or None when it is no out-of-memory error."""
+    import torch
+
+    if isinstance(error, torch.OutOfMemoryError):  # raised by the CUDA (and other accelerators') caching allocator
+        return "the GPU's memory"
+    # PyTorch's CPU allocator raises a plain RuntimeError; Python's own allocations raise MemoryError.
+    if isinstance(error, MemoryError) or (isinstance(error, RuntimeError) and "DefaultCPUAllocator" in str(error)):
+        return "the RAM"
+    return None
+
+
+@contextmanager
+def explain_out_of_memory(doing: str, advice: str):
+    """Turn an out-of-memory error raised inside into `OutOfMemory`: what ran out, while `doing`, then `advice`."""
+    try:
+        yield
+    except (RuntimeError, MemoryError) as error:
+        what = memory_that_ran_out(error)
+        if what is None:
+            raise
+        raise OutOfMemory(f"{what} ran out while {doing}. {advice}") from error
 
 
 def resolve_model(spec: str | None, data_dir: Path) -> Path:
@@ -60,6 +89,13 @@ def load_tokenizer(spec: str | None, data_dir: Path):
     return tokenizer
 
 
+def model_context(spec: str | None, data_dir: Path) -> int | None:
+    """The model's context length (its config's `max_position_embeddings`), read without loading weights."""
+    from transformers import AutoConfig
+
+    return getattr(AutoConfig.from_pretrained(resolve_model(spec, data_dir)), "max_position_embeddings", None)
+
+
 def load_model(spec: str | None, data_dir: Path, dtype=None, device: str | None = None):
     """`(model, tokenizer)` ready for inference: bf16 on a CUDA device that supports it, fp32 otherwise."""
     import torch
@@ -70,7 +106,9 @@ def load_model(spec: str | None, data_dir: Path, dtype=None, device: str | None 
     if dtype is None:
         on_bf16_gpu = device.startswith("cuda") and torch.cuda.is_bf16_supported()
         dtype = torch.bfloat16 if on_bf16_gpu else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
+    with explain_out_of_memory(f"loading model {model_name(spec)!r} ({dtype}) on {device}",
+                               "Free that memory (another model or process may hold it) or choose a smaller model."):
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
     model.eval()
     return model, load_tokenizer(str(folder), data_dir)
 

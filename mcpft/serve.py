@@ -7,7 +7,9 @@ name is served by a `Backend`, which turns a request into streamed text; `Transf
 can be registered under another name without this module knowing it.
 
 Deliberate choices: `tool_choice: "none"` leaves the tools out of the prompt and returns any call text as content;
-stop strings are applied here (the backend is cancelled as soon as one appears, so no token is wasted).
+stop strings are applied here (the backend is cancelled as soon as one appears, so no token is wasted); `max_tokens`
+beyond the room the prompt leaves in the context is shortened to that room (finish_reason "length"), while a prompt
+that fills the context alone is a 400, worded as vLLM's ("maximum context length is N tokens").
 """
 
 from __future__ import annotations
@@ -191,9 +193,12 @@ class TransformersBackend:
             raise RequestError(f"the chat template cannot render these messages: {error}", param="messages") from None
 
     def _max_new_tokens(self, asked: int | None, prompt_tokens: int) -> int:
+        """The generation budget: what was asked (or the default), shortened to the room the context leaves. A prompt
+        that leaves no room is refused as vLLM refuses it (clients such as `mcpft eval` count that as too long)."""
         room = self.context - prompt_tokens if self.context else None
         if room is not None and room <= 0:
-            raise RequestError(f"the prompt is {prompt_tokens} tokens; the model's context is {self.context}",
+            raise RequestError(f"This model's maximum context length is {self.context} tokens. However, your request "
+                               f"has {prompt_tokens} input tokens. Please reduce the length of the input messages.",
                                param="messages", code="context_length_exceeded")
         wanted = asked or self.default_max_tokens
         return min(wanted, room) if room is not None else wanted

@@ -5,8 +5,10 @@ exactly render's `train_mask`: the trainer gets a pre-tokenized dataset (`input_
 TRL's SFTTrainer builds the labels (-100 wherever the mask is 0). Rows longer than `max_length` are reported and left
 out, never cut. Batch size 1 with gradient accumulation means no padding at all.
 
-The output folder holds the PEFT adapter, the tokenizer with a chat template that renders tools, `mcpft_run.json`
-(config, data summary, losses, outcome) and TensorBoard logs under `runs/`.
+The output folder must be new or empty (a previous run's weights beside a new record would mix two runs); it holds
+the PEFT adapter, the tokenizer with a chat template that renders tools, `mcpft_run.json` (config, data summary,
+losses, outcome) and TensorBoard logs under `runs/`. Everything that can fail on the settings or the data (the
+output folder, the path, the template, the length check) is checked before any weights load.
 """
 
 from __future__ import annotations
@@ -18,12 +20,12 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from mcpft.config import data_dir as default_data_dir
 from mcpft.dataset import rows_from_traces
-from mcpft.models import HUB_ID, load_tokenizer, model_name, resolve_model
+from mcpft.models import HUB_ID, explain_out_of_memory, load_tokenizer, model_context, model_name, resolve_model
 from mcpft.render import Rendered, render_many
 from mcpft.trace import now_iso
 
@@ -33,35 +35,48 @@ GPU_MAX_LENGTH = 32768
 CPU_MAX_LENGTH = 4096
 BACKENDS = ("auto", "unsloth", "trl+peft")
 END_OF_TURN = "<|im_end|>"
+HELDOUT_TAG = "heldout"  # traces tagged so are the held-out set (CLI and app alike), never trained on
+STORE = "store"  # `data` naming the store's traces rather than a file or a Hub dataset
+ROLES = ("system", "user", "assistant", "tool")
 
 
 class TrainError(Exception):
     """Training cannot start or went wrong in a way the user can fix; the message says what to change."""
 
 
+def _option(default, help_text: str, **extra):
+    """A TrainConfig field with its help text (a `None` default's text says what None means); the CLI's flags are
+    generated from these, so they cannot drift. `extra`: `aliases` (more flags), `choices`, `settings_key` (its
+    name in space.yaml's `training:` block)."""
+    return field(default=default, metadata={"help": help_text, **extra})
+
+
 @dataclass
 class TrainConfig:
     """The Trelis workshop's LoRA SFT recipe; `None` fields are resolved per device when training starts."""
 
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
-    target_modules: tuple[str, ...] = LORA_TARGETS
-    learning_rate: float = 2e-4
-    epochs: float = 1.0
-    batch_size: int = 1
-    gradient_accumulation_steps: int = 4
-    max_steps: int | None = None  # overrides epochs
-    max_length: int | None = None  # None: 32768 on CUDA (capped by the model's context), 4096 on CPU
-    optim: str | None = None  # None: adamw_8bit on CUDA when bitsandbytes is there, else adamw_torch
-    lr_scheduler_type: str = "linear"
-    warmup_steps: float = 0.0  # below 1: a fraction of the steps
-    weight_decay: float = 0.0
-    seed: int = 42
-    eval_fraction: float = 0.0  # share of traces held out for an eval loss (split by trace, never by row)
-    load_in_4bit: bool = False  # QLoRA; Unsloth path only
-    gradient_checkpointing: bool | None = None  # None: on with CUDA, off on CPU (where memory is rarely the limit)
-    backend: str = "auto"  # auto | unsloth | trl+peft
+    lora_r: int = _option(16, "LoRA rank")
+    lora_alpha: int = _option(32, "LoRA alpha (updates are scaled by alpha / r)")
+    lora_dropout: float = _option(0.0, "dropout on the LoRA layers")
+    target_modules: tuple[str, ...] = _option(LORA_TARGETS, "modules that get LoRA layers (comma-separated)")
+    learning_rate: float = _option(2e-4, "peak learning rate", aliases=("--lr",))
+    epochs: float = _option(1.0, "passes over the training rows", settings_key="num_train_epochs")
+    batch_size: int = _option(1, "rows per batch (1: no padding at all)")
+    gradient_accumulation_steps: int = _option(4, "batches per optimizer step", aliases=("--grad-accum",))
+    max_steps: int | None = _option(None, "optimizer steps, overriding epochs (default: as many as epochs give)")
+    max_length: int | None = _option(None, "tokens per row, longer rows are left out (default: 32768 on CUDA, "
+                                           "capped by the model's context; 4096 on CPU)")
+    optim: str | None = _option(None, "transformers optimizer name (default: adamw_8bit on CUDA with "
+                                      "bitsandbytes, else adamw_torch)")
+    lr_scheduler_type: str = _option("linear", "transformers learning-rate schedule name")
+    warmup_steps: float = _option(0.0, "warm-up steps; below 1, a fraction of all steps")
+    weight_decay: float = _option(0.0, "weight decay")
+    seed: int = _option(42, "seed of the LoRA init, the shuffling and the eval split")
+    eval_fraction: float = _option(0.0, "share of traces held out for an eval loss (split by trace, never by row)")
+    load_in_4bit: bool = _option(False, "QLoRA: 4-bit base weights (Unsloth path only)")
+    gradient_checkpointing: bool | None = _option(None, "recompute activations to save memory (default: on with "
+                                                        "CUDA, off on CPU, where memory is rarely the limit)")
+    backend: str = _option("auto", "auto: Unsloth on CUDA when installed, else TRL + PEFT", choices=BACKENDS)
 
     def __post_init__(self):
         self.target_modules = tuple(self.target_modules)
@@ -78,6 +93,23 @@ class TrainConfig:
             raise TrainError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.learning_rate <= 0 or self.epochs <= 0:
             raise TrainError("learning_rate and epochs must be positive")
+
+
+def config_from_settings(training: dict | None, **overrides) -> TrainConfig:
+    """A TrainConfig from space.yaml's `training:` block (TrainConfig's field names; `num_train_epochs` for `epochs`,
+    as the UI reads it), `overrides` taking precedence."""
+    names = {f.name: f.name for f in fields(TrainConfig)}
+    names |= {f.metadata["settings_key"]: f.name for f in fields(TrainConfig) if "settings_key" in f.metadata}
+    training = training or {}
+    if not isinstance(training, dict):
+        raise TrainError(f"space.yaml training: must map TrainConfig fields to values, got {training!r}")
+    unknown = sorted(set(training) - set(names))
+    if unknown:
+        raise TrainError(f"space.yaml training: unknown key(s) {', '.join(unknown)}; known: {', '.join(names)}")
+    try:
+        return TrainConfig(**({names[key]: value for key, value in training.items()} | overrides))
+    except TypeError as error:  # a value of the wrong type, e.g. `lora_r: sixteen`
+        raise TrainError(f"space.yaml training: {error}") from None
 
 
 @dataclass
@@ -107,6 +139,7 @@ class TrainResult:
     rows_left_out: list[dict]
     eval_loss: float | None = None
     runtime_s: float = 0.0
+    baseline: dict | None = field(default=None, repr=False)  # the `baseline` callable's report, when one was given
 
     def summary(self) -> dict:
         return {"out": str(self.out_dir), "path": self.path, "why": self.why, "steps": self.steps,
@@ -160,23 +193,111 @@ def resolve_optim(config: TrainConfig, on_cuda: bool) -> str:
     return "adamw_torch"
 
 
+def check_out_dir(out_dir: str | Path) -> Path:
+    """`out_dir` must be new or an empty folder: an old run's adapter beside a new run record would mix two runs."""
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"output folder {out} is a file: choose a new folder")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if entries:
+        held = "a previous run" if (out / RUN_RECORD).exists() else f"{len(entries)} other file(s)"
+        raise TrainError(f"output folder {out} already holds {held} ({', '.join(entries[:4])}"
+                         f"{', …' if len(entries) > 4 else ''}): choose a new folder or remove it")
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Data: a store selection, an exported dataset, or a Hub dataset
 
 
+def rows_problem(rows: list) -> str | None:
+    """The first row not shaped as a training row (docs/architecture.md), named by number and id; None if all are."""
+    for number, row in enumerate(rows, 1):
+        if problem := _row_problem(row):
+            name = f" (id {row['id']!r})" if isinstance(row, dict) and "id" in row else ""
+            return f"row {number}{name}: {problem}"
+    return None
+
+
+def _row_problem(row) -> str | None:
+    if not isinstance(row, dict):
+        return f"expected a row object, got {_brief(row)}"
+    messages = row.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return f"'messages' must be a non-empty list of message objects, got {_brief(messages)}"
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            return f"messages[{i}] must be an object with a role in {', '.join(ROLES)}, got {_brief(message)}"
+        if not isinstance(message.get("content") or "", str):
+            return f"messages[{i}].content must be a string, got {_brief(message['content'])}"
+        calls = message.get("tool_calls") or []
+        if not isinstance(calls, list) or not all(isinstance(call, dict) for call in calls):
+            return f"messages[{i}].tool_calls must be a list of call objects, got {_brief(calls)}"
+    return None
+
+
+def _brief(value) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 60 else text[:59] + '…'}"
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    """Rows of an export (JSONL / Parquet / `datasets` folder), checked: a broken JSONL line or row is named."""
+    from mcpft.dataset import load_rows
+
+    path = Path(path).expanduser()
+    try:
+        rows = load_rows(path)
+    except json.JSONDecodeError:
+        raise TrainError(f"{path}: {_broken_line(path)}") from None
+    except UnicodeDecodeError:
+        raise TrainError(f"{path}: not UTF-8 text, so not a JSONL export (nor Parquet: its name ends otherwise)") \
+            from None
+    if problem := rows_problem(rows):
+        raise TrainError(f"{path}: {problem}")
+    return rows
+
+
+def _broken_line(path: Path) -> str:
+    """Which line of a JSONL file does not parse (the loader's error knows only the text of that line)."""
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                if line.strip():
+                    json.loads(line.rstrip("\r\n"))  # the column counts within the line
+            except json.JSONDecodeError as error:
+                return f"line {number} is not valid JSON ({error.msg} at column {error.colno})"
+    return "not valid JSON"
+
+
+def store_selection(data: str | None) -> list[str] | None:
+    """The tags of a store selection, `store` or `store:tag=A,tag=B` (traces with all of them); None when `data`
+    names no store selection (a path or a Hub id)."""
+    if data in (None, "", STORE):
+        return []
+    if not str(data).startswith(f"{STORE}:"):
+        return None
+    tags = []
+    for part in str(data)[len(STORE) + 1:].split(","):
+        key, _, value = (text.strip() for text in part.partition("="))
+        if key != "tag" or not value:
+            raise TrainError(f"data {data!r}: a store selection reads store:tag=A,tag=B (got {part.strip()!r})")
+        tags.append(value)
+    return tags
+
+
 def select_rows(data: str | Path | None = None, store=None, tags: list[str] | None = None,
                 include_flagged: bool = False) -> tuple[list[dict], dict]:
-    """(rows, where they came from): `data` None or "store" = the store's included traces, an existing path = an
-    export (JSONL / Parquet / `datasets` folder), else a Hugging Face Hub dataset id."""
-    if data in (None, "", "store"):
+    """(rows, where they came from): a store selection (`store_selection`: the store's included traces, never the
+    held-out ones), an existing path = an export (JSONL / Parquet / `datasets` folder), else a Hub dataset id."""
+    selected_tags = store_selection(None if data is None else str(data))
+    if selected_tags is not None:
         if store is None:
             raise TrainError("no data: pass a dataset path or Hub id, or a store to select traces from")
-        return store_rows(store, tags, include_flagged)
+        return store_rows(store, [*selected_tags, *(tags or [])], include_flagged)
     path = Path(data).expanduser()
     if path.exists():
-        from mcpft.dataset import load_rows
-
-        rows = load_rows(path)
+        rows = read_rows(path)
         source = {"kind": "file", "path": str(path)}
     elif HUB_ID.match(str(data)):
         rows = hub_rows(str(data))
@@ -189,18 +310,29 @@ def select_rows(data: str | Path | None = None, store=None, tags: list[str] | No
 
 
 def store_rows(store, tags: list[str] | None, include_flagged: bool) -> tuple[list[dict], dict]:
-    traces = store.traces(tags=tags or None)
+    """Rows of the store's selected traces, leaving out those tagged `heldout` (the held-out set)."""
+    selected = store.traces(tags=tags or None)
+    traces = [t for t in selected if HELDOUT_TAG not in t.tags]
+    held_out = len(selected) - len(traces)
     rows = rows_from_traces(traces, by_turn=True, include_flagged=include_flagged)
     if not rows:
         excluded = sum(not t.included for t in traces)
         flagged = sum(bool(t.flags) and t.included for t in traces)
         where = f" with tags {', '.join(tags)}" if tags else ""
         raise TrainError(
-            f"no training rows: {len(traces)} trace(s) selected{where}, {excluded} excluded, {flagged} flagged"
+            f"no training rows: {len(selected)} trace(s) selected{where}, {held_out} tagged {HELDOUT_TAG!r} (held "
+            f"out, never trained on), {excluded} excluded, {flagged} flagged"
             + ("" if include_flagged else " (include_flagged / --include-flagged keeps flagged ones)"))
     source = {"kind": "store", "tags": list(tags or []), "include_flagged": include_flagged,
-              "traces": len({r["trace_id"] for r in rows})}
+              "traces": len({r["trace_id"] for r in rows}), "heldout_traces_left_out": held_out}
     return rows, source
+
+
+def store_heldout_rows(store) -> tuple[list[dict], dict]:
+    """Rows of the store's included, unflagged traces tagged `heldout` (the app's held-out set), and their source."""
+    rows = rows_from_traces(store.traces(tags=[HELDOUT_TAG]), by_turn=True, include_flagged=False)
+    return rows, {"kind": "store", "tag": HELDOUT_TAG, "traces": len({r["trace_id"] for r in rows}),
+                  "rows": len(rows)}
 
 
 def hub_rows(dataset_id: str, split: str = "train") -> list[dict]:
@@ -346,6 +478,19 @@ class _ProgressCallback:
 
 
 @dataclass
+class Checked:
+    """A run's choices and checked rows, settled before any weights load."""
+
+    out_dir: Path
+    path: str
+    why: str
+    on_cuda: bool
+    folder: Path  # the base model's local folder
+    tokenizer: object
+    rows: PreparedRows
+
+
+@dataclass
 class Prepared:
     """Everything set up for a run; `trainer` is TRL's SFTTrainer, ready for `.train()`."""
 
@@ -355,15 +500,19 @@ class Prepared:
     why: str
     rows: PreparedRows
     record: dict
+    memory_advice: str  # what to lower when training runs out of memory
     callback: _ProgressCallback = field(repr=False)
 
 
-def prepare_training(config: TrainConfig, rows: list[dict], out_dir: str | Path, base_model: str | None = None,
-                     data_dir: Path | None = None, on_progress: Callable[[Progress], None] | None = None,
-                     stop_event: threading.Event | None = None, source: dict | None = None) -> Prepared:
-    """Load the tokenizer and model, render and check the rows, and build the trainer (nothing trained yet)."""
+def check_training(config: TrainConfig, rows: list[dict], out_dir: str | Path, base_model: str | None = None,
+                   data_dir: Path | None = None) -> Checked:
+    """What can fail on the settings or the data, before any weights load: the output folder, the rows' shape, the
+    path, the tokenizer's ChatML markup, the length check."""
+    out_dir = check_out_dir(out_dir)
     if not rows:
         raise TrainError("no training rows: the selection is empty (are all traces flagged or excluded?)")
+    if problem := rows_problem(rows):
+        raise TrainError(f"training rows: {problem}")
     data_dir = Path(data_dir) if data_dir else default_data_dir()
     path, why = choose_path(config.backend)
     if config.load_in_4bit and path != "unsloth":
@@ -374,34 +523,63 @@ def prepare_training(config: TrainConfig, rows: list[dict], out_dir: str | Path,
     folder = resolve_model(base_model, data_dir)
     tokenizer = load_tokenizer(str(folder), data_dir)
     _check_chat_markup(tokenizer, base_model)
-    from transformers import AutoConfig
-
-    model_context = getattr(AutoConfig.from_pretrained(folder), "max_position_embeddings", None)
-    max_length = resolve_max_length(config, model_context, on_cuda)
+    max_length = resolve_max_length(config, model_context(str(folder), data_dir), on_cuda)
     prepared_rows = prepare_rows(tokenizer, rows, max_length, config.eval_fraction, config.seed)
     if not prepared_rows.train:
         raise TrainError("every row was held out for evaluation: lower eval_fraction")
+    return Checked(out_dir=out_dir, path=path, why=why, on_cuda=on_cuda, folder=folder, tokenizer=tokenizer,
+                   rows=prepared_rows)
+
+
+def prepare_training(config: TrainConfig, rows: list[dict], out_dir: str | Path, base_model: str | None = None,
+                     data_dir: Path | None = None, on_progress: Callable[[Progress], None] | None = None,
+                     stop_event: threading.Event | None = None, source: dict | None = None) -> Prepared:
+    """Check the settings and rows, load the model and build the trainer (nothing trained yet)."""
+    return build_trainer(check_training(config, rows, out_dir, base_model, data_dir), config, base_model,
+                         on_progress, stop_event, source)
+
+
+def build_trainer(checked: Checked, config: TrainConfig, base_model: str | None = None,
+                  on_progress: Callable[[Progress], None] | None = None, stop_event: threading.Event | None = None,
+                  source: dict | None = None) -> Prepared:
+    """Load the model with its LoRA layers and build the trainer on the checked rows."""
+    on_cuda, max_length = checked.on_cuda, checked.rows.max_length
     gradient_checkpointing = on_cuda if config.gradient_checkpointing is None else config.gradient_checkpointing
-    if path == "unsloth":
-        model, peft_config = _unsloth_model(folder, config, max_length, gradient_checkpointing), None
-    else:
-        model, peft_config = _plain_model(folder, on_cuda), _lora_config(config)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    args = _sft_config(config, out_dir, max_length, on_cuda, gradient_checkpointing)
+    advice = _memory_advice(config, checked.rows, gradient_checkpointing)
+    with explain_out_of_memory(f"loading {model_name(base_model)!r} for training", advice):
+        if checked.path == "unsloth":
+            model, peft_config = _unsloth_model(checked.folder, config, max_length, gradient_checkpointing), None
+        else:
+            model, peft_config = _plain_model(checked.folder, on_cuda), _lora_config(config)
+    checked.out_dir.mkdir(parents=True, exist_ok=True)
+    args = _sft_config(config, checked.out_dir, max_length, on_cuda, gradient_checkpointing)
     callback = _ProgressCallback(on_progress, stop_event)
-    fused = path == "unsloth" or fused_loss_available(on_cuda)
-    trainer = _sft_trainer(model, args, tokenizer, prepared_rows, peft_config, callback, fused)
+    fused = checked.path == "unsloth" or fused_loss_available(on_cuda)
+    trainer = _sft_trainer(model, args, checked.tokenizer, checked.rows, peft_config, callback, fused)
     record = {
-        "status": "prepared", "created": now_iso(), "path": path, "why": why,
-        "base_model": base_model, "base_model_name": model_name(base_model), "base_model_path": str(folder),
+        "status": "prepared", "created": now_iso(), "path": checked.path, "why": checked.why,
+        "base_model": base_model, "base_model_name": model_name(base_model), "base_model_path": str(checked.folder),
         "config": {**asdict(config), "max_length": max_length, "optim": args.optim,
                    "gradient_checkpointing": gradient_checkpointing, "device": "cuda" if on_cuda else "cpu",
                    "loss": "trl fused (triton)" if fused else "model causal-LM loss"},
-        "data": {"source": source or {"kind": "rows"}, **prepared_rows.summary()},
+        "data": {"source": source or {"kind": "rows"}, **checked.rows.summary()},
     }
-    return Prepared(trainer=trainer, tokenizer=tokenizer, path=path, why=why, rows=prepared_rows, record=record,
-                    callback=callback)
+    return Prepared(trainer=trainer, tokenizer=checked.tokenizer, path=checked.path, why=checked.why,
+                    rows=checked.rows, record=record, memory_advice=advice, callback=callback)
+
+
+def _memory_advice(config: TrainConfig, rows: PreparedRows, gradient_checkpointing: bool) -> str:
+    """The settings that lower a training run's memory, with their values now."""
+    longest = rows.summary()["longest"]
+    tips = [f"lower max_length (now {rows.max_length}; the longest kept row has {longest} tokens; longer rows are "
+            "left out)",
+            f"keep batch_size at 1 (now {config.batch_size}) and raise gradient_accumulation_steps (now "
+            f"{config.gradient_accumulation_steps}) instead"]
+    if not gradient_checkpointing:
+        tips.append("turn gradient_checkpointing on")
+    if not config.load_in_4bit:
+        tips.append("set load_in_4bit (Unsloth path, CUDA) for 4-bit base weights")
+    return "To fit: " + "; ".join(tips) + "."
 
 
 def _check_chat_markup(tokenizer, spec: str | None) -> None:
@@ -501,37 +679,42 @@ def _sft_trainer(model, args, tokenizer, rows: PreparedRows, peft_config, callba
 def train(config: TrainConfig, rows: list[dict], out_dir: str | Path, base_model: str | None = None,
           data_dir: Path | None = None, on_progress: Callable[[Progress], None] | None = None,
           stop_event: threading.Event | None = None, source: dict | None = None,
-          record_extra: dict | None = None) -> TrainResult:
-    """Fine-tune `base_model` (None = packaged SmolLM2) on `rows`; the adapter and tokenizer land in `out_dir`.
+          record_extra: dict | None = None, baseline: Callable[[], dict] | None = None) -> TrainResult:
+    """Fine-tune `base_model` (None = packaged SmolLM2) on `rows`; the adapter and tokenizer land in `out_dir`, which
+    must be new or empty.
 
     `stop_event` stops after the step in progress; the adapter of the last finished step is kept. `record_extra`
-    goes into `mcpft_run.json` as is (the CLI puts the baseline evaluation there).
+    goes into `mcpft_run.json` as is. `baseline` (the base model's held-out scores) is called once the settings and
+    rows passed their checks and before the model loads for training; its report is recorded as `baseline`.
     """
-    prepared = prepare_training(config, rows, out_dir, base_model, data_dir, on_progress, stop_event, source)
-    out_dir = Path(out_dir)
+    checked = check_training(config, rows, out_dir, base_model, data_dir)
+    baseline_report = baseline() if baseline is not None else None
+    prepared = build_trainer(checked, config, base_model, on_progress, stop_event, source)
+    out_dir = checked.out_dir
     record = {**prepared.record, **(record_extra or {}), "status": "running", "started": now_iso()}
+    if baseline_report is not None:
+        record["baseline"] = baseline_report
     write_run_record(out_dir, record)
     started = time.monotonic()
     try:
-        prepared.trainer.train()
+        with explain_out_of_memory("training", prepared.memory_advice):
+            prepared.trainer.train()
+            state = prepared.trainer.state
+            adapter_dir = _save(prepared, out_dir) if state.global_step else None
+            eval_loss = None
+            if prepared.rows.eval and state.global_step:
+                eval_loss = prepared.trainer.evaluate().get("eval_loss")
     except BaseException as error:  # also a second Ctrl-C: the record must not stay "running"
         write_run_record(out_dir, {**record, "status": "failed", "error": repr(error),
                                    "losses": prepared.callback.losses})
-        if isinstance(error, Exception):
-            raise _explained(error, prepared) from error
         raise
-    state = prepared.trainer.state
     stopped = stop_event is not None and stop_event.is_set() and state.global_step < state.max_steps
-    adapter_dir = _save(prepared, out_dir) if state.global_step else None
-    eval_loss = None
-    if prepared.rows.eval and state.global_step:
-        eval_loss = prepared.trainer.evaluate().get("eval_loss")
     losses = prepared.callback.losses
     result = TrainResult(
         out_dir=out_dir, path=prepared.path, why=prepared.why, steps=state.global_step, total_steps=state.max_steps,
         final_loss=losses[-1]["loss"] if losses else None, stopped=stopped, adapter_dir=adapter_dir,
         rows_used=len(prepared.rows.train), rows_left_out=prepared.rows.left_out, eval_loss=eval_loss,
-        runtime_s=time.monotonic() - started)
+        runtime_s=time.monotonic() - started, baseline=baseline_report)
     write_run_record(out_dir, {**record, "status": "stopped" if stopped else "finished", "finished": now_iso(),
                                "losses": losses, **result.summary()})
     return result
@@ -542,19 +725,6 @@ def _save(prepared: Prepared, out_dir: Path) -> Path:
     prepared.trainer.model.save_pretrained(out_dir)
     prepared.tokenizer.save_pretrained(out_dir)
     return out_dir
-
-
-def _explained(error: Exception, prepared: Prepared) -> Exception:
-    import torch
-
-    if isinstance(error, torch.OutOfMemoryError):
-        config = prepared.record["config"]
-        return TrainError(
-            f"the GPU ran out of memory (longest kept row: {prepared.rows.summary()['longest']} tokens). Lower "
-            f"max_length (now {config['max_length']}: longer rows are left out), keep batch_size at 1 and raise "
-            f"gradient_accumulation_steps (now {config['gradient_accumulation_steps']}) instead, or set "
-            "load_in_4bit (Unsloth path) to halve the weights' memory")
-    return error
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -618,8 +788,11 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "bf
     folder = check_adapter_dir(adapter_dir)
     # Merge in fp32 on the CPU (exact), then cast once.
     model, tokenizer = load_adapter_model(folder, base_model, data_dir, device="cpu", dtype=torch.float32)
-    merged = model.merge_and_unload()
-    merged = merged.to({"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype])
+    with explain_out_of_memory(f"merging adapter {folder} into its base (fp32 on the CPU, then {dtype})",
+                               "Merging holds the base in fp32 (4 bytes per parameter) and its cast copy in RAM: "
+                               "free RAM, or merge on a machine with more."):
+        merged = model.merge_and_unload()
+        merged = merged.to({"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype])
     end_of_turn = tokenizer.convert_tokens_to_ids(END_OF_TURN)
     eos = merged.generation_config.eos_token_id
     eos_ids = list(eos) if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else [])

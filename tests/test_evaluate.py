@@ -12,11 +12,13 @@ from mcpft.cli import train as cli_train
 from mcpft.cli.common import common_options
 from mcpft.dataset import export_rows
 from mcpft.evaluate import (
-    EndpointGenerator, EvaluationError, LocalGenerator, answer_matches, build_report, compare, compare_markdown,
-    evaluate_rows, local_generator, report_markdown, score_step, steps_from_rows, token_f1,
+    EndpointGenerator, EvaluationError, LocalGenerator, answer_matches, answer_problem, build_report, compare,
+    compare_markdown, evaluate_rows, local_generator, missing_numbers, report_markdown, score_step, steps_from_rows,
+    token_f1,
 )
 from mcpft.hermes import make_tool_call, parse_assistant_text
 from mcpft.train import TrainConfig, train
+from tests.test_models import tiny_variant
 from tests.test_train import MEMORISE, WEATHER_TOOL, weather_rows
 
 TOOLS = [WEATHER_TOOL, {"type": "function", "function": {
@@ -108,6 +110,21 @@ def test_answer_match_rules():
     assert answer_matches("", "") and not answer_matches("something", "")
 
 
+def test_every_number_of_the_reference_must_be_in_the_answer():
+    assert token_f1("The price is $249.00", "The price is $129.00") == pytest.approx(0.8)  # the text rule passes
+    assert answer_problem("The price is $249.00", "The price is $129.00") == (
+        "the answer lacks the reference's number(s) 129.00")
+    assert answer_matches("The price is 129", "The price is $129.00")  # values: 129 == 129.00
+    assert answer_matches("The total is 1299 dollars", "The total is $1,299.00")  # thousands comma dropped
+    assert not answer_matches("The total is $1,299.00", "The total is $1,299.50")
+    assert missing_numbers("3 or 7.50, not 1,2", "3, 7.5, 12 and 1,234") == ["12", "1,234"]
+    assert missing_numbers("no numbers", "none either") == []
+    answer = {"role": "assistant", "content": "The cheapest option costs $129.00 and arrives on 2025-03-14."}
+    result = scored(answer, "The cheapest option costs $129.00 and arrives on 2025-03-15.")
+    assert (result["irrelevance"], result["answer_match"], result["passed"]) == (True, False, False)
+    assert result["reasons"] == ["the answer lacks the reference's number(s) 14"]
+
+
 def test_totals_count_exactly():
     records = [
         {**scored(PARIS, hermes(("get_weather", {"city": "Paris"}))), "trace_id": "a"},  # pass
@@ -141,6 +158,21 @@ def test_steps_are_the_trained_assistant_messages():
         steps_from_rows([{"id": "x", "messages": [{"role": "user", "content": "hi"}], "tools": "[]"}])
 
 
+@pytest.mark.parametrize("row, problem", [
+    ({"id": "r1", "messages": "x"}, "row 2 (id 'r1'): 'messages' must be a non-empty list of message objects, got "
+                                    "str 'x'"),
+    ("text", "row 2: expected a row object, got str 'text'"),
+    ({"messages": [{"content": "hi"}]}, "row 2: messages[0] must be an object with a role in system, user, "
+                                        "assistant, tool, got dict {'content': 'hi'}"),
+    ({"messages": [{"role": "assistant", "tool_calls": ["get_weather"]}]},
+     "row 2: messages[0].tool_calls must be a list of call objects, got list ['get_weather']"),
+])
+def test_rows_that_are_not_training_rows_are_named(row, problem):
+    with pytest.raises(EvaluationError) as raised:
+        steps_from_rows(weather_rows() + [row])
+    assert str(raised.value) == f"held-out rows: {problem}"
+
+
 def test_prompts_beyond_the_context_are_counted_not_cut(tiny_model_dir):
     from mcpft.models import load_model
 
@@ -151,6 +183,20 @@ def test_prompts_beyond_the_context_are_counted_not_cut(tiny_model_dir):
     assert first["prompt_tokens"] + 8 <= 300 and not first["too_long"] and "output" in first
     assert second["too_long"] and "output" not in second and "exceeds the context of 300" in second["reasons"][0]
     assert report["totals"]["too_long"] == 1 and report["totals"]["scored"] == 1
+
+
+def test_running_out_of_memory_while_generating_says_what_to_lower(tiny_model_dir, tmp_path):
+    """A real allocation failure: a static KV cache (allocated whole by generate) for 2**42 new tokens."""
+    from mcpft.models import OutOfMemory, load_model
+
+    folder = tiny_variant(tiny_model_dir, tmp_path / "static", config={"max_position_embeddings": 2**44},
+                          generation={"cache_implementation": "static"})
+    model, tokenizer = load_model(str(folder), tmp_path)
+    with pytest.raises(OutOfMemory) as raised:
+        evaluate_rows(weather_rows(), LocalGenerator(model, tokenizer, "static", max_new_tokens=2**42))
+    assert str(raised.value).startswith("the RAM ran out while generating step ")
+    assert str(raised.value).endswith(f" prompt tokens). Lower max_new_tokens (now {2**42}), leave the longest held-out "
+                                      "rows out, or evaluate a smaller model.")
 
 
 @pytest.fixture(scope="module")
@@ -206,3 +252,47 @@ def test_eval_verb_writes_json_and_markdown(tiny_model_dir, memorised, tmp_path,
     assert summary["model"] == "weather-adapter" and summary["totals"]["argument_accuracy"] == 1.0
     assert "| argument_accuracy | 100.0% |" in (tmp_path / "r.md").read_text()
     assert len(json.loads((tmp_path / "r.json").read_text())["steps"]) == 2
+
+
+def _eval_verb(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser()
+    cli_train.register(parser.add_subparsers(dest="verb", required=True), common_options())
+    args = parser.parse_args(["eval", *argv])
+    args.handler(args)
+
+
+def test_eval_verb_names_a_broken_line_or_row_before_loading_a_model(tmp_path):
+    from mcpft.cli.common import CliError
+
+    broken = tmp_path / "heldout.jsonl"
+    broken.write_text('{"id": "a", "messages": []}\n{"id": "b", "messages": "x"}\n')
+    with pytest.raises(CliError, match=r"heldout.jsonl: row 1 \(id 'a'\): 'messages' must be a non-empty list"):
+        _eval_verb(["--data", str(broken), "--model", str(tmp_path / "no-model")])
+    broken.write_text('{"id": "a", "messages": []}\n\n{"id": "b", "messages": "x"\n')
+    with pytest.raises(CliError, match=r"heldout.jsonl: line 3 is not valid JSON \(Expecting ',' delimiter"):
+        _eval_verb(["--data", str(broken), "--model", str(tmp_path / "no-model")])
+
+
+def test_endpoint_prompts_beyond_the_context_are_counted_never_cut(tiny_model_dir, tmp_path, capsys):
+    """A model with a 300-token context, served: the weather prompts need about 277 and 320 tokens."""
+    from mcpft.serve import create_app, load_backends, serve_in_thread
+
+    folder = tiny_variant(tiny_model_dir, tmp_path / "small-context", config={"max_position_embeddings": 300})
+    rows = weather_rows()
+    data = export_rows(rows, tmp_path / "heldout.jsonl")
+    base_url, stop = serve_in_thread(create_app(load_backends(str(folder), None, tmp_path)))
+    try:
+        # Without a tokenizer: the server refuses the second prompt (400, vLLM's wording), and that counts.
+        remote = evaluate_rows(rows, EndpointGenerator(base_url, "small-context", max_new_tokens=40))
+        # With one (--tokenizer): prompt + 40 new tokens is counted here against the context, for both steps.
+        _eval_verb(["--data", str(data), "--base-url", base_url, "--model", "small-context", "--tokenizer",
+                    str(folder), "--max-new-tokens", "40", "--json"])
+    finally:
+        stop()
+    first, second = remote["steps"]
+    assert not first["too_long"] and first["prompt_tokens"] is None and "output" in first
+    assert second["too_long"] and "output" not in second
+    assert "This model's maximum context length is 300 tokens. However, your request has" in second["reasons"][0]
+    assert remote["totals"]["too_long"] == 1 and remote["totals"]["scored"] == 1
+    totals = json.loads(capsys.readouterr().out)["totals"]
+    assert (totals["too_long"], totals["scored"]) == (2, 0)

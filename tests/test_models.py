@@ -7,9 +7,14 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from mcpft.chat_template import hermes_template, renders_tools
-from mcpft.models import ModelError, load_model, load_tokenizer, model_name, resolve_model
+from mcpft.config import default_base_model
+from mcpft.models import (
+    ModelError, OutOfMemory, explain_out_of_memory, load_model, load_tokenizer, model_context, model_name,
+    resolve_model,
+)
 
 # SmolLM2's kind of template: plain ChatML that drops tools.
 PLAIN_CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + "
@@ -24,6 +29,16 @@ def hub_cache(root: Path, repo_id: str, model_dir: Path, revision: str = "012345
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(revision)
     return repo / "snapshots" / revision
+
+
+def tiny_variant(tiny_model_dir: Path, folder: Path, config: dict | None = None,
+                 generation: dict | None = None) -> Path:
+    """A copy of the tiny model with some config.json / generation_config.json values changed."""
+    shutil.copytree(tiny_model_dir, folder)
+    for name, changes in (("config.json", config), ("generation_config.json", generation)):
+        path = folder / name
+        path.write_text(json.dumps({**json.loads(path.read_text()), **(changes or {})}))
+    return folder
 
 
 def test_local_folder_resolves_to_itself(tiny_model_dir, tmp_path):
@@ -64,6 +79,52 @@ def test_tokenizer_gets_our_template_when_its_own_drops_tools(tiny_model_dir, tm
     (folder / "chat_template.jinja").write_text(PLAIN_CHATML)
     tokenizer = load_tokenizer(str(folder), tmp_path)
     assert tokenizer.chat_template == hermes_template()
+
+
+def test_context_length_is_read_from_the_config(tiny_model_dir, tmp_path):
+    assert model_context(str(tiny_model_dir), tmp_path) == 131072
+    small = tiny_variant(tiny_model_dir, tmp_path / "small", config={"max_position_embeddings": 300})
+    assert model_context(str(small), tmp_path) == 300
+
+
+def test_default_base_model_follows_the_settings(monkeypatch):
+    settings = {"base_model": {"cpu": "smollm2", "gpu": "Qwen/Qwen3-0.6B"}}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert default_base_model(settings) == "smollm2"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert default_base_model(settings) == "Qwen/Qwen3-0.6B"
+    assert default_base_model({"base_model": "org/one"}) == "org/one" and default_base_model({}) is None
+
+
+def _raised(action) -> BaseException:
+    try:
+        action()
+    except BaseException as error:
+        return error
+    raise AssertionError("nothing was raised")
+
+
+@pytest.mark.parametrize("make_error, what", [
+    (lambda: _raised(lambda: torch.empty(2**62, dtype=torch.uint8)), "the RAM"),  # CPU allocator: a RuntimeError
+    (lambda: _raised(lambda: bytearray(2**62)), "the RAM"),  # Python's MemoryError
+    # The type the CUDA allocator raises, made here: there is no GPU to fill.
+    (lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "the GPU's memory"),
+])
+def test_out_of_memory_errors_become_one_clear_message(make_error, what):
+    error = make_error()
+    with pytest.raises(OutOfMemory) as raised:
+        with explain_out_of_memory("testing", "Lower max_length (now 4096)."):
+            raise error
+    assert str(raised.value) == f"{what} ran out while testing. Lower max_length (now 4096)."
+    assert raised.value.__cause__ is error
+
+
+def test_other_errors_pass_through_unchanged():
+    error = RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+    with pytest.raises(RuntimeError) as raised:
+        with explain_out_of_memory("testing", "advice"):
+            raise error
+    assert raised.value is error
 
 
 @pytest.mark.slow

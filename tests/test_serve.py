@@ -267,6 +267,26 @@ def test_adapter_is_served_beside_its_base(tiny_model_dir, tmp_path):
     assert texts["base", "my-adapter"] != texts["base", "model"]
 
 
+def test_context_limits_the_budget_and_refuses_a_prompt_that_fills_it(tiny_model_dir, tmp_path):
+    """A 300-token context: max_tokens beyond the room left is shortened to it; a longer prompt is a 400 as vLLM's."""
+    from tests.test_models import tiny_variant
+
+    folder = tiny_variant(tiny_model_dir, tmp_path / "small-context", config={"max_position_embeddings": 300})
+    base_url, stop = serve_in_thread(create_app(load_backends(str(folder), None, tmp_path)))
+    try:
+        api = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=60)
+        reply = sampled(api, model="small-context", max_tokens=1000, temperature=0)  # greedy: no end of turn
+        assert reply.usage.total_tokens == 300 and reply.choices[0].finish_reason == "length"
+        with pytest.raises(openai.BadRequestError) as raised:
+            sampled(api, model="small-context", messages=[{"role": "user", "content": "weather " * 300}])
+    finally:
+        stop()
+    body = raised.value.body
+    assert body["code"] == "context_length_exceeded" and body["param"] == "messages"
+    assert body["message"].startswith("This model's maximum context length is 300 tokens. However, your request has ")
+    assert body["message"].endswith(" input tokens. Please reduce the length of the input messages.")
+
+
 def test_adapter_folder_must_hold_an_adapter(tiny_model_dir, tmp_path):
     from mcpft.models import ModelError
 

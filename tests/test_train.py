@@ -264,3 +264,128 @@ def test_a_model_without_chatml_tokens_is_refused(tiny_model_dir, tmp_path):
     PreTrainedTokenizerFast(tokenizer_object=words, unk_token="[UNK]").save_pretrained(folder)
     with pytest.raises(TrainError, match="cannot render tool calls.*no <\\|im_end\\|> token"):
         prepare_training(TrainConfig(max_steps=1), weather_rows(), tmp_path / "out", base_model=str(folder))
+
+
+# -- outputs, bad input, held-out sets, settings, memory -------------------------------------------------------------
+
+
+def test_a_used_output_folder_is_refused_before_anything_loads(tmp_path, tiny_model_dir):
+    from mcpft.cli.common import CliError
+    from mcpft.train import check_out_dir
+
+    (tmp_path / "file").write_text("x")
+    old_run = tmp_path / "old-run"
+    old_run.mkdir()
+    (old_run / RUN_RECORD).write_text("{}")
+    (old_run / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(TrainError, match="is a file: choose a new folder"):
+        check_out_dir(tmp_path / "file")
+    with pytest.raises(TrainError, match=r"already holds a previous run \(adapter_model.safetensors, mcpft_run.json\)"
+                                         ": choose a new folder or remove it"):
+        train(TrainConfig(max_steps=1), weather_rows(), old_run, base_model=str(tiny_model_dir))
+    assert sorted(p.name for p in old_run.iterdir()) == ["adapter_model.safetensors", RUN_RECORD]  # untouched
+    # The CLI checks it first: a base model that does not exist is never reached.
+    with pytest.raises(CliError, match="is a file"):
+        _run_verb(["train", "--out", str(tmp_path / "file"), "--base-model", str(tmp_path / "no-model")])
+    assert check_out_dir(tmp_path / "new") == tmp_path / "new" and not (tmp_path / "new").exists()
+
+
+def test_broken_files_and_rows_are_named(tmp_path, tiny_model_dir):
+    from mcpft.cli.common import CliError
+
+    good = export_rows(weather_rows(), tmp_path / "good.jsonl")
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(good.read_text() + "\n{\"id\": \"x\", \"messages\": [\n")
+    not_rows = tmp_path / "not-rows.jsonl"
+    not_rows.write_text(json.dumps({"id": "r1", "messages": "x"}) + "\n")
+    base = ["train", "--out", str(tmp_path / "out"), "--base-model", str(tiny_model_dir)]
+    with pytest.raises(CliError, match=r"broken.jsonl: line 3 is not valid JSON \(Expecting value at column 26\)"):
+        _run_verb([*base, "--data", str(broken)])
+    with pytest.raises(CliError, match="broken.jsonl: line 3 is not valid JSON"):
+        _run_verb([*base, "--data", str(good), "--heldout", str(broken)])
+    with pytest.raises(CliError, match=r"not-rows.jsonl: row 1 \(id 'r1'\): 'messages' must be a non-empty list of "
+                                       r"message objects, got str 'x'"):
+        _run_verb([*base, "--data", str(not_rows)])
+    with pytest.raises(CliError, match=r"store:label=x.*store:tag=A,tag=B \(got 'label=x'\)"):
+        _run_verb([*base, "--data", "store:label=x", "--db", str(tmp_path / "db.sqlite")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_baseline_runs_after_the_data_checks_and_before_the_model_loads(tiny_model_dir, tmp_path):
+    calls = []
+    too_long = weather_rows(answer="Rain all day, " * 60)
+    with pytest.raises(TrainError, match="all 1 row.*longer than max_length 100"):
+        train(TrainConfig(max_length=100), too_long, tmp_path / "failed", base_model=str(tiny_model_dir),
+              baseline=lambda: calls.append("baseline"))
+    assert calls == []  # no baseline wasted on a run that fails on its data
+
+    out = tmp_path / "out"
+
+    def baseline():
+        calls.append(sorted(p.name for p in out.iterdir()) if out.exists() else "nothing written")
+        return {"totals": {"steps": 0}}
+
+    result = train(TrainConfig(max_steps=1), weather_rows(), out, base_model=str(tiny_model_dir), baseline=baseline)
+    assert calls == ["nothing written"] and result.baseline == {"totals": {"steps": 0}}
+    assert json.loads((out / RUN_RECORD).read_text())["baseline"] == {"totals": {"steps": 0}}
+
+
+def test_cli_trains_on_the_store_minus_its_heldout_traces_with_the_settings(store, tmp_path, tiny_model_dir,
+                                                                             monkeypatch, capsys):
+    """No --heldout: the store's traces tagged heldout are the held-out set (never trained on); the base model and
+    TrainConfig defaults come from space.yaml (here its environment overrides), flags override those."""
+    from mcpft.ingest import import_file
+
+    for city, tags in (("Paris", ("weather",)), ("Lyon", ("weather", "heldout")), ("Nice", ("other",))):
+        path = tmp_path / f"{city}.json"
+        path.write_text(json.dumps(weather_trace(city=city)))
+        import_file(store, path, tags=tags)
+    monkeypatch.setenv("MCPFT_BASE_MODEL", json.dumps({"cpu": str(tiny_model_dir), "gpu": str(tiny_model_dir)}))
+    monkeypatch.setenv("MCPFT_TRAINING", json.dumps({"lora_r": 4, "num_train_epochs": 2, "lora_alpha": 8}))
+    out = tmp_path / "run"
+    _run_verb(["train", "--out", str(out), "--db", str(tmp_path / "mcpft.db"), "--data", "store:tag=weather",
+               "--max-steps", "1", "--lora-r", "2", "--grad-accum", "1", "--target-modules", "q_proj,v_proj",
+               "--lora-dropout", "0.1", "--lr-scheduler-type", "constant", "--warmup-steps", "0", "--weight-decay",
+               "0.01", "--optim", "adamw_torch", "--batch-size", "1", "--no-gradient-checkpointing",
+               "--max-new-tokens", "4", "--json"])
+    summary = json.loads(capsys.readouterr().out)
+    record = json.loads((out / RUN_RECORD).read_text())
+    assert record["base_model"] == str(tiny_model_dir)
+    config = record["config"]
+    assert (config["lora_r"], config["lora_alpha"], config["epochs"]) == (2, 8, 2)  # flag, settings, settings
+    assert (config["target_modules"], config["lora_dropout"], config["lr_scheduler_type"]) == (
+        ["q_proj", "v_proj"], 0.1, "constant")
+    assert (config["weight_decay"], config["optim"], config["gradient_checkpointing"]) == (0.01, "adamw_torch", False)
+    assert set(json.loads((out / "adapter_config.json").read_text())["target_modules"]) == {"q_proj", "v_proj"}
+    assert record["data"]["source"]["traces"] == 1 and record["data"]["source"]["heldout_traces_left_out"] == 1
+    assert record["data"]["rows_used"] == 1  # Paris only: Lyon is held out, Nice lacks the tag
+    heldout = {"kind": "store", "tag": "heldout", "traces": 1, "rows": 1, "steps": 2}
+    assert record["heldout"] == summary["heldout"] == heldout
+    assert summary["baseline"]["steps"] == summary["after"]["steps"] == 2
+    assert [s["prompt"] for s in record["baseline"]["steps"]] == ["Weather in Lyon?"] * 2
+
+
+def _raise(error: BaseException):
+    raise error
+
+
+@pytest.mark.parametrize("make_error, what", [
+    (lambda: torch.empty(2**62, dtype=torch.uint8), "the RAM"),  # PyTorch's CPU allocator
+    (lambda: bytearray(2**62), "the RAM"),  # Python's MemoryError
+    (lambda: _raise(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")), "the GPU's memory"),
+])
+def test_running_out_of_memory_while_training_says_what_to_lower(make_error, what, tiny_model_dir, tmp_path):
+    """The error comes from inside trainer.train() (from the progress callback, which it calls every step)."""
+    from mcpft.models import OutOfMemory
+
+    out = tmp_path / "out"
+    with pytest.raises(OutOfMemory) as raised:
+        train(TrainConfig(max_steps=2, gradient_accumulation_steps=1), weather_rows(), out,
+              base_model=str(tiny_model_dir), on_progress=lambda p: make_error())
+    message = str(raised.value)
+    assert message.startswith(f"{what} ran out while training. To fit: lower max_length (now 4096; the longest kept "
+                              "row has ")
+    assert ("keep batch_size at 1 (now 1) and raise gradient_accumulation_steps (now 1) instead; turn "
+            "gradient_checkpointing on; set load_in_4bit (Unsloth path, CUDA) for 4-bit base weights.") in message
+    record = json.loads((out / RUN_RECORD).read_text())
+    assert record["status"] == "failed" and "ran out while training" in record["error"]

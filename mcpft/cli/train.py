@@ -2,40 +2,45 @@
 
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import signal
 import sys
 import threading
+import typing
 from contextlib import contextmanager
+from dataclasses import fields
 from pathlib import Path
 
 from mcpft.cli.common import CliError, emit, open_store, progress
-from mcpft.train import BACKENDS, MERGE_DTYPES, TrainConfig
+from mcpft.config import default_base_model, load_settings
+from mcpft.train import HELDOUT_TAG, MERGE_DTYPES, TrainConfig
+
+BASE_MODEL_DEFAULT = ("space.yaml's base_model: its gpu entry with CUDA, else its cpu entry ('smollm2' = the packaged "
+                      "SmolLM2)")
 
 
 def register(verbs, parent):
-    p = verbs.add_parser("train", parents=[parent], help="LoRA fine-tune a model on training rows")
-    p.add_argument("--out", required=True, type=Path, help="folder for the adapter, tokenizer and mcpft_run.json")
-    p.add_argument("--base-model", default=None, help="local folder or Hub id (default: the packaged SmolLM2)")
+    p = verbs.add_parser(
+        "train", parents=[parent], help="LoRA fine-tune a model on training rows",
+        description="TrainConfig's options default to its own values, then to space.yaml's training: block (or "
+                    "MCPFT_TRAINING); their flags override both.")
+    p.add_argument("--out", required=True, type=Path,
+                   help="a new or empty folder for the adapter, tokenizer and mcpft_run.json")
+    p.add_argument("--base-model", default=None, help=f"local folder or Hub id (default: {BASE_MODEL_DEFAULT})")
     p.add_argument("--data", default=None,
-                   help="'store' (default: the store's included traces), an exported dataset path, or a Hub dataset id")
+                   help="'store' (default: the store's included traces), 'store:tag=A,tag=B' (only traces with all "
+                        "these tags), an exported dataset path, or a Hub dataset id; store traces tagged "
+                        f"{HELDOUT_TAG!r} are never trained on")
     p.add_argument("--tag", action="append", default=[], help="store selection: only traces with this tag (repeatable)")
     p.add_argument("--include-flagged", action="store_true", help="store selection: keep flagged traces")
     p.add_argument("--heldout", type=Path, default=None,
-                   help="held-out rows (an export) scored step by step before (base) and after (adapter) training")
-    p.add_argument("--no-baseline", action="store_true", help="skip scoring the base model on --heldout")
+                   help="held-out rows (an export) scored step by step before (base) and after (adapter) training "
+                        f"(default, when training from the store: its traces tagged {HELDOUT_TAG!r})")
+    p.add_argument("--no-baseline", action="store_true", help="skip scoring the base model on the held-out rows")
     p.add_argument("--max-new-tokens", type=int, default=512, help="generation budget per held-out step")
-    defaults = TrainConfig()
-    for flag, name, kind in (("--max-steps", "max_steps", int), ("--lr", "learning_rate", float),
-                             ("--epochs", "epochs", float), ("--lora-r", "lora_r", int),
-                             ("--lora-alpha", "lora_alpha", int), ("--grad-accum", "gradient_accumulation_steps", int),
-                             ("--max-length", "max_length", int), ("--seed", "seed", int),
-                             ("--eval-fraction", "eval_fraction", float)):
-        p.add_argument(flag, dest=name, type=kind, default=getattr(defaults, name),
-                       help=f"default: {getattr(defaults, name)}")
-    p.add_argument("--backend", choices=BACKENDS, default="auto", help="auto: Unsloth on CUDA when installed")
-    p.add_argument("--load-in-4bit", action="store_true", help="QLoRA (Unsloth path only)")
+    _config_options(p.add_argument_group("TrainConfig"))
     p.set_defaults(handler=cmd_train)
 
     p = verbs.add_parser("merge", parents=[parent], help="merge a LoRA adapter into its base model (16-bit)")
@@ -54,16 +59,44 @@ def register(verbs, parent):
     p = verbs.add_parser("eval", parents=[parent], help="BFCL-style step scores on held-out rows")
     p.add_argument("--data", required=True, type=Path, help="held-out rows (JSONL, Parquet or a datasets folder)")
     p.add_argument("--model", default=None,
-                   help="in-process: base model folder or Hub id (default: packaged SmolLM2); "
+                   help=f"in-process: base model folder or Hub id (default: {BASE_MODEL_DEFAULT}); "
                         "with --base-url: the served model name")
     p.add_argument("--adapter", type=Path, default=None, help="a LoRA adapter on top of --model (in-process)")
     p.add_argument("--base-url", default=None, help="an OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--tokenizer", default=None,
+                   help="with --base-url: a local model folder or Hub id whose tokenizer and context length count "
+                        "each prompt here, so prompt + --max-new-tokens beyond the context counts as too long "
+                        "(default: --model when it is a local model folder, as vLLM names a model served from one)")
     p.add_argument("--api-key-env", default="OPENAI_API_KEY",
                    help="environment variable holding the endpoint's key (never passed on the command line)")
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--report", type=Path, default=None, help="write the full JSON report here")
     p.add_argument("--markdown", type=Path, default=None, help="write the Markdown report here")
     p.set_defaults(handler=cmd_eval)
+
+
+def _config_options(group) -> None:
+    """One flag per TrainConfig field, its help from the field; a flag not given leaves no attribute on args."""
+    hints = typing.get_type_hints(TrainConfig)
+    for f in fields(TrainConfig):
+        shown = ",".join(f.default) if isinstance(f.default, tuple) else f.default
+        default = "" if f.default is None else f" (default: {shown})"  # a None default's help says what it means
+        help_text = f"{f.metadata['help']}{default}".replace("%", "%%")
+        extra = {"choices": f.metadata["choices"]} if "choices" in f.metadata else {}
+        group.add_argument(f"--{f.name.replace('_', '-')}", *f.metadata.get("aliases", ()), dest=f.name,
+                           default=argparse.SUPPRESS, help=help_text, **_parsing(hints[f.name]), **extra)
+
+
+def _parsing(hint) -> dict:
+    """argparse's keywords for a TrainConfig field's type (`X | None`: parsed as X; bools get --no-...)."""
+    if typing.get_origin(hint) is tuple:
+        return {"type": _names, "metavar": "A,B,..."}
+    kinds = [kind for kind in typing.get_args(hint) or (hint,) if kind is not type(None)]
+    return {"action": argparse.BooleanOptionalAction} if kinds == [bool] else {"type": kinds[0]}
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in text.split(",") if name.strip())
 
 
 def _errors():
@@ -123,26 +156,26 @@ def _score(rows: list[dict], generator, label: str) -> dict:
 
 
 def cmd_train(args):
-    from mcpft.dataset import load_rows
-    from mcpft.train import choose_path, select_rows, train
+    from mcpft.train import check_out_dir, choose_path, config_from_settings, select_rows, store_selection, train
 
+    settings = load_settings()
     with _user_errors():
-        path, why = choose_path(args.backend)
+        check_out_dir(args.out)  # before anything loads or runs
+        config = config_from_settings(settings.get("training"),
+                                      **{f.name: getattr(args, f.name) for f in fields(TrainConfig)
+                                         if hasattr(args, f.name)})
+        path, why = choose_path(config.backend)
     if path == "unsloth":
         import unsloth  # noqa: F401  (before transformers, which the next line imports, so its patches apply)
     print(f"training path: {path} ({why})", file=sys.stderr)
     _quiet_libraries()
-    config_fields = {name: getattr(args, name) for name in (
-        "max_steps", "learning_rate", "epochs", "lora_r", "lora_alpha", "gradient_accumulation_steps", "max_length",
-        "seed", "eval_fraction", "backend", "load_in_4bit")}
+    base_model = args.base_model or default_base_model(settings)
     with _user_errors():
-        config = TrainConfig(**config_fields)
-        store = open_store(args) if args.data in (None, "", "store") else None
+        store = open_store(args) if store_selection(args.data) is not None else None
         rows, source = select_rows(args.data, store, args.tag, args.include_flagged)
-        heldout = load_rows(args.heldout) if args.heldout else None
-        extra = {"cli": {"argv": sys.argv[1:]}}
-        if heldout and not args.no_baseline:
-            extra["baseline"] = _baseline(heldout, args)
+        heldout, heldout_source = _heldout_rows(args, store)
+        baseline = None if not heldout or args.no_baseline else (
+            lambda: _baseline(heldout, base_model, args.max_new_tokens))
         stop_event = threading.Event()
         with progress(desc="train", unit="step") as bar, _stop_on_interrupt(stop_event):
             def on_progress(p):
@@ -150,22 +183,46 @@ def cmd_train(args):
                 bar.update(p.step - bar.n)
                 bar.set_postfix(loss=f"{p.loss:.4f}", tok_s=f"{p.tokens_per_s or 0:.0f}")
 
-            result = train(config, rows, args.out, base_model=args.base_model, on_progress=on_progress,
-                           stop_event=stop_event, source=source, record_extra=extra)
-        summary = result.summary()
+            result = train(config, rows, args.out, base_model=base_model, on_progress=on_progress,
+                           stop_event=stop_event, source=source, baseline=baseline,
+                           record_extra={"cli": {"argv": sys.argv[1:]}, "heldout": heldout_source})
+        summary = {**result.summary(), "heldout": heldout_source}
         if heldout and result.adapter_dir:
-            summary["after"] = _after(heldout, args, result.adapter_dir, extra.get("baseline"))["totals"]
-            summary["baseline"] = extra["baseline"]["totals"] if "baseline" in extra else None
+            report = _after(heldout, base_model, args.max_new_tokens, result.adapter_dir, result.baseline)
+            summary["after"] = report["totals"]
+            summary["baseline"] = result.baseline["totals"] if result.baseline else None
     text = (f"{'stopped' if result.stopped else 'trained'} {result.steps}/{result.total_steps} steps on "
             f"{result.rows_used} rows ({len(result.rows_left_out)} left out) via {result.path}: {result.why}\n"
             f"final loss {result.final_loss}; adapter in {result.adapter_dir}")
     emit(args, summary, text)
 
 
-def _baseline(heldout: list[dict], args) -> dict:
+def _heldout_rows(args, store) -> tuple[list[dict] | None, dict | None]:
+    """--heldout's rows, else (training from the store) the store's traces tagged heldout; says which on stderr.
+    Their steps are checked here, before any model loads."""
+    from mcpft.evaluate import steps_from_rows
+    from mcpft.train import read_rows, store_heldout_rows
+
+    if args.heldout:
+        rows, source = read_rows(args.heldout), {"kind": "file", "path": str(args.heldout)}
+    elif store is not None:
+        rows, source = store_heldout_rows(store)
+    else:
+        return None, None
+    if not rows:
+        print(f"held-out: none (no included, unflagged store trace is tagged {HELDOUT_TAG!r}; tag some, or pass "
+              "--heldout PATH)", file=sys.stderr)
+        return None, None
+    source = {**source, "rows": len(rows), "steps": len(steps_from_rows(rows))}
+    where = source.get("path") or f"{source['traces']} store trace(s) tagged {HELDOUT_TAG!r}, never trained on"
+    print(f"held-out: {source['rows']} row(s), {source['steps']} step(s) from {where}", file=sys.stderr)
+    return rows, source
+
+
+def _baseline(heldout: list[dict], base_model: str | None, max_new_tokens: int) -> dict:
     from mcpft.evaluate import local_generator
 
-    generator = local_generator(args.base_model, max_new_tokens=args.max_new_tokens)
+    generator = local_generator(base_model, max_new_tokens=max_new_tokens)
     try:
         return _score(heldout, generator, "baseline")
     finally:
@@ -173,16 +230,17 @@ def _baseline(heldout: list[dict], args) -> dict:
         gc.collect()  # free the base model before training loads it again
 
 
-def _after(heldout: list[dict], args, adapter_dir: Path, baseline: dict | None) -> dict:
+def _after(heldout: list[dict], base_model: str | None, max_new_tokens: int, adapter_dir: Path,
+           baseline: dict | None) -> dict:
     from mcpft.evaluate import compare, local_generator
     from mcpft.train import update_run_record
 
-    report = _score(heldout, local_generator(args.base_model, adapter=adapter_dir,
-                                             max_new_tokens=args.max_new_tokens), "after")
-    fields = {"after": report}
+    report = _score(heldout, local_generator(base_model, adapter=adapter_dir, max_new_tokens=max_new_tokens),
+                    "after")
+    results = {"after": report}
     if baseline:
-        fields["comparison"] = compare(baseline, report)
-    update_run_record(adapter_dir, **fields)
+        results["comparison"] = compare(baseline, report)
+    update_run_record(adapter_dir, **results)
     return report
 
 
@@ -210,23 +268,18 @@ def cmd_push_model(args):
 
 
 def cmd_eval(args):
-    import os
-
-    from mcpft.dataset import load_rows
-    from mcpft.evaluate import EndpointGenerator, local_generator, report_markdown
+    from mcpft.evaluate import local_generator, report_markdown, steps_from_rows
+    from mcpft.train import read_rows
 
     _quiet_libraries()
     with _user_errors():
-        rows = load_rows(args.data)
+        rows = read_rows(args.data)
+        steps_from_rows(rows)  # checked before a model loads
         if args.base_url:
-            if not args.model:
-                raise CliError("--base-url needs --model: the model name the endpoint serves")
-            if args.adapter:
-                raise CliError("--adapter applies to in-process evaluation; an endpoint serves its own adapters")
-            generator = EndpointGenerator(args.base_url, args.model, api_key=os.environ.get(args.api_key_env),
-                                          max_new_tokens=args.max_new_tokens)
+            generator = _endpoint_generator(args)
         else:
-            generator = local_generator(args.model, adapter=args.adapter, max_new_tokens=args.max_new_tokens)
+            generator = local_generator(args.model or default_base_model(load_settings()), adapter=args.adapter,
+                                        max_new_tokens=args.max_new_tokens)
         report = _score(rows, generator, "eval")
     if args.report:
         args.report.write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
@@ -237,3 +290,22 @@ def cmd_eval(args):
                "report": str(args.report) if args.report else None,
                "markdown": str(args.markdown) if args.markdown else None}
     emit(args, summary, markdown)
+
+
+def _endpoint_generator(args):
+    """The endpoint's generator; with a local tokenizer (see --tokenizer) prompts are counted against its context."""
+    import os
+
+    from mcpft.config import data_dir
+    from mcpft.evaluate import EndpointGenerator
+    from mcpft.models import load_tokenizer, model_context
+
+    if not args.model:
+        raise CliError("--base-url needs --model: the model name the endpoint serves")
+    if args.adapter:
+        raise CliError("--adapter applies to in-process evaluation; an endpoint serves its own adapters")
+    spec = args.tokenizer or (args.model if (Path(args.model) / "config.json").is_file() else None)
+    tokenizer = load_tokenizer(spec, data_dir()) if spec else None
+    return EndpointGenerator(args.base_url, args.model, api_key=os.environ.get(args.api_key_env),
+                             max_new_tokens=args.max_new_tokens, tokenizer=tokenizer,
+                             context_length=model_context(spec, data_dir()) if spec else None)

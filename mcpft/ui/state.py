@@ -13,10 +13,9 @@ from pathlib import Path
 
 from mcpft.agent.session import EmbeddedEndpoint
 from mcpft.config import data_dir as default_data_dir
-from mcpft.config import load_settings
+from mcpft.config import default_base_model, load_settings
 from mcpft.store import Store
 
-HELDOUT_TAG = "heldout"  # traces with this tag are the evaluation set and never trained on
 SESSION_TTL_S = 24 * 3600
 
 
@@ -53,21 +52,6 @@ class AppContext:
         return path
 
 
-def cpu_or_gpu_model(settings: dict) -> str | None:
-    """space.yaml's `base_model` for this machine: `gpu` with CUDA, else `cpu` ("smollm2" = the packaged model)."""
-    import importlib.util
-
-    base = settings.get("base_model") or {}
-    if not isinstance(base, dict):
-        return str(base)
-    on_cuda = False
-    if importlib.util.find_spec("torch") is not None:
-        import torch
-
-        on_cuda = torch.cuda.is_available()
-    return base.get("gpu" if on_cuda else "cpu")
-
-
 def make_context(data_dir: Path | None = None, model: str | None = None, settings: dict | None = None,
                  extra_backends: dict | None = None, mcp_config: dict | None = None) -> AppContext:
     """The app's context from `space.yaml` (or `settings`), with explicit arguments taking precedence.
@@ -86,7 +70,7 @@ def make_context(data_dir: Path | None = None, model: str | None = None, setting
         mcp_config, config_error = _default_mcp_config(settings, data_dir)
     return AppContext(
         store=Store(data_dir / "mcpft.db"), data_dir=data_dir, settings=settings,
-        embedded=EmbeddedEndpoint(data_dir, extra_backends), default_model=model or cpu_or_gpu_model(settings),
+        embedded=EmbeddedEndpoint(data_dir, extra_backends), default_model=model or default_base_model(settings),
         mcp_config=mcp_config, mcp_config_error=config_error, on_space=bool(os.environ.get("SPACE_ID")),
         browser_secret=_browser_secret(data_dir))
 

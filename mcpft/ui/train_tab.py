@@ -14,13 +14,13 @@ import gradio as gr
 import pandas as pd
 
 from mcpft.dataset import rows_from_traces
-from mcpft.hub import PushError, push_model
+from mcpft.hub import PushError, hub_failure, push_model
 from mcpft.models import ModelError, model_name
 from mcpft.render import RenderError
-from mcpft.train import (BACKENDS, MERGE_DTYPES, Progress, TrainConfig, TrainError, choose_path, merge_adapter,
-                         read_run_record, train)
+from mcpft.train import (BACKENDS, CPU_MAX_LENGTH, GPU_MAX_LENGTH, HELDOUT_TAG, MERGE_DTYPES, Progress, TrainConfig,
+                         TrainError, choose_path, config_from_settings, merge_adapter, read_run_record, train)
 from mcpft.ui.owner import owner_slug, require_owner
-from mcpft.ui.state import HELDOUT_TAG, AppContext, Shared
+from mcpft.ui.state import AppContext, Shared
 
 POLL_S = 30.0  # the stream re-checks a silent training thread this often
 MERGED_SUFFIX = "-merged"
@@ -107,13 +107,17 @@ def loss_frame(points: list[tuple[int, float]]) -> pd.DataFrame:
 
 
 def build(ctx: AppContext, shared: Shared) -> None:
-    training = ctx.settings.get("training") or {}
-    defaults = TrainConfig()
+    try:
+        defaults, settings_error = config_from_settings(ctx.settings.get("training")), ""
+    except TrainError as error:  # shown on the tab; the app still starts, on TrainConfig's own defaults
+        defaults, settings_error = TrainConfig(), str(error)
     known = [spec for spec in dict.fromkeys([ctx.default_model, *((ctx.settings.get("base_model") or {}).values()
                                                                   if isinstance(ctx.settings.get("base_model"), dict)
                                                                   else [])]) if spec]
     with gr.Tab("Train", id="train") as tab:
         device = gr.Markdown("**Device:** (checked when you open this tab)", elem_id="train-device")
+        if settings_error:
+            gr.Markdown(f"**space.yaml's training defaults are not used:** {settings_error}")
         with gr.Row():
             base_model = gr.Dropdown(known, value=ctx.default_model, allow_custom_value=True,
                                      label="Base model (folder, Hub id, or smollm2)", scale=3, elem_id="base-model")
@@ -124,17 +128,17 @@ def build(ctx: AppContext, shared: Shared) -> None:
             include_flagged = gr.Checkbox(False, label="Include flagged traces")
         with gr.Accordion("Hyperparameters (TrainConfig)", open=True):
             with gr.Row():
-                lora_r = gr.Number(training.get("lora_r", defaults.lora_r), label="LoRA r", precision=0, minimum=1)
+                lora_r = gr.Number(defaults.lora_r, label="LoRA r", precision=0, minimum=1)
                 lora_alpha = gr.Number(defaults.lora_alpha, label="LoRA alpha", precision=0, minimum=1)
-                learning_rate = gr.Number(training.get("learning_rate", defaults.learning_rate), label="Learning rate")
-                epochs = gr.Number(training.get("num_train_epochs", defaults.epochs), label="Epochs")
+                learning_rate = gr.Number(defaults.learning_rate, label="Learning rate")
+                epochs = gr.Number(defaults.epochs, label="Epochs")
             with gr.Row():
-                accumulation = gr.Number(training.get("gradient_accumulation_steps",
-                                                      defaults.gradient_accumulation_steps),
-                                         label="Gradient accumulation steps", precision=0, minimum=1)
-                max_steps = gr.Number(0, label="Max steps (0 = by epochs)", precision=0, minimum=0,
-                                      elem_id="max-steps")
-                max_length = gr.Number(0, label="Max length (0 = 4096 on CPU, 32768 on GPU)", precision=0, minimum=0)
+                accumulation = gr.Number(defaults.gradient_accumulation_steps, label="Gradient accumulation steps",
+                                         precision=0, minimum=1)
+                max_steps = gr.Number(defaults.max_steps or 0, label="Max steps (0 = by epochs)", precision=0,
+                                      minimum=0, elem_id="max-steps")
+                max_length = gr.Number(defaults.max_length or 0, label=f"Max length (0 = {CPU_MAX_LENGTH} on CPU, "
+                                       f"{GPU_MAX_LENGTH} on GPU, capped by the model)", precision=0, minimum=0)
                 seed = gr.Number(defaults.seed, label="Seed", precision=0)
         with gr.Row():
             start_button = gr.Button("Start training", variant="primary", elem_id="train-start")
@@ -254,7 +258,7 @@ def build(ctx: AppContext, shared: Shared) -> None:
         except PushError as error:
             raise gr.Error(str(error)) from None
         except Exception as error:  # the Hub's refusals come in many types; the message is what matters
-            raise gr.Error(f"The push failed: {error}") from None
+            raise gr.Error(f"The push failed: {hub_failure(error, (repo or '').strip()) or error}") from None
         return f"Pushed `{folder.name}` to [{url}]({url})."
 
     owner = shared.owner
