@@ -8,10 +8,9 @@ import pytest
 
 from mcpft.demo import data
 from mcpft.demo.site import serve_site
-from mcpft.demo.tasks import HELDOUT_TEMPLATES, CheckResult, load_tasks, numbers, task_by_id
+from mcpft.demo.tasks import HELDOUT_TEMPLATES, load_tasks, numbers, task_by_id
 
 ALL = load_tasks()
-ANSWER_TASKS = [task for task in ALL if task.template != "contact_form"]
 FORM_TASKS = [task for task in ALL if task.template == "contact_form"]
 
 
@@ -52,11 +51,20 @@ def test_prompts_carry_the_site_url_only_when_tools_are_needed():
         assert "8123/" not in prompt  # the trailing slash is dropped, so URLs join cleanly
 
 
-@pytest.mark.parametrize("task", ANSWER_TASKS, ids=lambda t: t.id)
-def test_checker_accepts_the_right_answer_and_rejects_a_wrong_one(task):
-    assert task.check(task.expected) == CheckResult(True, "matches")
-    verdict = task.check(task.wrong)
-    assert not verdict.ok and verdict.reason
+def wrong_answers(task) -> list[str]:
+    """A hedge between the right answer and a wrong one, a negation of the right one, a wrong one alone, nothing."""
+    return [f"{task.expected} or {task.wrong}", f"not {task.expected}", task.wrong, "", "  "]
+
+
+@pytest.mark.parametrize("task", ALL, ids=lambda t: t.id)
+def test_checker_accepts_the_right_answer_and_rejects_wrong_ones(task, site):
+    site.clear_submissions()
+    if task in FORM_TASKS:  # the site received the right submission: only the answer can be wrong now
+        post(site.base_url, dict(task.params))
+    assert task.check(task.expected, site).ok
+    for answer in wrong_answers(task):
+        verdict = task.check(answer, site)
+        assert not verdict.ok and verdict.reason, answer
 
 
 @pytest.mark.parametrize("task_id, answer", [
@@ -77,17 +85,39 @@ def test_checker_accepts_the_right_answer_and_rejects_a_wrong_one(task):
     ("no_tool_arithmetic-4", "5625"),
     ("compare_weight-summit-down-jacket-drift-rain-shell", "The Summit Down Jacket is lighter than the Drift Rain Shell"),
     ("compare_weight-summit-down-jacket-drift-rain-shell", "Summit (380 g)"),
+    ("price_by_position-1", "The price is $129.00."),
+    ("product_spec-trailblazer-backpack-weight", "The Trailblazer Backpack 45L weighs 1450 g (1.45 kg)."),
+    ("learn_more_fact-trees", "Acme planted 12,400 trees in 2024."),  # the year the question gave is no rival
+    ("no_tool_arithmetic-3", "15% of 80 is 12."),
+    ("docs_first_item-warranty-makingaclaim", "The first item is: Find your order number or receipt."),  # quoted
+    ("docs_first_item-payment-paymentsecurity", "Card details are never stored on our servers."),
 ])
 def test_checkers_tolerate_phrasing(task_id, answer):
     assert task_by_id(task_id).check(answer).ok
 
 
 @pytest.mark.parametrize("task_id, answer, reason", [
-    ("price_by_position-1", "It is $129.00 or maybe $249.00.", "other catalogue prices"),
-    ("price_by_position-1", "", "expected the price $129.00"),
+    ("price_by_position-1", "It is $129.00 or maybe $249.00.", "other prices"),
+    ("price_by_position-1", "It costs $129.00, not $135.00.", "other prices"),
+    ("price_by_position-1", "It costs $129.00, or about that.", "hedges or negates ('or')"),
+    ("price_by_position-1", "It probably costs $129.00.", "hedges or negates ('probably')"),
+    ("price_by_position-1", "", "the answer is empty"),
+    ("no_tool_arithmetic-1", "391, 392", "other numbers [392.0]"),
+    ("no_tool_arithmetic-1", "It isn't 391.", "hedges or negates (\"n't\")"),
+    ("product_spec-trailblazer-backpack-weight", "1450 g, 1120 g", "other numbers [1120.0]"),
+    ("product_spec-summit-down-jacket-made_in", "Portugal, with parts from Vietnam", "other made in values"),
+    ("learn_more_fact-founded", "Acme was founded in 1987. or The answer is 1978.", "other numbers [1978.0]"),
+    ("no_tool_definition-html", "HyperText Markup Language, Hypertext Transfer Protocol", "other expansions"),
+    ("docs_search_first_result-refund", "\"Returns and Exchanges\", then \"Warranty\"", "other results"),
+    ("docs_first_item-payment-paymentsecurity", "Not: Card details are never stored on our servers.",
+     "hedges or negates ('Not')"),
+    ("compare_weight-summit-down-jacket-drift-rain-shell",
+     "The Summit Down Jacket is lighter. The Drift Rain Shell is lighter.", "calls 'Drift Rain Shell' lighter too"),
+    ("compare_price-trailblazer-backpack-ember-camp-stove",
+     "The Trailblazer Backpack 45L costs $64.50 more, about $70.00.", "other amounts [70.0]"),
     ("page2_product-3", "It costs $39.95.", "expected the product name"),
     ("product_first_feature-summit-down-jacket",
-     "800-fill responsibly sourced down; Packs into its own chest pocket", "later features"),
+     "800-fill responsibly sourced down; Packs into its own chest pocket", "other features"),
     ("docs_search_count-order", "4 results, or perhaps 5", "other counts"),
     ("compare_weight-summit-down-jacket-drift-rain-shell", "The Drift Rain Shell is heavier than the Summit",
      "ambiguous"),

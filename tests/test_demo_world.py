@@ -3,13 +3,34 @@ endpoint. Real site, real Playwright MCP + Chromium, real embedded endpoint, rea
 
 import asyncio
 import json
+import socket
 import subprocess
 import sys
 
-from mcpft.agent.endpoint import Endpoint
-from mcpft.demo.world import DEMO_TAG, DEMO_TOOLS, TEACHER, collect, evaluate_tasks, pick_tasks, teacher_endpoint
+import pytest
+
+from mcpft.agent.endpoint import Endpoint, EndpointError
+from mcpft.cli import main
+from mcpft.demo.snapshot import tabs
+from mcpft.demo.tasks import load_tasks
+from mcpft.demo.world import (DEMO_TAG, DEMO_TOOLS, TEACHER, TeacherBackend, check_endpoint, collect, evaluate_tasks,
+                              pick_tasks, running_world, teacher_endpoint)
 from mcpft.serve import create_app, serve_in_thread
 from tests.scripted import ScriptedBackend
+
+
+def one_task_per_template() -> list[str]:
+    chosen: dict[str, str] = {}
+    for task in load_tasks():
+        chosen.setdefault(task.template, task.id)
+    return list(chosen.values())
+
+
+def dead_url() -> str:
+    """An address where nothing listens (the port was free a moment ago)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
 
 
 def test_pick_tasks_covers_templates_first():
@@ -32,13 +53,37 @@ def test_collect_stores_clean_teacher_traces(store, tmp_path):
         assert all(m.get("reasoning_content") for m in trace.messages if m["role"] == "assistant")
 
 
+def test_reset_leaves_one_blank_tab_without_history(tmp_path):
+    async def browse_then_reset():
+        async with running_world(tmp_path) as world:
+            base = world.site.base_url
+            await world.reset()
+            await world.hub.call("browser_navigate", {"url": base + "/products"})
+            await world.hub.call("browser_navigate", {"url": base + "/docs"})
+            await world.hub.call("browser_tabs", {"action": "new", "url": base + "/about"})
+            world.site.record_submission({"name": "Ada"})
+            await world.reset()
+            listed = await world.hub.call("browser_tabs", {"action": "list"})
+            back = await world.hub.call("browser_navigate_back", {})
+            return listed.text, back.text, world.site.submissions
+
+    listed, back, submissions = asyncio.run(browse_then_reset())
+    assert [(tab.url, tab.current) for tab in tabs(listed)] == [("about:blank", True)]
+    assert "Page URL: about:blank" in back and "/products" not in back  # no way back to the last task's pages
+    assert submissions == []
+
+
 def test_eval_scores_the_teacher_and_a_model_that_misbehaves(tmp_path):
     async def teacher():
-        async with teacher_endpoint() as endpoint:
-            return await evaluate_tasks(endpoint, "heldout", limit=2, browser_dir=tmp_path / "a")
+        async with teacher_endpoint() as endpoint:  # collect's path: the demo's tools, no completion limits
+            return await evaluate_tasks(endpoint, None, browser_dir=tmp_path / "a", settings=None, max_steps=20,
+                                        task_ids=one_task_per_template())
 
-    totals = asyncio.run(teacher()).totals()
-    assert (totals["tasks"], totals["success_rate"], totals["unneeded_calls"]) == (2, 1.0, 0)
+    report = asyncio.run(teacher())
+    totals = report.totals()
+    assert [t.reason for t in report.tasks if not t.success] == []
+    assert (totals["tasks"], totals["success_rate"], totals["unneeded_calls"], totals["endpoint_errors"]) == \
+        (len(one_task_per_template()), 1.0, 0, 0)
 
     url, stop = serve_in_thread(create_app({"always-calls": ScriptedBackend(calls=1, tool="browser_snapshot")}))
     try:
@@ -50,6 +95,64 @@ def test_eval_scores_the_teacher_and_a_model_that_misbehaves(tmp_path):
     assert report.totals()["success_rate"] == 0.0
     assert by_id["no_tool_arithmetic-7"].unneeded_calls == 1
     assert by_id["price_by_position-5"].unneeded_calls == 0 and not by_id["price_by_position-5"].success
+
+
+def test_eval_marks_the_tasks_an_endpoint_fails_mid_run(tmp_path):
+    url, stop = serve_in_thread(create_app({TEACHER: TeacherBackend()}))
+    try:
+        report = asyncio.run(evaluate_tasks(Endpoint(url, TEACHER), "train", browser_dir=tmp_path,
+                                            task_ids=["no_tool_arithmetic-1", "no_tool_arithmetic-2"],
+                                            on_task=lambda outcome: stop()))  # the endpoint dies after one task
+    finally:
+        stop()
+    first, second = report.tasks
+    assert first.success and not first.endpoint_error
+    assert second.endpoint_error and not second.success
+    assert second.reason.startswith(f"endpoint error: cannot connect to {url}")
+    totals = report.totals()
+    counted = (totals["tasks"], totals["endpoint_errors"], totals["scored_tasks"], totals["success_rate"])
+    assert counted == (2, 1, 1, 1.0)  # the failed task is not scored as a wrong answer
+
+
+def test_check_endpoint_names_a_model_the_endpoint_does_not_serve():
+    async def check():
+        async with teacher_endpoint() as endpoint:
+            await check_endpoint(Endpoint(endpoint.base_url, "nope"))
+
+    with pytest.raises(EndpointError, match=r"does not serve the model 'nope' \(it serves: scripted-teacher\)"):
+        asyncio.run(check())
+
+
+def test_cli_demo_eval_refuses_an_endpoint_that_does_not_answer(capsys):
+    url = dead_url()
+    assert main(["demo", "eval", "--base-url", url, "--model", "m"]) == 2
+    assert f"the endpoint cannot be evaluated: cannot connect to {url}" in capsys.readouterr().err
+
+
+def test_eval_refuses_a_limit_below_one():
+    with pytest.raises(ValueError, match="limit must be at least 1, got 0"):
+        asyncio.run(evaluate_tasks(Endpoint(dead_url(), "m"), limit=0))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "--model", TEACHER, "--limit", "0"], "argument --limit: must be at least 1, got 0"),
+    (["eval", "--model", TEACHER, "--limit", "-1"], "argument --limit: must be at least 1, got -1"),
+    (["eval", "--model", TEACHER, "--max-steps", "two"], "argument --max-steps: expected a whole number, got 'two'"),
+    (["collect", "--n", "0"], "argument --n: must be at least 1, got 0"),
+])
+def test_cli_demo_refuses_counts_below_one(capsys, argv, message):
+    with pytest.raises(SystemExit) as exited:
+        main(["demo", *argv])
+    assert exited.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--base-url", "http://127.0.0.1:1/v1", "--model", "m"], "--adapter cannot be used with --base-url"),
+    (["--model", TEACHER], f"--adapter cannot be used with --model {TEACHER}"),
+])
+def test_cli_demo_eval_refuses_an_adapter_it_would_ignore(capsys, argv, message):
+    assert main(["demo", "eval", *argv, "--adapter", "runs/demo/adapter"]) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_cli_demo_eval_json_report(tmp_path):

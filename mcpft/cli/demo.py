@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import sys
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 from mcpft.cli.common import CliError, emit, open_store, progress
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (0 tasks or steps would make an empty, misleading report)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def register(verbs, parent):
@@ -19,7 +31,7 @@ def register(verbs, parent):
     p.set_defaults(handler=cmd_serve)
 
     p = sub.add_parser("collect", parents=[parent], help="store teacher traces for N tasks (auto-approved)")
-    p.add_argument("--n", type=int, required=True)
+    p.add_argument("--n", type=positive_int, required=True)
     p.add_argument("--split", choices=("train", "heldout"), default="train")
     p.set_defaults(handler=cmd_collect)
 
@@ -30,8 +42,8 @@ def register(verbs, parent):
     p.add_argument("--adapter", help="without --base-url: evaluate this LoRA adapter on the base --model")
     p.add_argument("--api-key")
     p.add_argument("--split", choices=("train", "heldout"), default="heldout")
-    p.add_argument("--limit", type=int, help="only the first K tasks of the split")
-    p.add_argument("--max-steps", type=int, default=12)
+    p.add_argument("--limit", type=positive_int, help="only the first K tasks of the split")
+    p.add_argument("--max-steps", type=positive_int, default=12)
     p.add_argument("--transcripts", type=Path, help="append each run's messages to this JSONL file")
     p.set_defaults(handler=cmd_eval)
 
@@ -49,7 +61,7 @@ def cmd_serve(args):
 
 
 def _outcome_line(outcome) -> str:
-    mark = "ok " if outcome.success else "FAIL"
+    mark = "ok  " if outcome.success else "ERR " if outcome.endpoint_error else "FAIL"
     return f"{mark} {outcome.task_id:40} steps={outcome.steps} calls={outcome.tool_calls} {outcome.reason[:60]}"
 
 
@@ -79,6 +91,10 @@ async def _eval_endpoint(args):
     from mcpft.agent.endpoint import Endpoint
     from mcpft.demo.world import TEACHER, teacher_endpoint
 
+    if args.adapter and (args.base_url or args.model == TEACHER):
+        other = "--base-url" if args.base_url else f"--model {TEACHER}"
+        raise CliError(f"--adapter cannot be used with {other}: an adapter is served here on a base --model "
+                       "(a folder, Hub id, or empty for SmolLM2)")
     if args.base_url:
         if not args.model:
             raise CliError("--model is required with --base-url")
@@ -103,6 +119,8 @@ async def _eval_endpoint(args):
 
 
 def cmd_eval(args):
+    from mcpft.agent.browser import BrowserSetupError
+    from mcpft.agent.endpoint import EndpointError
     from mcpft.demo.tasks import load_tasks
     from mcpft.demo.world import evaluate_tasks
 
@@ -116,12 +134,20 @@ def cmd_eval(args):
 
     try:
         report = asyncio.run(run())
+    except EndpointError as e:
+        raise CliError(f"the endpoint cannot be evaluated: {e}") from None
+    except BrowserSetupError as e:
+        raise CliError(str(e)) from None
     finally:
         bar.close()
     totals = report.totals()
-    text = "\n".join([*(_outcome_line(t) for t in report.tasks),
-                      f"{report.model}: success {totals['successes']}/{totals['tasks']} "
-                      f"({totals['success_rate']:.0%}), tool errors {totals['tool_errors']}, "
-                      f"unneeded calls {totals['unneeded_calls']}"])
-    emit(args, report.to_dict(), text)
+    rate = "n/a" if totals["success_rate"] is None else f"{totals['success_rate']:.0%}"
+    lines = [*(_outcome_line(t) for t in report.tasks),
+             f"{report.model}: success {totals['successes']}/{totals['scored_tasks']} ({rate}), "
+             f"tool errors {totals['tool_errors']}, unneeded calls {totals['unneeded_calls']}"]
+    if totals["endpoint_errors"]:
+        lines.append(f"{totals['endpoint_errors']} of {totals['tasks']} tasks got no reply from the endpoint (ERR): "
+                     "they are left out of the success rate")
+    emit(args, report.to_dict(), "\n".join(lines))
+    return 1 if totals["endpoint_errors"] else 0
 

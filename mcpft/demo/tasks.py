@@ -70,10 +70,25 @@ class Task:
     def check(self, answer: str, site_state: SiteState | None = None) -> CheckResult:
         if not isinstance(answer, str):
             raise TypeError(f"task {self.id}: answer must be a string, got {type(answer).__name__}")
-        return self.checker(answer, site_state)
+        if not answer.strip():
+            return _fail("the answer is empty")
+        verdict = self.checker(answer, site_state)
+        hedge = hedging(answer) if verdict.ok else None
+        return _fail(hedge) if hedge else verdict
 
 
 # ---- answer reading helpers -----------------------------------------------------------------------------------
+
+NUMBER = r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?"
+MONEY = re.compile(rf"\$\s*({NUMBER})|({NUMBER})\s*(?:dollars?|usd)\b", re.IGNORECASE)
+HEDGES = ("or", "either", "nor", "maybe", "perhaps", "possibly", "probably")
+NEGATION = re.compile(r"\b(?:not|never|cannot)\b|n['’]t\b", re.IGNORECASE)
+# Product names carry numbers ("Backpack 45L", "Tent 2P") that are no part of an answer's value.
+_NAME_TOKENS = {p.name for p in data.PRODUCTS} | {t for p in data.PRODUCTS for t in p.name.split()
+                                                  if any(c.isdigit() for c in t)}
+PRODUCT_NAMES = re.compile(r"\b(?:" + "|".join(map(re.escape, sorted(_NAME_TOKENS, key=len, reverse=True))) + r")\b",
+                           re.IGNORECASE)
+
 
 def words(text: str) -> list[str]:
     return re.findall(r"[a-z0-9]+", text.lower())
@@ -86,15 +101,24 @@ def compact(text: str) -> str:
 
 def numbers(text: str) -> list[float]:
     """Every number in the text, digits ("$1,450.00", "68%") or small number words ("three")."""
-    found = [float(raw.replace(",", "")) for raw in re.findall(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?", text)]
+    found = [float(raw.replace(",", "")) for raw in re.findall(NUMBER, text)]
     found += [float(NUMBER_WORDS[word]) for word in words(text) if word in NUMBER_WORDS and word != "no"]
     if re.search(r"\bno (?:results?|matches|pages)\b", text.lower()):
         found.append(0.0)
     return found
 
 
+def amounts(text: str) -> list[float]:
+    """The dollar amounts in the text: "$1,450.00", "129 dollars"."""
+    return [float((dollar or spelled).replace(",", "")) for dollar, spelled in MONEY.findall(text)]
+
+
+def same(a: float, b: float) -> bool:
+    return abs(a - b) < 0.005
+
+
 def mentions_number(text: str, value: float) -> bool:
-    return any(abs(number - value) < 0.005 for number in numbers(text))
+    return any(same(number, value) for number in numbers(text))
 
 
 def mentions_words(answer: str, phrase: str) -> bool:
@@ -103,8 +127,36 @@ def mentions_words(answer: str, phrase: str) -> bool:
     return all(word in present for word in words(phrase))
 
 
+def mentions_phrase(answer: str, phrase: str) -> bool:
+    """`phrase` occurs in `answer`, spacing, punctuation and casing aside."""
+    return compact(phrase) in compact(answer)
+
+
 def mentions_product(answer: str, product: Product) -> bool:
     return product.short_name.lower() in words(answer)
+
+
+def hedge_words(text: str) -> list[str]:
+    """The hedges ("or", "maybe") and negations ("not", "isn't") in the text."""
+    return [word for word in words(text) if word in HEDGES] + NEGATION.findall(text)
+
+
+@lru_cache(maxsize=1)
+def _verbatim() -> re.Pattern[str]:
+    """The site's and the tasks' own texts that hold such words ("Find your order number or receipt", a contact
+    message "... has not updated."): quoting one is no hedge."""
+    texts = [*(feature for p in data.PRODUCTS for feature in p.features),
+             *(line for doc in data.DOCS for line in doc.text().splitlines()),
+             *(message for _, _, _, message, _ in CONTACTS)]
+    quoted = sorted({text.rstrip(".?!") for text in texts if hedge_words(text)}, key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, quoted)), re.IGNORECASE)
+
+
+def hedging(answer: str) -> str | None:
+    """Why the answer hedges ("A or B", "maybe A") or negates ("not A") instead of committing to one answer, or
+    None when it does not."""
+    found = hedge_words(_verbatim().sub(" ", answer))
+    return f"hedges or negates ({found[0]!r}) instead of committing to one answer" if found else None
 
 
 def _ok(reason: str = "matches") -> CheckResult:
@@ -116,6 +168,8 @@ def _fail(reason: str) -> CheckResult:
 
 
 # ---- checkers -------------------------------------------------------------------------------------------------
+# Each states the right value and rejects an answer that also states a rival value of the same kind; hedges and
+# negations are refused for every task by `Task.check`.
 
 def check_price(product: Product, require_name: bool = False) -> Checker:
     other_prices = {p.price for p in data.PRODUCTS if p.price != product.price}
@@ -123,45 +177,66 @@ def check_price(product: Product, require_name: bool = False) -> Checker:
     def check(answer: str, _: SiteState | None) -> CheckResult:
         if not mentions_number(answer, product.price):
             return _fail(f"expected the price {product.price_text}")
-        hedged = sorted(price for price in other_prices if mentions_number(answer, price))
-        if hedged:
-            return _fail(f"also names other catalogue prices {hedged}")
+        rivals = {a for a in amounts(answer) if not same(a, product.price)}
+        rivals |= {price for price in other_prices if mentions_number(answer, price)}
+        if rivals:
+            return _fail(f"also names other prices {sorted(rivals)}")
         if require_name and not mentions_product(answer, product):
             return _fail(f"expected the product name {product.name!r}")
         return _ok()
     return check
 
 
-def check_spec(product: Product, spec: str) -> Checker:
-    value = product.specs[spec]
-
+def check_numeric(accepted: tuple[float, ...], want: str, context: tuple[float, ...] = (), unit: str = "") -> Checker:
+    """States one of `accepted` (with `unit` when given) and no other number but those the question gave
+    (`context`, e.g. "17 times 23") or a product name holds."""
     def check(answer: str, _: SiteState | None) -> CheckResult:
-        if spec == "Weight":
-            grams = product.weight_g
-            kilos = [n for n in numbers(answer) if "kg" in answer.lower() and abs(n * 1000 - grams) < 0.5]
-            ok = mentions_number(answer, grams) or bool(kilos)
-        elif spec == "Warranty":
-            ok = mentions_number(answer, product.warranty_years) and "year" in answer.lower()
-        else:
-            ok = mentions_words(answer, value)
-        return _ok() if ok else _fail(f"expected the {spec.lower()} {value!r}")
-    return check
-
-
-def check_first_of(items: tuple[str, ...], what: str) -> Checker:
-    """The answer names items[0] and does not hedge by also naming the other items of the list."""
-    def check(answer: str, _: SiteState | None) -> CheckResult:
-        if not mentions_words(answer, items[0]):
-            return _fail(f"expected the first {what} {items[0]!r}")
-        others = [item for item in items[1:] if mentions_words(answer, item)]
-        if others:
-            return _fail(f"also names later {what}s {others}")
+        stated = numbers(PRODUCT_NAMES.sub(" ", answer))
+        if unit not in answer.lower() or not any(same(n, a) for n in stated for a in accepted):
+            return _fail(f"expected {want}")
+        rivals = sorted({n for n in stated if not any(same(n, a) for a in accepted + context)})
+        if rivals:
+            return _fail(f"also states other numbers {rivals}")
         return _ok()
     return check
 
 
-def check_choice(right: Product, other: Product, what: str) -> Checker:
-    """The answer names `right`; when it names both, `right` must come first ("A is lighter than B")."""
+def check_named(value: str, rivals: tuple[str, ...], want: str, rival_kind: str,
+                match: Callable[[str, str], bool] = mentions_words) -> Checker:
+    """Names `value` and none of `rivals` (other values of its kind) that `value` does not itself contain."""
+    rivals = tuple(rival for rival in rivals if not match(value, rival))
+
+    def check(answer: str, _: SiteState | None) -> CheckResult:
+        if not match(answer, value):
+            return _fail(f"expected {want}")
+        named = [rival for rival in rivals if match(answer, rival)]
+        if named:
+            return _fail(f"also names other {rival_kind} {named}")
+        return _ok()
+    return check
+
+
+def check_spec(product: Product, spec: str) -> Checker:
+    value = product.specs[spec]
+    want = f"the {spec.lower()} {value!r}"
+    if spec == "Warranty":
+        return check_numeric((product.warranty_years,), want, unit="year")
+    if spec == "Weight":
+        grams = check_numeric((product.weight_g,), want)
+        either_unit = check_numeric((product.weight_g, product.weight_g / 1000), want)
+        return lambda answer, state: (either_unit if "kg" in answer.lower() else grams)(answer, state)
+    rivals = tuple(sorted({p.specs[spec] for p in data.PRODUCTS} - {value}))
+    return check_named(value, rivals, want, f"{spec.lower()} values")
+
+
+def check_first_of(items: tuple[str, ...], what: str, rivals: tuple[str, ...] = ()) -> Checker:
+    """The answer names items[0] and does not hedge by also naming the other items of the list (or `rivals`)."""
+    return check_named(items[0], items[1:] + rivals, f"the first {what} {items[0]!r}", f"{what}s")
+
+
+def check_choice(right: Product, other: Product, what: str, keyword: str) -> Checker:
+    """The answer names `right`; when it names both, `right` comes first ("A is lighter than B") and the verdict
+    word `keyword` never follows `other` ("A is lighter. B is lighter." is no choice)."""
     def check(answer: str, _: SiteState | None) -> CheckResult:
         answer_words = words(answer)
         right_key, other_key = right.short_name.lower(), other.short_name.lower()
@@ -169,13 +244,17 @@ def check_choice(right: Product, other: Product, what: str) -> Checker:
             return _fail(f"expected {right.name!r} as the {what} one")
         if other_key in answer_words and answer_words.index(other_key) < answer_words.index(right_key):
             return _fail(f"names {other.name!r} before {right.name!r}: ambiguous which is {what}")
+        sequence = [word for word in answer_words if word in (right_key, other_key, keyword)]
+        if any(a == other_key and b == keyword for a, b in zip(sequence, sequence[1:])):
+            return _fail(f"calls {other.name!r} {keyword} too")
         return _ok()
     return check
 
 
 def check_price_difference(dearer: Product, cheaper: Product) -> Checker:
     difference = round(dearer.price - cheaper.price, 2)
-    name_check = check_choice(dearer, cheaper, "more expensive")
+    name_check = check_choice(dearer, cheaper, "more expensive", keyword="more")
+    stated_prices = (difference, dearer.price, cheaper.price)
 
     def check(answer: str, state: SiteState | None) -> CheckResult:
         named = name_check(answer, state)
@@ -183,6 +262,9 @@ def check_price_difference(dearer: Product, cheaper: Product) -> Checker:
             return named
         if not mentions_number(answer, difference):
             return _fail(f"expected the difference ${difference:,.2f}")
+        rivals = sorted({a for a in amounts(answer) if not any(same(a, p) for p in stated_prices)})
+        if rivals:
+            return _fail(f"also names other amounts {rivals}")
         return _ok()
     return check
 
@@ -202,23 +284,17 @@ def check_count(expected: int, ceiling: int) -> Checker:
 def check_fact(key: str) -> Checker:
     value = data.STORY_FACTS[key]
     needle = {"founder": "Lindqvist", "headquarters": "Boulder"}.get(key)
-
-    def check(answer: str, _: SiteState | None) -> CheckResult:
-        ok = mentions_words(answer, needle) if needle else mentions_number(answer, float(compact(value)))
-        return _ok() if ok else _fail(f"expected {value!r}")
-    return check
+    if needle:
+        return check_named(needle, (), repr(value), "names")
+    return check_numeric((float(compact(value)),), repr(value), context=tuple(numbers(FACT_QUESTIONS[key])))
 
 
-def check_number(expected: float) -> Checker:
-    def check(answer: str, _: SiteState | None) -> CheckResult:
-        return _ok() if mentions_number(answer, expected) else _fail(f"expected {expected:g}")
-    return check
+def check_number(expected: float, question: str) -> Checker:
+    return check_numeric((expected,), f"{expected:g}", context=tuple(numbers(question)))
 
 
-def check_phrase(phrase: str) -> Checker:
-    def check(answer: str, _: SiteState | None) -> CheckResult:
-        return _ok() if compact(phrase) in compact(answer) else _fail(f"expected {phrase!r}")
-    return check
+def check_phrase(phrase: str, rivals: tuple[str, ...]) -> Checker:
+    return check_named(phrase, rivals, repr(phrase), "expansions", match=mentions_phrase)
 
 
 def normalise_field(name: str, value: str) -> str:
@@ -398,7 +474,8 @@ def compare_weight_tasks() -> list[Task]:
                    "at {base_url}.",
             needs_tools=True, params={"products": [first.slug, second.slug]},
             expected=f"The {lighter.name} is lighter ({lighter.weight_g} g vs {heavier.weight_g} g).",
-            wrong=f"The {heavier.name} is lighter.", checker=check_choice(lighter, heavier, "lighter")))
+            wrong=f"The {heavier.name} is lighter.",
+            checker=check_choice(lighter, heavier, "lighter", keyword="lighter")))
     return tasks
 
 
@@ -459,7 +536,7 @@ def docs_search_first_result_tasks() -> list[Task]:
             prompt=f"Search the docs at {{base_url}} for \"{query}\" and tell me the title of the first result.",
             needs_tools=True, params={"query": query},
             expected=f"The first result is \"{titles[0]}\".", wrong=f"The first result is \"{wrong}\".",
-            checker=check_first_of(titles, "result")))
+            checker=check_first_of(titles, "result", tuple(d.title for d in data.DOCS if d.title not in titles))))
     return tasks
 
 
@@ -483,7 +560,7 @@ def contact_form_tasks() -> list[Task]:
             prompt=f"Use the contact form on {{base_url}} to send a message with name \"{name}\", email "
                    f"\"{email}\", topic \"{topic}\" and message \"{message}\".",
             needs_tools=True, params=fields,
-            expected=f"I sent the message as {name} ({email}) under \"{topic}\".",
+            expected=f"I sent the message \"{message}\" as {name} ({email}) under \"{topic}\".",
             wrong="I could not find the contact form.", checker=check_submission(fields)))
     return tasks
 
@@ -492,7 +569,7 @@ def no_tool_arithmetic_tasks() -> list[Task]:
     return [Task(
         id=f"no_tool_arithmetic-{index + 1}", template="no_tool_arithmetic", split=split, prompt=question,
         needs_tools=False, params={"answer": answer}, expected=f"{answer:,}", wrong=f"{answer + 1:,}",
-        checker=check_number(answer)) for index, (question, answer, split) in enumerate(ARITHMETIC)]
+        checker=check_number(answer, question)) for index, (question, answer, split) in enumerate(ARITHMETIC)]
 
 
 def no_tool_definition_tasks() -> list[Task]:
@@ -503,7 +580,8 @@ def no_tool_definition_tasks() -> list[Task]:
         params={"abbreviation": abbreviation, "expansion": expansion},
         expected=f"{abbreviation} stands for {expansion}.",
         wrong=f"{abbreviation} stands for {expansions[(index + 1) % len(expansions)]}.",
-        checker=check_phrase(expansion)) for index, (abbreviation, expansion, split) in enumerate(ABBREVIATIONS)]
+        checker=check_phrase(expansion, tuple(expansions))) for index, (abbreviation, expansion, split)
+        in enumerate(ABBREVIATIONS)]
 
 
 TEMPLATE_BUILDERS = (

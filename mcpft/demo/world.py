@@ -12,11 +12,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import openai
+from openai.pagination import AsyncPage
+
 from mcpft.agent.browser import playwright_server
-from mcpft.agent.endpoint import CompletionSettings, Endpoint
-from mcpft.agent.loop import Agent, AgentConfig, endpoint_generate
+from mcpft.agent.endpoint import (CompletionSettings, Endpoint, EndpointError, NotOpenAIReply, client, complete,
+                                  describe_error)
+from mcpft.agent.loop import Agent, AgentConfig, TurnResult, endpoint_generate
 from mcpft.agent.mcp import ToolHub
 from mcpft.demo.site import Site, serve_site
+from mcpft.demo.snapshot import tabs
 from mcpft.demo.tasks import Task, load_tasks
 from mcpft.demo.teacher import TeacherError, next_step
 from mcpft.recording import open_trace, sink_for
@@ -25,6 +30,7 @@ from mcpft.store import Store
 
 TEACHER = "scripted-teacher"
 DEMO_TAG = "demo"
+COLLECT_MAX_STEPS = 20  # model calls per teacher task (the teacher gives up by itself after 16 turns)
 # A small model may ramble; a demo step needs far less than the endpoint's default.
 EVAL_SETTINGS = CompletionSettings(temperature=0.0, max_tokens=384)
 # The browser tools the demo tasks need. Offering only these keeps every prompt ~4k tokens shorter (Playwright MCP's
@@ -65,13 +71,23 @@ class World:
     """A running demo world: the site and the browser tools."""
 
     site: Site
-    hub: ToolHub  # all the browser's tools (resetting uses browser_close)
+    hub: ToolHub  # all the browser's tools (resetting uses browser_tabs)
     tools: ToolSubset  # what the model is offered
 
     async def reset(self):
-        """A fresh browser (one tab, no history) and no form submissions, before each task."""
+        """Before each task: no form submissions, and one new blank tab (no history to go back to) in place of all
+        the tabs the last task left. Cheaper than browser_close, which relaunches Chromium; the site sets no cookies
+        or storage, so nothing else carries over."""
         self.site.clear_submissions()
-        await self.hub.call("browser_close", {})
+        opened = await self._tabs("new")  # the new tab is the last one and the current one
+        for _ in range(len(tabs(opened)) - 1):
+            await self._tabs("close", index=0)
+
+    async def _tabs(self, action: str, **arguments) -> str:
+        result = await self.hub.call("browser_tabs", {"action": action, **arguments})
+        if result.is_error:
+            raise RuntimeError(f"resetting the browser between tasks failed: browser_tabs {action}: {result.text}")
+        return result.text
 
 
 @asynccontextmanager
@@ -92,6 +108,26 @@ async def teacher_endpoint():
         stop()
 
 
+async def check_endpoint(endpoint: Endpoint, timeout: float = 30.0) -> None:
+    """Raise EndpointError unless the endpoint answers and serves the model, so that a dead endpoint is reported as
+    such instead of scoring as a model that fails every task."""
+    try:
+        async with client(endpoint, timeout=timeout, max_retries=0) as api:
+            listing = await api.models.list()
+    except openai.NotFoundError:  # a server without /v1/models: one tiny completion shows the model answers
+        await complete(endpoint, [{"role": "user", "content": "Say OK."}],
+                       settings=CompletionSettings(max_tokens=1, timeout=timeout))
+        return
+    except openai.OpenAIError as error:
+        raise EndpointError(describe_error(error, endpoint, timeout)) from None
+    if not isinstance(listing, AsyncPage):  # the SDK hands back plain text when the reply is not JSON
+        raise EndpointError(describe_error(NotOpenAIReply(f"expected JSON, got {str(listing)[:80]!r}"), endpoint))
+    served = [model.id for model in listing.data]
+    if endpoint.model not in served:
+        raise EndpointError(f"{endpoint.base_url} does not serve the model {endpoint.model!r} "
+                            f"(it serves: {', '.join(served) or 'none'})")
+
+
 @dataclass
 class TaskOutcome:
     task_id: str
@@ -107,6 +143,7 @@ class TaskOutcome:
     unneeded_calls: int  # tool calls made for a task that needs none
     seconds: float
     trace_id: str = ""
+    endpoint_error: bool = False  # the endpoint failed (no answer to check): not the model's wrong answer
 
 
 @dataclass
@@ -117,12 +154,16 @@ class DemoReport:
     tasks: list[TaskOutcome] = field(default_factory=list)
 
     def totals(self) -> dict:
+        """`success_rate` is over the tasks the endpoint served (`scored_tasks`); `endpoint_errors` counts the rest."""
         n = len(self.tasks)
+        scored = n - sum(t.endpoint_error for t in self.tasks)
         no_tool = [t for t in self.tasks if not t.needs_tools]
         return {
             "tasks": n,
-            "success_rate": sum(t.success for t in self.tasks) / n if n else None,
+            "success_rate": sum(t.success for t in self.tasks) / scored if scored else None,
             "successes": sum(t.success for t in self.tasks),
+            "scored_tasks": scored,
+            "endpoint_errors": n - scored,
             "mean_steps": sum(t.steps for t in self.tasks) / n if n else None,
             "tool_calls": sum(t.tool_calls for t in self.tasks),
             "tool_errors": sum(t.tool_errors for t in self.tasks),
@@ -147,11 +188,17 @@ async def run_task(world: World, task: Task, endpoint: Endpoint, *, sink=None, s
     check = task.check(result.answer, world.site) if result.stop_reason == "answer" else None
     outcome = TaskOutcome(
         task_id=task.id, template=task.template, needs_tools=task.needs_tools, success=bool(check),
-        reason=check.reason if check else f"no answer ({result.stop_reason}{': ' + result.error if result.error else ''})",
+        reason=check.reason if check else _no_answer(result),
         answer=result.answer, stop_reason=result.stop_reason, steps=result.steps, tool_calls=result.tool_calls,
         tool_errors=result.tool_errors, unneeded_calls=0 if task.needs_tools else result.tool_calls,
-        seconds=round(time.perf_counter() - started, 2))
+        seconds=round(time.perf_counter() - started, 2), endpoint_error=result.stop_reason == "error")
     return outcome, agent.messages
+
+
+def _no_answer(result: TurnResult) -> str:
+    if result.stop_reason == "error":
+        return f"endpoint error: {result.error}"
+    return f"no answer ({result.stop_reason})"
 
 
 def pick_tasks(split: str, n: int) -> list[Task]:
@@ -174,9 +221,10 @@ async def collect(store: Store, n: int, split: str = "train", browser_dir: Path 
         report.base_url = endpoint.base_url
         for task in pick_tasks(split, n):
             trace_id = open_trace(store, model=TEACHER, base_url=endpoint.base_url, tools=world.tools.openai_tools(),
-                                  settings={"task_id": task.id, "max_steps": 20}, owner=owner, source="demo",
-                                  tags=[DEMO_TAG, split, task.template])
-            outcome, _ = await run_task(world, task, endpoint, sink=sink_for(store, trace_id))
+                                  settings={"task_id": task.id, "max_steps": COLLECT_MAX_STEPS}, owner=owner,
+                                  source="demo", tags=[DEMO_TAG, split, task.template])
+            outcome, _ = await run_task(world, task, endpoint, sink=sink_for(store, trace_id),
+                                        max_steps=COLLECT_MAX_STEPS)
             outcome.trace_id = trace_id
             if not outcome.success:
                 store.update(trace_id, f"exclude: the teacher failed ({outcome.reason})", included=False)
@@ -186,16 +234,20 @@ async def collect(store: Store, n: int, split: str = "train", browser_dir: Path 
     return report
 
 
-async def evaluate_tasks(endpoint: Endpoint, split: str = "heldout", limit: int | None = None,
+async def evaluate_tasks(endpoint: Endpoint, split: str | None = "heldout", limit: int | None = None,
                          browser_dir: Path | None = None, settings: CompletionSettings | None = EVAL_SETTINGS,
                          max_steps: int = 12, on_task: Callable[[TaskOutcome], None] | None = None,
                          transcripts: Path | None = None, task_ids: list[str] | None = None) -> DemoReport:
-    """Any endpoint and model on the split's tasks (nothing stored): the first `limit`, or those in `task_ids`;
-    `transcripts` appends each run's messages to a JSONL file."""
+    """Any endpoint and model on the split's tasks (both splits for None; nothing stored): the first `limit`, or
+    those in `task_ids`; `transcripts` appends each run's messages to a JSONL file. Raises EndpointError when the
+    endpoint does not answer at the start; a task it fails later is marked `endpoint_error`."""
     import tempfile
 
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be at least 1, got {limit}")
+    await check_endpoint(endpoint)
     browser_dir = browser_dir or Path(tempfile.mkdtemp(prefix="mcpft-demo-eval-"))
-    report = DemoReport(split=split, model=endpoint.model, base_url=endpoint.base_url)
+    report = DemoReport(split=split or "all", model=endpoint.model, base_url=endpoint.base_url)
     tasks = [t for t in load_tasks(split) if task_ids is None or t.id in task_ids][:limit]
     async with running_world(browser_dir) as world:
         for task in tasks:
