@@ -32,7 +32,10 @@ from mcpft.trace import now_iso
 RUN_RECORD = "mcpft_run.json"
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 GPU_MAX_LENGTH = 32768
-CPU_MAX_LENGTH = 4096
+CPU_MAX_LENGTH = 8192  # a browser agent's trace with Playwright's 25 tools is ~8k tokens
+# Without recomputation a CPU step holds ~2.7 MB of activations and logits per token (21.5 GB at 7.75k tokens,
+# docs/benchmarks.md): past this length checkpointing is on by default on CPU too.
+CPU_CHECKPOINT_ABOVE = 2048
 BACKENDS = ("auto", "unsloth", "trl+peft")
 END_OF_TURN = "<|im_end|>"
 HELDOUT_TAG = "heldout"  # traces tagged so are the held-out set (CLI and app alike), never trained on
@@ -64,8 +67,8 @@ class TrainConfig:
     batch_size: int = _option(1, "rows per batch (1: no padding at all)")
     gradient_accumulation_steps: int = _option(4, "batches per optimizer step", aliases=("--grad-accum",))
     max_steps: int | None = _option(None, "optimizer steps, overriding epochs (default: as many as epochs give)")
-    max_length: int | None = _option(None, "tokens per row, longer rows are left out (default: 32768 on CUDA, "
-                                           "capped by the model's context; 4096 on CPU)")
+    max_length: int | None = _option(None, f"tokens per row, longer rows are left out (default: {GPU_MAX_LENGTH} on "
+                                           f"CUDA, {CPU_MAX_LENGTH} on CPU, capped by the model's context)")
     optim: str | None = _option(None, "transformers optimizer name (default: adamw_8bit on CUDA with "
                                       "bitsandbytes, else adamw_torch)")
     lr_scheduler_type: str = _option("linear", "transformers learning-rate schedule name")
@@ -75,7 +78,8 @@ class TrainConfig:
     eval_fraction: float = _option(0.0, "share of traces held out for an eval loss (split by trace, never by row)")
     load_in_4bit: bool = _option(False, "QLoRA: 4-bit base weights (Unsloth path only)")
     gradient_checkpointing: bool | None = _option(None, "recompute activations to save memory (default: on with "
-                                                        "CUDA, off on CPU, where memory is rarely the limit)")
+                                                        f"CUDA, and on CPU for rows over {CPU_CHECKPOINT_ABOVE} "
+                                                        "tokens)")
     backend: str = _option("auto", "auto: Unsloth on CUDA when installed, else TRL + PEFT", choices=BACKENDS)
 
     def __post_init__(self):
@@ -544,7 +548,9 @@ def build_trainer(checked: Checked, config: TrainConfig, base_model: str | None 
                   source: dict | None = None) -> Prepared:
     """Load the model with its LoRA layers and build the trainer on the checked rows."""
     on_cuda, max_length = checked.on_cuda, checked.rows.max_length
-    gradient_checkpointing = on_cuda if config.gradient_checkpointing is None else config.gradient_checkpointing
+    gradient_checkpointing = config.gradient_checkpointing
+    if gradient_checkpointing is None:
+        gradient_checkpointing = on_cuda or checked.rows.summary()["longest"] > CPU_CHECKPOINT_ABOVE
     advice = _memory_advice(config, checked.rows, gradient_checkpointing)
     with explain_out_of_memory(f"loading {model_name(base_model)!r} for training", advice):
         if checked.path == "unsloth":

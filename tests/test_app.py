@@ -15,6 +15,7 @@ import pytest
 from playwright.sync_api import expect, sync_playwright
 
 from mcpft.agent.loop import REJECTED
+from mcpft.train import CPU_MAX_LENGTH
 from mcpft.ui import launch, make_context
 from tests.scripted import ScriptedBackend
 
@@ -169,7 +170,7 @@ def test_unroll_preview_highlights_the_trained_spans(page):
     expect(trained.filter(has_text='{"name": "echo", "arguments": {"text": "hello"}}')).to_be_visible()
     expect(untrained.filter(has_text="one: hello").first).to_be_visible()  # the tool result is context, not trained
     expect(trained.filter(has_text="<tool_response>")).to_have_count(0)
-    expect(page.locator("#token-summary")).to_contain_text("of max 4096")
+    expect(page.locator("#token-summary")).to_contain_text(f"of max {CPU_MAX_LENGTH}")
     screenshot(page, "curate")
 
 

@@ -384,9 +384,12 @@ def http_server():
                 socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
                 break
             except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError("the HTTP MCP server did not start")
-                time.sleep(0.05)
+                try:  # between tries, wait on the server process itself: a crashed server ends the wait at once
+                    process.wait(timeout=0.05)
+                    raise AssertionError("the HTTP MCP server exited before it listened")
+                except subprocess.TimeoutExpired:
+                    if time.monotonic() > deadline:
+                        raise AssertionError("the HTTP MCP server did not start") from None
         yield f"http://127.0.0.1:{port}/mcp"
     finally:
         process.terminate()

@@ -16,8 +16,8 @@ from mcpft.evaluate import evaluate_rows, local_generator
 from mcpft.render import render
 from mcpft.trace import normalize_trace
 from mcpft.train import (
-    RUN_RECORD, TrainConfig, TrainError, choose_path, load_adapter_model, merge_adapter, prepare_training,
-    select_rows, train,
+    CPU_CHECKPOINT_ABOVE, CPU_MAX_LENGTH, RUN_RECORD, TrainConfig, TrainError, choose_path, load_adapter_model,
+    merge_adapter, prepare_training, select_rows, train,
 )
 
 WEATHER_TOOL = {"type": "function", "function": {
@@ -70,7 +70,8 @@ def test_loss_falls_and_the_run_is_recorded(trained):
     assert losses[-1] < losses[0] - 1.0
     assert record["status"] == "finished" and record["path"] == "trl+peft"
     assert record["config"]["learning_rate"] == 1e-2 and record["config"]["optim"] == "adamw_torch"
-    assert record["config"]["max_length"] == 4096  # the CPU default, below the tiny model's 131072 context
+    assert record["config"]["max_length"] == CPU_MAX_LENGTH  # the CPU default, below the tiny model's 131072 context
+    assert record["config"]["gradient_checkpointing"] is False  # short rows on CPU: nothing to recompute
     assert record["data"]["rows_used"] == len(rows) and record["data"]["rows_left_out"] == []
     assert list(result.out_dir.glob("runs/*/events.out.tfevents.*")), "TensorBoard logs are written under runs/"
     assert [p.step for p in seen] == list(range(1, 41)) and all(p.total == 40 for p in seen)
@@ -189,6 +190,16 @@ def test_rows_over_max_length_are_left_out_never_cut(tiny_model_dir, tmp_path):
     assert len(prepared.rows.train) == 1
     with pytest.raises(TrainError, match="all 1 row.*longer than max_length 100"):
         prepare_training(TrainConfig(max_length=100), rows[1:], tmp_path / "out2", base_model=str(tiny_model_dir))
+
+
+def test_long_rows_on_cpu_recompute_activations_by_default(tiny_model_dir, tmp_path):
+    long_row = weather_rows(answer="Sunny and warm, " * 400)
+    prepared = prepare_training(TrainConfig(max_steps=1), long_row, tmp_path / "long", base_model=str(tiny_model_dir))
+    assert prepared.rows.summary()["longest"] > CPU_CHECKPOINT_ABOVE
+    assert prepared.record["config"]["gradient_checkpointing"] is True
+    chosen = prepare_training(TrainConfig(max_steps=1, gradient_checkpointing=False), long_row, tmp_path / "off",
+                              base_model=str(tiny_model_dir))
+    assert chosen.record["config"]["gradient_checkpointing"] is False  # an explicit choice is kept
 
 
 def test_missing_adapter_is_named(tmp_path):
@@ -383,8 +394,8 @@ def test_running_out_of_memory_while_training_says_what_to_lower(make_error, wha
         train(TrainConfig(max_steps=2, gradient_accumulation_steps=1), weather_rows(), out,
               base_model=str(tiny_model_dir), on_progress=lambda p: make_error())
     message = str(raised.value)
-    assert message.startswith(f"{what} ran out while training. To fit: lower max_length (now 4096; the longest kept "
-                              "row has ")
+    assert message.startswith(f"{what} ran out while training. To fit: lower max_length (now {CPU_MAX_LENGTH}; the longest "
+                              "kept row has ")
     assert ("keep batch_size at 1 (now 1) and raise gradient_accumulation_steps (now 1) instead; turn "
             "gradient_checkpointing on; set load_in_4bit (Unsloth path, CUDA) for 4-bit base weights.") in message
     record = json.loads((out / RUN_RECORD).read_text())

@@ -19,6 +19,7 @@ from mcpft.models import ModelError, load_tokenizer
 from mcpft.render import RenderError, render, render_text
 from mcpft.store import summarize
 from mcpft.trace import Trace
+from mcpft.train import CPU_MAX_LENGTH
 from mcpft.ui.owner import owned_trace, owner_slug, require_owner
 from mcpft.ui.state import AppContext, Shared
 
@@ -29,7 +30,6 @@ EDITABLE = ("included", "rating", "tags")
 MESSAGE_COLUMNS = ["#", "role", "content", "reasoning", "tool calls"]
 FIELDS = ["content", "reasoning_content", "tool_calls"]
 PREVIEW_CHARS = 400
-DEFAULT_MAX_LENGTH = 4096
 
 
 def _short(text: str, limit: int) -> str:
@@ -172,7 +172,7 @@ def preview(ctx: AppContext, trace: Trace, spec: str, max_length, by_turn: bool,
     ids = [row["id"] for row in rows]
     chosen = row_choice if row_choice in ids else ids[0]
     row = rows[ids.index(chosen)]
-    max_length = int(max_length or DEFAULT_MAX_LENGTH)
+    max_length = int(max_length or CPU_MAX_LENGTH)
     tokenizer = tokenizer_for(ctx, spec)
     try:
         text, spans = render_text(tokenizer, row, where=f"row {chosen}")
@@ -227,7 +227,7 @@ def build(ctx: AppContext, shared: Shared) -> gr.Tab:
             with gr.Row():
                 preview_model = gr.Dropdown([ctx.default_model or "smollm2"], value=ctx.default_model or "smollm2",
                                             allow_custom_value=True, label="Tokenizer of (model folder or Hub id)")
-                max_length = gr.Number(DEFAULT_MAX_LENGTH, label="Max length (tokens)", precision=0, minimum=16)
+                max_length = gr.Number(CPU_MAX_LENGTH, label="Max length (tokens)", precision=0, minimum=16)
                 by_turn = gr.Checkbox(True, label="One row per user turn (unroll)")
                 row_choice = gr.Dropdown([], label="Row", elem_id="row-choice")
             tokens = gr.Markdown(elem_id="token-summary")
