@@ -40,7 +40,8 @@ from mcpft.hermes import ParsedAssistant, format_assistant_text, parse_assistant
 from mcpft.models import explain_out_of_memory
 from mcpft.render import row_tools
 from mcpft.trace import now_iso
-from mcpft.train import load_adapter_model, rows_problem
+from mcpft.selection import rows_problem
+from mcpft.train import load_adapter_model
 
 DEFAULT_MAX_NEW_TOKENS = 512
 ANSWER_F1_THRESHOLD = 0.5

@@ -15,9 +15,10 @@ from mcpft.dataset import export_rows, rows_from_traces
 from mcpft.evaluate import evaluate_rows, local_generator
 from mcpft.render import render
 from mcpft.trace import normalize_trace
+from mcpft.selection import SelectionError, select_rows
 from mcpft.train import (
     CPU_CHECKPOINT_ABOVE, CPU_MAX_LENGTH, RUN_RECORD, TrainConfig, TrainError, choose_path, load_adapter_model,
-    merge_adapter, prepare_training, select_rows, train,
+    merge_adapter, prepare_training, train,
 )
 
 WEATHER_TOOL = {"type": "function", "function": {
@@ -164,7 +165,7 @@ def test_path_without_cuda_is_trl_peft(monkeypatch):
 
 
 def test_empty_and_flagged_selections_are_refused(store, tmp_path, tiny_model_dir):
-    with pytest.raises(TrainError, match="0 trace"):
+    with pytest.raises(SelectionError, match="0 trace"):
         select_rows(None, store)
     broken = weather_trace()
     del broken["messages"][2]["tool_calls"]  # a tool result answering no call: the validator flags it
@@ -173,7 +174,7 @@ def test_empty_and_flagged_selections_are_refused(store, tmp_path, tiny_model_di
     from mcpft.ingest import import_file
 
     import_file(store, path)
-    with pytest.raises(TrainError, match="1 flagged.*--include-flagged"):
+    with pytest.raises(SelectionError, match="1 flagged.*--include-flagged"):
         select_rows(None, store)
     assert select_rows(None, store, include_flagged=True)[0]
     with pytest.raises(TrainError, match="no training rows"):
@@ -213,7 +214,7 @@ def test_missing_adapter_is_named(tmp_path):
 def test_rows_from_a_dataset_folder_as_the_hub_lays_it_out(tmp_path):
     """`datasets.load_dataset` on the layout `push_to_hub` writes (data/train-*.parquet); the Hub id itself is
     exercised against the fake Hub in test_push."""
-    from mcpft.train import hub_rows
+    from mcpft.selection import hub_rows
 
     rows = weather_rows(second_turn=True)
     export_rows(rows, tmp_path / "repo" / "data" / "train-00000-of-00001.parquet", fmt="parquet")

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from mcpft.cli.common import CliError, emit, open_store, progress
 from mcpft.config import default_base_model, load_settings
-from mcpft.train import HELDOUT_TAG, MERGE_DTYPES, TrainConfig
+from mcpft.selection import HELDOUT_TAG
+from mcpft.train import MERGE_DTYPES, TrainConfig
 
 BASE_MODEL_DEFAULT = ("space.yaml's base_model: its gpu entry with CUDA, else its cpu entry ('smollm2' = the packaged "
                       "SmolLM2)")
@@ -104,9 +105,10 @@ def _errors():
     from mcpft.hub import PushError
     from mcpft.models import ModelError
     from mcpft.render import RenderError
+    from mcpft.selection import SelectionError
     from mcpft.train import TrainError
 
-    return TrainError, EvaluationError, ModelError, RenderError, PushError, FileNotFoundError
+    return TrainError, SelectionError, EvaluationError, ModelError, RenderError, PushError, FileNotFoundError
 
 
 @contextmanager
@@ -156,7 +158,8 @@ def _score(rows: list[dict], generator, label: str) -> dict:
 
 
 def cmd_train(args):
-    from mcpft.train import check_out_dir, choose_path, config_from_settings, select_rows, store_selection, train
+    from mcpft.selection import select_rows, store_selection
+    from mcpft.train import check_out_dir, choose_path, config_from_settings, train
 
     settings = load_settings()
     with _user_errors():
@@ -201,7 +204,7 @@ def _heldout_rows(args, store) -> tuple[list[dict] | None, dict | None]:
     """--heldout's rows, else (training from the store) the store's traces tagged heldout; says which on stderr.
     Their steps are checked here, before any model loads."""
     from mcpft.evaluate import steps_from_rows
-    from mcpft.train import read_rows, store_heldout_rows
+    from mcpft.selection import read_rows, store_heldout_rows
 
     if args.heldout:
         rows, source = read_rows(args.heldout), {"kind": "file", "path": str(args.heldout)}
@@ -269,7 +272,7 @@ def cmd_push_model(args):
 
 def cmd_eval(args):
     from mcpft.evaluate import local_generator, report_markdown, steps_from_rows
-    from mcpft.train import read_rows
+    from mcpft.selection import read_rows
 
     _quiet_libraries()
     with _user_errors():

@@ -19,7 +19,7 @@ from mcpft.train import read_run_record, update_run_record
 from mcpft.ui.agent_tab import chat_messages
 from mcpft.ui.endpoint_tab import close_session, parse_mcp_json
 from mcpft.ui.owner import owner_slug, require_owner
-from mcpft.train import HELDOUT_TAG
+from mcpft.selection import HELDOUT_TAG
 from mcpft.ui.state import SESSION_TTL_S, AppContext, Shared
 from mcpft.ui.train_tab import list_runs, owned_run
 

@@ -13,12 +13,12 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from mcpft.dataset import rows_from_traces
 from mcpft.hub import PushError, hub_failure, push_model
 from mcpft.models import ModelError, model_name
 from mcpft.render import RenderError
-from mcpft.train import (BACKENDS, CPU_MAX_LENGTH, GPU_MAX_LENGTH, HELDOUT_TAG, MERGE_DTYPES, Progress, TrainConfig,
-                         TrainError, choose_path, config_from_settings, merge_adapter, read_run_record, train)
+from mcpft.selection import HELDOUT_TAG, SelectionError, store_rows
+from mcpft.train import (BACKENDS, CPU_MAX_LENGTH, GPU_MAX_LENGTH, MERGE_DTYPES, Progress, TrainConfig, TrainError,
+                         choose_path, config_from_settings, merge_adapter, read_run_record, train)
 from mcpft.ui.owner import owner_slug, require_owner
 from mcpft.ui.state import AppContext, Shared
 
@@ -73,15 +73,12 @@ def device_text(backend: str = "auto") -> str:
 def training_rows(ctx: AppContext, owner: str, tags: str, heldout_tag: str, include_flagged: bool):
     """The owner's rows to train on: their included traces (with `tags`), never those tagged as held out."""
     wanted = [t.strip() for t in (tags or "").split(",") if t.strip()]
-    heldout = (heldout_tag or "").strip()
-    traces = [t for t in ctx.store.traces(owner=owner, tags=wanted or None) if not heldout or heldout not in t.tags]
-    rows = rows_from_traces(traces, by_turn=True, include_flagged=include_flagged)
-    if not rows:
-        flagged = sum(bool(t.flags) and t.included for t in traces)
-        excluded = sum(not t.included for t in traces)
-        raise gr.Error(f"No training rows: {len(traces)} trace(s) selected, {excluded} excluded, {flagged} flagged"
-                       + (f" (traces tagged {heldout!r} are held out)" if heldout else ""))
-    return rows, len({r["trace_id"] for r in rows})
+    try:
+        rows, source = store_rows(ctx.store, wanted, include_flagged, owner=owner,
+                                  heldout_tag=(heldout_tag or "").strip())
+    except SelectionError as error:
+        raise gr.Error(str(error)) from None
+    return rows, source["traces"]
 
 
 def progress_html(step: int, total: int, note: str) -> str:
