@@ -38,7 +38,7 @@ def register(verbs, parent):
     p = sub.add_parser("eval", parents=[parent], help="run a model on the tasks and report task success")
     p.add_argument("--base-url", help="OpenAI-compatible endpoint (default: serve --model here)")
     p.add_argument("--model", help="model name at the endpoint; without --base-url a folder, Hub id, "
-                                   "'scripted-teacher', or empty for the packaged SmolLM2")
+                                   "'scripted-teacher', or empty for space.yaml's base_model (offline: SmolLM2)")
     p.add_argument("--adapter", help="without --base-url: evaluate this LoRA adapter on the base --model")
     p.add_argument("--api-key")
     p.add_argument("--split", choices=("train", "heldout"), default="heldout")
@@ -103,12 +103,12 @@ async def _eval_endpoint(args):
         async with teacher_endpoint() as endpoint:
             yield endpoint
     else:
-        from mcpft.config import data_dir
+        from mcpft.config import data_dir, default_base_model, load_settings
         from mcpft.models import ModelError
         from mcpft.serve import create_app, load_backends, serve_in_thread
 
         try:
-            backends = load_backends(args.model, args.adapter, data_dir())
+            backends = load_backends(args.model or default_base_model(load_settings()), args.adapter, data_dir())
         except ModelError as e:
             raise CliError(str(e)) from None
         base_url, stop = serve_in_thread(create_app(backends))
