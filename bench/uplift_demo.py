@@ -45,12 +45,14 @@ def collect_traces(store: Store, n: int, split: str) -> list[dict]:
 
 
 def score_model(base_url: str, model: str, heldout_tasks: int, heldout_rows: list[dict], max_steps: int,
-                max_new_tokens: int) -> dict:
+                max_new_tokens: int, transcripts: Path) -> dict:
+    """Task success in the real browser (each run's messages appended to `transcripts`) and step scores."""
     bar = tqdm(total=heldout_tasks, desc=f"tasks {model}", file=sys.stderr)
     task_ids = [task.id for task in pick_tasks("heldout", heldout_tasks)]  # every template before any repeats
     settings = CompletionSettings(temperature=0.0, max_tokens=max_new_tokens)
     tasks = asyncio.run(evaluate_tasks(Endpoint(base_url, model), "heldout", max_steps=max_steps, settings=settings,
-                                       on_task=lambda o: bar.update(), task_ids=task_ids))
+                                       on_task=lambda o: bar.update(), task_ids=task_ids,
+                                       transcripts=transcripts))
     bar.close()
     steps = evaluate_rows(heldout_rows, EndpointGenerator(base_url, model, max_new_tokens=max_new_tokens))
     return {"tasks": tasks.to_dict(), "steps": steps}
@@ -86,7 +88,7 @@ def main():
     base_url, names, stop = served(None)
     try:
         before = score_model(base_url, names[0], args.heldout_tasks, heldout_rows, args.agent_max_steps,
-                             args.max_new_tokens)
+                             args.max_new_tokens, work / "transcripts-base.jsonl")
     finally:
         stop()
 
@@ -108,7 +110,7 @@ def main():
     base_url, names, stop = served(result.adapter_dir)
     try:
         after = score_model(base_url, names[-1], args.heldout_tasks, heldout_rows, args.agent_max_steps,
-                            args.max_new_tokens)
+                            args.max_new_tokens, work / "transcripts-tuned.jsonl")
     finally:
         stop()
 

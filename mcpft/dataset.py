@@ -222,7 +222,9 @@ def load_rows(path: str | Path) -> list[dict]:
 def clean_rows(rows: list[dict]) -> list[dict]:
     """Arrow gives every message every key (None where absent): drop those Nones again."""
     for row in rows:
-        row["messages"] = [{k: v for k, v in m.items() if v is not None} for m in row["messages"]]
+        if isinstance(row.get("messages"), list):  # anything else is named by the row checks
+            row["messages"] = [{k: v for k, v in m.items() if v is not None} if isinstance(m, dict) else m
+                               for m in row["messages"]]
     return rows
 
 

@@ -61,9 +61,17 @@ def read_rows(path: str | Path) -> list[dict]:
     except UnicodeDecodeError:
         raise SelectionError(f"{path}: not UTF-8 text, so not a JSONL export (nor Parquet: its name ends otherwise)") \
             from None
+    except ValueError as error:  # pyarrow's ArrowInvalid: a corrupt or truncated Parquet or Arrow file
+        raise SelectionError(f"{path}: not a readable {_export_kind(path)} export ({error})") from None
+    except FileNotFoundError as error:  # `datasets` says so of a folder that holds no saved dataset
+        raise SelectionError(f"{path}: {error}") from None
     if problem := rows_problem(rows):
         raise SelectionError(f"{path}: {problem}")
     return rows
+
+
+def _export_kind(path: Path) -> str:
+    return "`datasets` folder" if path.is_dir() else "Parquet" if path.suffix == ".parquet" else "JSONL"
 
 
 def _broken_line(path: Path) -> str:

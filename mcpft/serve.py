@@ -40,6 +40,7 @@ from starlette.routing import Route
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from mcpft.hermes import ParsedAssistant, ThinkStreamSplitter, format_tool_calls, parse_assistant_text
+from mcpft.models import explain_out_of_memory
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +180,7 @@ class TransformersBackend:
                 reached_max = streamer.count >= max_new and streamer.last_token not in self.eos_ids
                 generation.finish_reason = "length" if reached_max else "stop"
             if job.exception():
-                raise RuntimeError(f"generation failed: {job.exception()}") from job.exception()
+                raise RuntimeError(str(job.exception())) from job.exception()
 
         generation.chunks = chunks()
         return generation
@@ -220,7 +221,11 @@ class TransformersBackend:
         try:
             if seed is not None:
                 torch.manual_seed(seed)
-            with self._adapter_state(), torch.inference_mode():
+            prompt_tokens, max_new = kwargs["input_ids"].shape[1], kwargs["generation_config"].max_new_tokens
+            doing = f"generating up to {max_new} tokens after a {prompt_tokens}-token prompt"
+            advice = ("Lower max_tokens, shorten the conversation, or serve the model where there is more memory "
+                      "(a smaller model, or a GPU).")
+            with explain_out_of_memory(doing, advice), self._adapter_state(), torch.inference_mode():
                 self.model.generate(**kwargs)
         except BaseException:
             streamer.end()  # the consumer must not wait forever; it reads the error from the job
@@ -575,7 +580,11 @@ def create_app(backends: Mapping[str, Backend]) -> Starlette:
         if chat.stream:
             return StreamingResponse(_sse(chat, generation), media_type="text/event-stream")
         watch = _StopWatch(generation, chat.stop)
-        text = await run_in_threadpool(watch.collect)
+        try:
+            text = await run_in_threadpool(watch.collect)
+        except Exception as error:  # answered here: the catch-all 500 handler re-raises, which drops the connection
+            log.exception("generation failed")
+            return _error(RequestError(f"generation failed: {error}", status=500))
         parsed = final_message(text, generation.think_opened, chat.parse_tools)
         return JSONResponse(_Reply(chat.model).completion(parsed, _finish_reason(parsed, watch), _usage(generation)))
 

@@ -33,9 +33,9 @@ RUN_RECORD = "mcpft_run.json"
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 GPU_MAX_LENGTH = 32768
 CPU_MAX_LENGTH = 8192  # a browser agent's trace with Playwright's 25 tools is ~8k tokens
-# Without recomputation a CPU step holds ~2.7 MB of activations and logits per token (21.5 GB at 7.75k tokens,
-# docs/benchmarks.md): past this length checkpointing is on by default on CPU too.
-CPU_CHECKPOINT_ABOVE = 2048
+# Without recomputation a CPU step holds ~2.1 MB of activations per token (10.1 GB at 4.1k tokens,
+# docs/benchmarks.md), and recomputing costs a third more time: by default on CPU only rows past this length do it.
+CPU_CHECKPOINT_ABOVE = 4096
 BACKENDS = ("auto", "unsloth", "trl+peft")
 END_OF_TURN = "<|im_end|>"
 
@@ -75,8 +75,8 @@ class TrainConfig:
     eval_fraction: float = _option(0.0, "share of traces held out for an eval loss (split by trace, never by row)")
     load_in_4bit: bool = _option(False, "QLoRA: 4-bit base weights (Unsloth path only)")
     gradient_checkpointing: bool | None = _option(None, "recompute activations to save memory (default: on with "
-                                                        f"CUDA, and on CPU for rows over {CPU_CHECKPOINT_ABOVE} "
-                                                        "tokens)")
+                                                        f"CUDA; on CPU, for the rows over {CPU_CHECKPOINT_ABOVE} "
+                                                        "tokens only)")
     backend: str = _option("auto", "auto: Unsloth on CUDA when installed, else TRL + PEFT", choices=BACKENDS)
 
     def __post_init__(self):
@@ -397,8 +397,10 @@ def build_trainer(checked: Checked, config: TrainConfig, base_model: str | None 
     """Load the model with its LoRA layers and build the trainer on the checked rows."""
     on_cuda, max_length = checked.on_cuda, checked.rows.max_length
     gradient_checkpointing = config.gradient_checkpointing
+    recompute_above = None  # every row recomputes when gradient_checkpointing is on, unless this says otherwise
     if gradient_checkpointing is None:
         gradient_checkpointing = on_cuda or checked.rows.summary()["longest"] > CPU_CHECKPOINT_ABOVE
+        recompute_above = None if on_cuda else CPU_CHECKPOINT_ABOVE
     advice = _memory_advice(config, checked.rows, gradient_checkpointing)
     with explain_out_of_memory(f"loading {model_name(base_model)!r} for training", advice):
         if checked.path == "unsloth":
@@ -410,12 +412,16 @@ def build_trainer(checked: Checked, config: TrainConfig, base_model: str | None 
     callback = _ProgressCallback(on_progress, stop_event)
     fused = checked.path == "unsloth" or fused_loss_available(on_cuda)
     trainer = _sft_trainer(model, args, checked.tokenizer, checked.rows, peft_config, callback, fused)
+    if gradient_checkpointing and recompute_above is not None and not fused:
+        trainer.recompute_above = recompute_above
     record = {
         "status": "prepared", "created": now_iso(), "path": checked.path, "why": checked.why,
         "base_model": base_model, "base_model_name": model_name(base_model), "base_model_path": str(checked.folder),
         "config": {**asdict(config), "max_length": max_length, "optim": args.optim,
-                   "gradient_checkpointing": gradient_checkpointing, "device": "cuda" if on_cuda else "cpu",
-                   "loss": "trl fused (triton)" if fused else "model causal-LM loss"},
+                   "gradient_checkpointing": gradient_checkpointing,
+                   "recompute_rows_over": getattr(trainer, "recompute_above", None),
+                   "device": "cuda" if on_cuda else "cpu",
+                   "loss": "trl fused (triton)" if fused else "cross-entropy at trained positions"},
         "data": {"source": source or {"kind": "rows"}, **checked.rows.summary()},
     }
     return Prepared(trainer=trainer, tokenizer=checked.tokenizer, path=checked.path, why=checked.why,
@@ -495,25 +501,62 @@ def fused_loss_available(on_cuda: bool) -> bool:
 
 
 def _sft_trainer_class(fused: bool):
-    from transformers import Trainer
     from trl import SFTTrainer
 
     if fused:
         return SFTTrainer
 
-    class PlainLossSFTTrainer(SFTTrainer):
-        """SFTTrainer with the model's own causal-LM loss (as TRL's docs advise: override `compute_loss`), for
-        devices where its Triton kernel cannot run. Counts tokens the way SFTTrainer does, for tokens/s."""
+    class TrainedLogitsSFTTrainer(SFTTrainer):
+        """SFTTrainer with the causal-LM loss computed from logits at the trained positions only (as TRL's docs
+        advise: override `compute_loss`), for devices where its Triton kernel cannot run. An agent row trains ~10 %
+        of its tokens; the LM head over a 49k vocabulary at all the others cost a fifth of a CPU step and most of its
+        memory. Counts tokens the way SFTTrainer does, for tokens/s. With `recompute_above` set, only rows longer
+        than that many tokens recompute their activations (short rows need not pay a third more time for memory
+        they do not use)."""
+
+        recompute_above: int | None = None
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            mode = "train" if self.model.training else "eval"
-            if mode == "train":
+            if self.recompute_above is not None:
+                set_recompute(model, inputs["input_ids"].shape[1] > self.recompute_above)
+            if model.training:
                 self._total_train_tokens += int(inputs["attention_mask"].sum())
-                self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
-            return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
-                                        num_items_in_batch=num_items_in_batch)
+                self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+            # Trainer divides by the accumulation steps itself unless the model takes `num_items_in_batch`.
+            items = num_items_in_batch if self.model_accepts_loss_kwargs else None
+            outputs, loss = trained_positions_loss(model, inputs, items)
+            return (loss, outputs) if return_outputs else loss
 
-    return PlainLossSFTTrainer
+    return TrainedLogitsSFTTrainer
+
+
+def set_recompute(model, on: bool) -> None:
+    """Turn activation checkpointing on or off for the next forward pass, once it was set up for the model."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    for module in model.modules():
+        if isinstance(module, GradientCheckpointingLayer):
+            module.gradient_checkpointing = on
+
+
+def trained_positions_loss(model, inputs: dict, num_items_in_batch=None):
+    """(outputs, loss): the model's next-token cross-entropy where `labels` is not -100, from logits computed at
+    those positions only (`logits_to_keep` as indices). Equal to the loss over full logits; summed and divided by
+    `num_items_in_batch` under gradient accumulation, as transformers' own loss is."""
+    import torch
+
+    labels = inputs["labels"]
+    targets = labels[:, 1:]  # the token at t+1 is predicted at position t
+    positions = (targets != -100).any(dim=0).nonzero().squeeze(-1)
+    model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+    outputs = model(**model_inputs, logits_to_keep=positions, use_cache=False)
+    logits = outputs.logits.float()
+    reduction = "mean" if num_items_in_batch is None else "sum"
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets[:, positions].reshape(-1),
+                                             ignore_index=-100, reduction=reduction)
+    if num_items_in_batch is not None:
+        loss = loss / num_items_in_batch
+    return outputs, loss
 
 
 def _sft_trainer(model, args, tokenizer, rows: PreparedRows, peft_config, callback: _ProgressCallback,

@@ -3,6 +3,7 @@ endpoint. Real site, real Playwright MCP + Chromium, real embedded endpoint, rea
 
 import asyncio
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -51,13 +52,16 @@ def test_collect_stores_clean_teacher_traces(store, tmp_path):
         assert tool_results and all("Page URL: http://127.0.0.1:" in r for r in tool_results)
         assert "```yaml" in tool_results[-1]  # the snapshot the model saw is in the trace, not a file link
         assert all(m.get("reasoning_content") for m in trace.messages if m["role"] == "assistant")
+    # No two traces share the site's address: a model must learn to read it from the prompt, not to recall it.
+    sites = {re.search(r"http://127\.0\.0\.1:\d+", t.messages[0]["content"]).group() for t in traces}
+    assert len(sites) == 4
 
 
 def test_reset_leaves_one_blank_tab_without_history(tmp_path):
     async def browse_then_reset():
         async with running_world(tmp_path) as world:
-            base = world.site.base_url
             await world.reset()
+            base = world.site.base_url
             await world.hub.call("browser_navigate", {"url": base + "/products"})
             await world.hub.call("browser_navigate", {"url": base + "/docs"})
             await world.hub.call("browser_tabs", {"action": "new", "url": base + "/about"})
@@ -65,12 +69,13 @@ def test_reset_leaves_one_blank_tab_without_history(tmp_path):
             await world.reset()
             listed = await world.hub.call("browser_tabs", {"action": "list"})
             back = await world.hub.call("browser_navigate_back", {})
-            return listed.text, back.text, world.site.submissions
+            return base, world.site.base_url, listed.text, back.text, world.site.submissions
 
-    listed, back, submissions = asyncio.run(browse_then_reset())
+    before, after, listed, back, submissions = asyncio.run(browse_then_reset())
     assert [(tab.url, tab.current) for tab in tabs(listed)] == [("about:blank", True)]
     assert "Page URL: about:blank" in back and "/products" not in back  # no way back to the last task's pages
     assert submissions == []
+    assert after != before  # each task gets the site on its own port
 
 
 def test_eval_scores_the_teacher_and_a_model_that_misbehaves(tmp_path):

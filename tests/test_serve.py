@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import torch
 
 from mcpft.agent.endpoint import Endpoint, probe
 from mcpft.models import load_model
@@ -312,3 +313,21 @@ def test_smollm2_answers_through_the_endpoint():
             reply.choices[0].message.content
     finally:
         stop()
+
+
+def test_running_out_of_memory_while_generating_is_explained(tiny_model_dir, tmp_path):
+    """The model's own forward pass runs out of RAM: the client hears what ran out, doing what, and what to lower."""
+    model, tokenizer = load_model(str(tiny_model_dir), tmp_path)
+    model.model.layers[0].register_forward_hook(lambda *_: torch.empty(2**62, dtype=torch.uint8))
+    base_url, stop = serve_in_thread(create_app({"tiny": TransformersBackend(model, tokenizer)}))
+    try:
+        api = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=60)
+        with pytest.raises(openai.InternalServerError) as raised:
+            sampled(api, max_tokens=24)
+        with pytest.raises(openai.APIError) as streamed_error:
+            streamed(api, max_tokens=24)
+    finally:
+        stop()
+    for message in (raised.value.body["message"], streamed_error.value.message):
+        assert "generation failed: the RAM ran out while generating up to 24 tokens after a " in message
+        assert "-token prompt. Lower max_tokens, shorten the conversation" in message

@@ -134,6 +134,29 @@ def test_trained_mask_is_render_mask(tiny_model_dir, tmp_path, store):
         assert 0 < sum(trained_mask) < len(trained_mask)
 
 
+def test_loss_at_trained_positions_equals_the_full_logits_loss(tiny_model_dir, tmp_path):
+    """Logits at the trained positions only give the model's own loss and the same gradients, mean or summed."""
+    from mcpft.train import trained_positions_loss
+
+    rows = weather_rows(second_turn=True)
+    prepared = prepare_training(TrainConfig(max_steps=1), rows, tmp_path / "out", base_model=str(tiny_model_dir))
+    model = prepared.trainer.model
+    batch = next(iter(prepared.trainer.get_train_dataloader()))
+    trained = int((batch["labels"][0, 1:] != -100).sum())
+    for items in (None, torch.tensor(trained * 3)):
+        model.zero_grad()
+        outputs, loss = trained_positions_loss(model, batch, items)
+        loss.backward()
+        ours = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        assert outputs.logits.shape[1] == trained  # nothing computed where nothing is trained
+        model.zero_grad()
+        extra = {} if items is None else {"num_items_in_batch": items}
+        reference = model(**batch, **extra).loss
+        reference.backward()
+        assert torch.allclose(loss, reference, atol=1e-5)
+        assert all(torch.allclose(ours[n], p.grad, atol=1e-6) for n, p in model.named_parameters() if p.requires_grad)
+
+
 def test_stop_keeps_the_last_finished_step(tiny_model_dir, tmp_path):
     """Stopping after step 2 of 6 saves the same adapter as a 2-step run (constant LR: same updates)."""
     from safetensors.torch import load_file
@@ -194,13 +217,27 @@ def test_rows_over_max_length_are_left_out_never_cut(tiny_model_dir, tmp_path):
 
 
 def test_long_rows_on_cpu_recompute_activations_by_default(tiny_model_dir, tmp_path):
-    long_row = weather_rows(answer="Sunny and warm, " * 400)
-    prepared = prepare_training(TrainConfig(max_steps=1), long_row, tmp_path / "long", base_model=str(tiny_model_dir))
+    """On CPU only the rows over CPU_CHECKPOINT_ABOVE tokens recompute; an explicit choice holds for every row."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    rows = weather_rows() + weather_rows(city="Rome", answer="Sunny and warm, " * 650)
+    prepared = prepare_training(TrainConfig(max_steps=1), rows, tmp_path / "long", base_model=str(tiny_model_dir))
     assert prepared.rows.summary()["longest"] > CPU_CHECKPOINT_ABOVE
-    assert prepared.record["config"]["gradient_checkpointing"] is True
-    chosen = prepare_training(TrainConfig(max_steps=1, gradient_checkpointing=False), long_row, tmp_path / "off",
-                              base_model=str(tiny_model_dir))
-    assert chosen.record["config"]["gradient_checkpointing"] is False  # an explicit choice is kept
+    config = prepared.record["config"]
+    assert config["gradient_checkpointing"] is True and config["recompute_rows_over"] == CPU_CHECKPOINT_ABOVE
+    trainer = prepared.trainer
+    layers = [m for m in trainer.model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    assert layers
+    recomputed = {}
+    for batch in trainer.get_train_dataloader():
+        trainer.compute_loss(trainer.model, batch)
+        recomputed[batch["input_ids"].shape[1] > CPU_CHECKPOINT_ABOVE] = {m.gradient_checkpointing for m in layers}
+    assert recomputed == {True: {True}, False: {False}}
+    for chosen in (True, False):
+        explicit = prepare_training(TrainConfig(max_steps=1, gradient_checkpointing=chosen), rows,
+                                    tmp_path / f"explicit-{chosen}", base_model=str(tiny_model_dir))
+        assert explicit.record["config"]["gradient_checkpointing"] is chosen  # an explicit choice is kept
+        assert explicit.record["config"]["recompute_rows_over"] is None
 
 
 def test_missing_adapter_is_named(tmp_path):
@@ -318,6 +355,20 @@ def test_broken_files_and_rows_are_named(tmp_path, tiny_model_dir):
     with pytest.raises(CliError, match=r"not-rows.jsonl: row 1 \(id 'r1'\): 'messages' must be a non-empty list of "
                                        r"message objects, got str 'x'"):
         _run_verb([*base, "--data", str(not_rows)])
+    corrupt = export_rows(weather_rows(), tmp_path / "rows.parquet")
+    corrupt.write_bytes(corrupt.read_bytes()[:-40])  # a copy cut short: Parquet's footer is lost
+    with pytest.raises(CliError, match=r"rows.parquet: not a readable Parquet export \(.*footer"):
+        _run_verb([*base, "--data", str(corrupt)])
+    no_messages = tmp_path / "no-messages.parquet"
+    import datasets
+
+    datasets.Dataset.from_dict({"id": ["r1"], "text": ["hello"]}).to_parquet(str(no_messages))
+    with pytest.raises(CliError, match=r"no-messages.parquet: row 1 \(id 'r1'\): 'messages'"):
+        _run_verb([*base, "--data", str(no_messages)])
+    not_a_dataset = tmp_path / "empty-folder"
+    not_a_dataset.mkdir()
+    with pytest.raises(CliError, match=r"empty-folder: .*neither a `Dataset` directory"):
+        _run_verb([*base, "--data", str(not_a_dataset)])
     with pytest.raises(CliError, match=r"store:label=x.*store:tag=A,tag=B \(got 'label=x'\)"):
         _run_verb([*base, "--data", "store:label=x", "--db", str(tmp_path / "db.sqlite")])
     assert not (tmp_path / "out").exists()

@@ -33,10 +33,11 @@ DEMO_TAG = "demo"
 COLLECT_MAX_STEPS = 20  # model calls per teacher task (the teacher gives up by itself after 16 turns)
 # A small model may ramble; a demo step needs far less than the endpoint's default.
 EVAL_SETTINGS = CompletionSettings(temperature=0.0, max_tokens=384)
-# The browser tools the demo tasks need. Offering only these keeps every prompt ~4k tokens shorter (Playwright MCP's
-# full list is ~15k characters of schemas), which is what makes CPU training on demo traces practical.
-DEMO_TOOLS = ("browser_navigate", "browser_navigate_back", "browser_click", "browser_type", "browser_press_key",
-              "browser_select_option", "browser_fill_form", "browser_tabs", "browser_snapshot")
+# The browser tools the demo tasks need (the teacher uses each of them). Offering only these keeps every prompt ~4.4k
+# tokens shorter than Playwright MCP's full list (~15k characters of schemas), which is what makes CPU training on
+# demo traces practical: their schemas are still ~1.1k tokens of a ~3.7k-token row.
+DEMO_TOOLS = ("browser_navigate", "browser_click", "browser_type", "browser_fill_form", "browser_tabs",
+              "browser_snapshot")
 
 
 class ToolSubset:
@@ -75,10 +76,13 @@ class World:
     tools: ToolSubset  # what the model is offered
 
     async def reset(self):
-        """Before each task: no form submissions, and one new blank tab (no history to go back to) in place of all
-        the tabs the last task left. Cheaper than browser_close, which relaunches Chromium; the site sets no cookies
-        or storage, so nothing else carries over."""
-        self.site.clear_submissions()
+        """Before each task: the site on a new free port, and one new blank tab (no history to go back to) in place
+        of all the tabs the last task left. A new port per task means no two traces share the site's address, so a
+        model trained on them learns to take it from the prompt instead of recalling one that is wrong at evaluation
+        time; and no form submission carries over. A new tab is cheaper than browser_close, which relaunches
+        Chromium; the site sets no cookies or storage, so nothing else carries over."""
+        self.site.stop()
+        self.site = serve_site()
         opened = await self._tabs("new")  # the new tab is the last one and the current one
         for _ in range(len(tabs(opened)) - 1):
             await self._tabs("close", index=0)
@@ -94,9 +98,12 @@ class World:
 async def running_world(browser_dir: Path, headless: bool = True):
     # The demo site is on 127.0.0.1: keep Chromium off every other host (no lookups of Google's either).
     spec = playwright_server(browser_dir, headless=headless, offline=True)
-    with serve_site() as site:
-        async with ToolHub([spec], browser_dir / "files") as hub:
-            yield World(site, hub, ToolSubset(hub))
+    async with ToolHub([spec], browser_dir / "files") as hub:
+        world = World(serve_site(), hub, ToolSubset(hub))
+        try:
+            yield world
+        finally:
+            world.site.stop()  # the one the last reset started
 
 
 @asynccontextmanager
