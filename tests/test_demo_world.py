@@ -100,6 +100,7 @@ def test_eval_scores_the_teacher_and_a_model_that_misbehaves(tmp_path):
     assert report.totals()["success_rate"] == 0.0
     assert by_id["no_tool_arithmetic-7"].unneeded_calls == 1
     assert by_id["price_by_position-5"].unneeded_calls == 0 and not by_id["price_by_position-5"].success
+    assert by_id["price_by_position-5"].reason.startswith("expected the price $")  # the checker's reason
 
 
 def test_eval_marks_the_tasks_an_endpoint_fails_mid_run(tmp_path):

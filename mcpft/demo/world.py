@@ -195,7 +195,7 @@ async def run_task(world: World, task: Task, endpoint: Endpoint, *, sink=None, s
     check = task.check(result.answer, world.site) if result.stop_reason == "answer" else None
     outcome = TaskOutcome(
         task_id=task.id, template=task.template, needs_tools=task.needs_tools, success=bool(check),
-        reason=check.reason if check else _no_answer(result),
+        reason=check.reason if check is not None else _no_answer(result),  # a failed check is falsy
         answer=result.answer, stop_reason=result.stop_reason, steps=result.steps, tool_calls=result.tool_calls,
         tool_errors=result.tool_errors, unneeded_calls=0 if task.needs_tools else result.tool_calls,
         seconds=round(time.perf_counter() - started, 2), endpoint_error=result.stop_reason == "error")
