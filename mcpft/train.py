@@ -508,7 +508,7 @@ def _sft_trainer_class(fused: bool):
 
     class TrainedLogitsSFTTrainer(SFTTrainer):
         """SFTTrainer with the causal-LM loss computed from logits at the trained positions only (as TRL's docs
-        advise: override `compute_loss`), for devices where its Triton kernel cannot run. An agent row trains ~10 %
+        advise: override `compute_loss`), for devices where its Triton kernel cannot run. An agent row trains ~8 %
         of its tokens; the LM head over a 49k vocabulary at all the others cost a fifth of a CPU step and most of its
         memory. Counts tokens the way SFTTrainer does, for tokens/s. With `recompute_above` set, only rows longer
         than that many tokens recompute their activations (short rows need not pay a third more time for memory
