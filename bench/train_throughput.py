@@ -3,6 +3,10 @@
 CPU (default): the packaged SmolLM2-135M on synthetic tool-calling rows of about `--tokens` tokens each.
 
     .venv/bin/python bench/train_throughput.py --steps 5
+    .venv/bin/python bench/train_throughput.py --steps 8 --tokens 4000 --precision both   # fp32 vs bf16, same rows
+
+`--precision both` trains twice on the same rows from the same seed, fp32 then bf16 autocast, and prints each run's
+loss per step beside its speed (peak RSS is the process's, so the second run's is the larger of the two).
 
 CUDA: Unsloth against TRL + PEFT on a Qwen3-4B-shaped model with random weights (no download: the config is
 written here, the tokenizer is SmolLM2's with our template), each backend in its own process (Unsloth patches
@@ -67,12 +71,13 @@ def random_qwen3_4b(folder: Path, tokenizer) -> Path:
     return folder
 
 
-def run_once(args, base_model: str | None, backend: str) -> dict:
+def run_once(args, base_model: str | None, backend: str, precision: str = "auto") -> dict:
     tokenizer = load_tokenizer(base_model, data_dir())
     rows = [synthetic_row(tokenizer, i, args.tokens) for i in range(args.steps * args.grad_accum)]
     config = TrainConfig(max_steps=args.steps, gradient_accumulation_steps=args.grad_accum, backend=backend,
                          max_length=max(render(tokenizer, r).n_tokens for r in rows) + 1,
-                         gradient_checkpointing=args.gradient_checkpointing)
+                         gradient_checkpointing=args.gradient_checkpointing, precision=precision,
+                         learning_rate=args.lr)
     progress = []
     with tempfile.TemporaryDirectory() as out:
         started = time.perf_counter()
@@ -81,11 +86,13 @@ def run_once(args, base_model: str | None, backend: str) -> dict:
     row_tokens = sum(render(tokenizer, r).n_tokens for r in rows)
     figures = {
         "backend": result.path, "why": result.why, "device": args.device, "model": base_model or "SmolLM2-135M",
+        "precision": precision,
         "steps": result.steps, "rows_per_step": args.grad_accum, "gradient_checkpointing": args.gradient_checkpointing, "tokens_per_row": row_tokens // len(rows),
         "wall_s": round(seconds, 2), "train_s": round(result.runtime_s, 2),
         "tokens_per_s": round(progress[-1].tokens_per_s, 1),  # all tokens seen / time since training began
         "s_per_step": round(result.runtime_s / max(1, result.steps), 3),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "loss": [round(p.loss, 4) for p in progress if p.loss is not None],
     }
     if args.device == "cuda":
         import torch
@@ -105,9 +112,13 @@ def main() -> None:
     parser.add_argument("--backend", choices=("unsloth", "trl+peft"), default=None,
                         help="CUDA: run only this backend (in this process)")
     parser.add_argument("--model-dir", type=Path, default=None, help="CUDA: reuse a random Qwen3-4B folder")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "both"), default="auto",
+                        help="CPU: mixed precision of the run (both: fp32, then bf16 on the same rows)")
+    parser.add_argument("--lr", type=float, default=2e-4, help="learning rate")
     args = parser.parse_args()
     if args.device == "cpu":
-        print(json.dumps(run_once(args, None, "auto")))
+        for precision in ("fp32", "bf16") if args.precision == "both" else (args.precision,):
+            print(json.dumps(run_once(args, None, "auto", precision)), flush=True)
         return
     if args.backend:
         print(json.dumps(run_once(args, str(args.model_dir), args.backend)))

@@ -1,134 +1,75 @@
-"""The payoff, measured: SmolLM2-135M base vs fine-tuned on teacher traces from the demo world's train split.
+"""The payoff, measured: `mcpft.demo.payoff` at full scale, with every figure the benchmarks table needs.
 
-    .venv/bin/python bench/uplift_demo.py --train-traces 100 --heldout-tasks 44
+    .venv/bin/python bench/uplift_demo.py --out /tmp/payoff-1                       # space.yaml's demo recipe
+    .venv/bin/python bench/uplift_demo.py --out /tmp/payoff-2 --train-traces 60 --epochs 3 --lr 1e-3
 
-1. collect teacher traces (train split) through the real agent, browser and store;
-2. held-out task success of the base model (the demo world, real browser) and its step scores on held-out teacher
-   traces (BFCL-style);
-3. LoRA SFT (TRL + PEFT on CPU, Unsloth on CUDA) on the train rows;
-4. the same held-out tasks and steps for the fine-tuned adapter, served beside the base by the embedded endpoint.
-Goal: base ~0 % -> fine-tuned >= 60 % task success, irrelevance not worse, training <= 30 minutes on 2 cores.
+Runs what `mcpft demo payoff` runs (collect teacher traces in the real browser, train, the held-out tasks with the
+base and the fine-tuned model), with the recipe's settings open to override, and adds what an attempt's row in
+docs/benchmarks.md records: rows, tokens per row, trained share, training time. Writes OUT/payoff.json.
+Goal: held-out task success base <= 15 % -> fine-tuned >= 60 %, collect + train + evaluate <= 20 minutes on 2 cores.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 from tqdm import tqdm
 
-from mcpft.agent.endpoint import CompletionSettings, Endpoint
-from mcpft.config import data_dir
-from mcpft.dataset import rows_from_traces
-from mcpft.demo.world import DEMO_TAG, collect, evaluate_tasks, pick_tasks
-from mcpft.evaluate import EndpointGenerator, evaluate_rows
-from mcpft.serve import create_app, load_backends, serve_in_thread
-from mcpft.store import Store
-from mcpft.train import TrainConfig, check_out_dir, train
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from mcpft.config import data_dir, default_base_model, load_settings  # noqa: E402
+from mcpft.demo.payoff import PayoffRecipe, payoff_table, run_payoff  # noqa: E402
+from mcpft.models import load_tokenizer  # noqa: E402
+from mcpft.render import render  # noqa: E402
 
 
-def collect_traces(store: Store, n: int, split: str) -> list[dict]:
-    """Training rows of `n` teacher traces of the split: collected, unless a rerun's store already holds enough
-    (collection takes tasks in a fixed order, so its first `n` are those `n` would collect)."""
-    if len(store.traces(tags=[DEMO_TAG, split])) < n:
-        bar = tqdm(total=n, desc=f"collect {split}", file=sys.stderr)
-        report = asyncio.run(collect(store, n, split, on_task=lambda o: bar.update()))
-        bar.close()
-        print(f"collected {n} {split} teacher traces: {report.totals()['successes']} solved", file=sys.stderr)
-    traces = sorted(store.traces(tags=[DEMO_TAG, split]), key=lambda t: t.created)[:n]
-    return rows_from_traces(traces)
+def row_figures(work: Path, base_model: str | None) -> dict:
+    """Tokens per training row and the trained share, from the run's own store."""
+    from mcpft.dataset import rows_from_traces
+    from mcpft.store import Store
+
+    tokenizer = load_tokenizer(base_model, data_dir())
+    with Store(work / "demo.db") as store:
+        rows = rows_from_traces(store.traces(tags=["demo", "train"]))
+    rendered = [render(tokenizer, row) for row in rows]
+    tokens = [r.n_tokens for r in rendered]
+    trained = sum(sum(r.train_mask) for r in rendered)
+    return {"rows": len(rows), "tokens_per_row": round(sum(tokens) / max(1, len(tokens))),
+            "longest_row": max(tokens, default=0), "trained_share": round(trained / max(1, sum(tokens)), 3)}
 
 
-def score_model(base_url: str, model: str, heldout_tasks: int, heldout_rows: list[dict], max_steps: int,
-                max_new_tokens: int, transcripts: Path) -> dict:
-    """Task success in the real browser (each run's messages appended to `transcripts`) and step scores."""
-    bar = tqdm(total=heldout_tasks, desc=f"tasks {model}", file=sys.stderr)
-    task_ids = [task.id for task in pick_tasks("heldout", heldout_tasks)]  # every template before any repeats
-    settings = CompletionSettings(temperature=0.0, max_tokens=max_new_tokens)
-    tasks = asyncio.run(evaluate_tasks(Endpoint(base_url, model), "heldout", max_steps=max_steps, settings=settings,
-                                       on_task=lambda o: bar.update(), task_ids=task_ids,
-                                       transcripts=transcripts))
-    bar.close()
-    steps = evaluate_rows(heldout_rows, EndpointGenerator(base_url, model, max_new_tokens=max_new_tokens))
-    return {"tasks": tasks.to_dict(), "steps": steps}
-
-
-def served(adapter: Path | None):
-    backends = load_backends(None, adapter, data_dir())
-    base_url, stop = serve_in_thread(create_app(backends))
-    return base_url, list(backends), stop
-
-
-def main():
+def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--train-traces", type=int, default=100)
-    parser.add_argument("--heldout-tasks", type=int, default=44, help="held-out tasks for task success (templates "
-                                                                      "taken in turn: 13 = one of each)")
-    parser.add_argument("--heldout-traces", type=int, default=13, help="held-out teacher traces for step scores")
-    parser.add_argument("--epochs", type=float, default=1.0)
-    parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--grad-accum", type=int, default=4)
-    parser.add_argument("--max-length", type=int, default=8192)
-    parser.add_argument("--agent-max-steps", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=192, help="per step (a teacher step needs ~100)")
-    parser.add_argument("--out", type=Path, default=None, help="work dir (a rerun reuses its collected traces)")
+    parser.add_argument("--out", type=Path, required=True, help="new or empty work dir")
+    parser.add_argument("--base-model", default=None, help="default: space.yaml's base_model")
+    for name, kind in (("train-traces", int), ("heldout-tasks", int), ("epochs", float), ("lr", float),
+                       ("grad-accum", int), ("lora-r", int), ("agent-max-steps", int), ("max-new-tokens", int)):
+        parser.add_argument(f"--{name}", type=kind, default=None, help="default: space.yaml's demo recipe")
     args = parser.parse_args()
-    work = args.out or Path(tempfile.mkdtemp(prefix="mcpft-uplift-"))
-    work.mkdir(parents=True, exist_ok=True)
-    adapter_dir = check_out_dir(work / "adapter")  # refused now, not after the long baseline
-    store = Store(work / "demo.db")
-    train_rows = collect_traces(store, args.train_traces, "train")
-    heldout_rows = collect_traces(store, args.heldout_traces, "heldout")
+    settings = load_settings()
+    recipe = PayoffRecipe.from_settings(
+        settings, train_traces=args.train_traces, heldout_tasks=args.heldout_tasks, epochs=args.epochs,
+        learning_rate=args.lr, gradient_accumulation_steps=args.grad_accum, lora_r=args.lora_r,
+        agent_max_steps=args.agent_max_steps, max_new_tokens=args.max_new_tokens)
+    base_model = args.base_model or default_base_model(settings)
+    bars: dict[str, tqdm] = {}
 
-    base_url, names, stop = served(None)
-    try:
-        before = score_model(base_url, names[0], args.heldout_tasks, heldout_rows, args.agent_max_steps,
-                             args.max_new_tokens, work / "transcripts-base.jsonl")
-    finally:
-        stop()
-
-    bar = tqdm(desc="train", file=sys.stderr)
-
-    def on_progress(p):
-        bar.total = p.total
-        bar.n = p.step
-        bar.set_postfix(loss=p.loss)
+    def on_progress(stage: str, done: int, total: int) -> None:
+        bar = bars.setdefault(stage, tqdm(total=total, desc=stage, file=sys.stderr))
+        bar.total, bar.n = total, done
         bar.refresh()
 
-    started = time.monotonic()
-    result = train(TrainConfig(epochs=args.epochs, learning_rate=args.lr, max_length=args.max_length,
-                                gradient_accumulation_steps=args.grad_accum), train_rows,
-                   adapter_dir, on_progress=on_progress)
-    bar.close()
-    train_minutes = (time.monotonic() - started) / 60
-
-    base_url, names, stop = served(result.adapter_dir)
-    try:
-        after = score_model(base_url, names[-1], args.heldout_tasks, heldout_rows, args.agent_max_steps,
-                            args.max_new_tokens, work / "transcripts-tuned.jsonl")
-    finally:
-        stop()
-
-    summary = {"train_traces": args.train_traces, "train_rows": result.rows_used, "train_steps": result.steps,
-               "final_loss": result.final_loss, "train_minutes": round(train_minutes, 1), "path": result.path,
-               "before": {"tasks": before["tasks"]["totals"], "steps": before["steps"]["totals"]},
-               "after": {"tasks": after["tasks"]["totals"], "steps": after["steps"]["totals"]}}
-    (work / "uplift.json").write_text(json.dumps({**summary, "details": {"before": before, "after": after}}, indent=2))
-    print(f"work dir: {work}")
-    print(f"training: {result.rows_used} rows, {result.steps} steps, {train_minutes:.1f} min ({result.path}), "
-          f"final loss {result.final_loss}")
-    print(f"{'held-out':28} {'base':>8} {'fine-tuned':>11}")
-    for group, key in (("tasks", "success_rate"), ("tasks", "unneeded_calls"), ("tasks", "tool_errors"),
-                       ("steps", "valid_call_rate"), ("steps", "tool_name_accuracy"),
-                       ("steps", "argument_accuracy"), ("steps", "irrelevance_accuracy")):
-        b, a = summary["before"][group].get(key), summary["after"][group].get(key)
-        fmt = (lambda v: "-" if v is None else f"{v:.0%}") if "rate" in key or "accuracy" in key else str
-        print(f"{group + ' ' + key:28} {fmt(b):>8} {fmt(a):>11}")
+    report = run_payoff(recipe, args.out, base_model, on_progress)
+    for bar in bars.values():
+        bar.close()
+    figures = {**report.to_dict(), "row_figures": row_figures(args.out, base_model)}
+    (args.out / "payoff.json").write_text(json.dumps(figures, indent=2, default=str))
+    print(payoff_table(report))
+    print(json.dumps({k: figures[k] for k in ("base_success", "tuned_success", "seconds", "train", "row_figures")},
+                     default=str))
 
 
 if __name__ == "__main__":

@@ -21,9 +21,9 @@ from pathlib import Path
 from mcpft.trace import Trace
 
 EXPORT_FORMATS = ("jsonl", "parquet", "hf")
-# Message keys that are no training text: validation flags, and MCP structured results (their text is the content;
-# arbitrary shapes would also break the one Arrow schema of the rows).
-NOT_TRAINING_KEYS = ("flags", "structured_content")
+# Message keys that are no training text: validation flags, MCP structured results (their text is the content;
+# arbitrary shapes would also break the one Arrow schema of the rows) and what an MCP result was (`mcp_result`).
+NOT_TRAINING_KEYS = ("flags", "structured_content", "mcp_result")
 # What a one-row-per-trace row carries besides the conversation, so that importing it back restores the curation.
 CURATION_FIELDS = ("tags", "rating", "notes", "train_system", "base_url")
 # The files `Dataset.save_to_disk` writes (datasets' arrow_dataset.py), and the cache files `datasets` adds beside

@@ -9,9 +9,12 @@ Hermes, and the answer is compared with the recorded message:
   - `tool_name`: the multiset of called names equals the reference's (parallel calls in any order);
   - `arguments`: the calls can be paired one to one with the reference's (same name, arguments match). Arguments match
     when every reference key is present (a key may be left out only when the reference value is the schema's
-    `default`), no other key is there ("unexpected"), and values are equal after normalisation: strings stripped,
-    runs of whitespace collapsed and case-folded; numbers compared as numbers (3 == 3.0, "3" != 3); booleans
-    exactly (True != 1); lists element by element in order; objects key by key; null only equals null.
+    `default`), no other key is there ("unexpected", unless its value is the schema's `default`: stating an optional
+    parameter's default changes nothing), and values are equal after normalisation: strings stripped, runs of
+    whitespace collapsed and case-folded, URLs with their default port and a trailing slash of the path dropped
+    (`https://trelis.com/` == `https://trelis.com`, `/blog/` == `/blog`, but `/blog` != `/about`); numbers compared
+    as numbers (3 == 3.0, "3" != 3); booleans exactly (True != 1); lists element by element in order; objects key by
+    key; null only equals null.
 - answer steps (the reference calls nothing):
   - `irrelevance`: the model called nothing (a malformed call attempt counts as a call);
   - `answer_match`: the reference text, normalised (case-folded, every non-alphanumeric character a space, whitespace
@@ -35,8 +38,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
-from mcpft.hermes import ParsedAssistant, format_assistant_text, parse_assistant_text
+from mcpft.hermes import ParsedAssistant, format_assistant_text, parse_assistant_text, tool_calls_end
 from mcpft.models import explain_out_of_memory
 from mcpft.render import row_tools
 from mcpft.trace import now_iso
@@ -46,6 +50,8 @@ from mcpft.train import load_adapter_model
 DEFAULT_MAX_NEW_TOKENS = 512
 ANSWER_F1_THRESHOLD = 0.5
 NUMBER = re.compile(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?")  # 1,299.00 | 1299 | 3.5
+URL_WITH_HOST = re.compile(r"[a-z][a-z0-9+.-]*://[^\s/?#]+\S*", re.IGNORECASE)
+DEFAULT_PORTS = {"http": 80, "https": 443}
 RATES = ("valid_call_rate", "tool_name_accuracy", "argument_accuracy", "irrelevance_accuracy", "answer_accuracy",
          "pass_rate")
 
@@ -114,7 +120,24 @@ def _schemas(tools: list[dict] | None) -> dict[str, dict]:
 
 
 def normalize_string(text: str) -> str:
-    return " ".join(text.split()).casefold()
+    return " ".join(normalize_url(text.strip()).split()).casefold()
+
+
+def normalize_url(text: str) -> str:
+    """A URL as the page it opens: scheme and host lower-cased, the scheme's default port and one trailing slash of
+    the path dropped (`https://Trelis.com:443/` -> `https://trelis.com`); any other text as it is."""
+    if not URL_WITH_HOST.fullmatch(text):
+        return text
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError:  # not a URL after all (a broken IPv6 host, a port that is no number): compare it as text
+        return text
+    scheme, netloc = parts.scheme.lower(), parts.netloc.lower()
+    if port is not None and port == DEFAULT_PORTS.get(scheme):
+        netloc = netloc.rpartition(":")[0]
+    path = parts.path.removesuffix("/")  # `/` and `` open the same page; so do `/blog/` and `/blog` on real sites
+    return urlunsplit((scheme, netloc, path, parts.query, parts.fragment))
 
 
 def _type_name(value) -> str:
@@ -146,16 +169,22 @@ def value_problems(predicted, reference, where: str) -> list[str]:
     return [] if equal else [f"{where}: expected {reference!r}, got {predicted!r}"]
 
 
+def _is_default(value, key: str, schema: dict) -> bool:
+    """Whether `value` is the schema's `default` for parameter `key` (leaving it out would mean the same)."""
+    parameter = (schema.get("properties") or {}).get(key)
+    if not isinstance(parameter, dict) or "default" not in parameter:
+        return False
+    return not value_problems(value, parameter["default"], key)
+
+
 def object_problems(predicted: dict, reference: dict, schema: dict, where: str = "") -> list[str]:
-    """Missing and unexpected keys, then unequal values; a key missing whose reference value is its default is fine."""
-    properties = schema.get("properties") or {}
+    """Missing and unexpected keys, then unequal values. As BFCL's possible answers allow, an optional parameter
+    stated with its default matches one left out, whichever side states it."""
     prefix = f"{where}." if where else ""
-    problems = []
-    for key, value in reference.items():
-        default = (properties.get(key) or {}).get("default", object())
-        if key not in predicted and not (_type_name(default) == _type_name(value) and default == value):
-            problems.append(f"missing argument {prefix}{key}")
-    problems += [f"unexpected argument {prefix}{key}" for key in predicted if key not in reference]
+    problems = [f"missing argument {prefix}{key}" for key, value in reference.items()
+                if key not in predicted and not _is_default(value, key, schema)]
+    problems += [f"unexpected argument {prefix}{key}" for key, value in predicted.items()
+                 if key not in reference and not _is_default(value, key, schema)]
     for key in [k for k in reference if k in predicted]:
         problems += value_problems(predicted[key], reference[key], f"{prefix}{key}")
     return problems
@@ -265,15 +294,17 @@ class Output:
 
 
 class LocalGenerator:
-    """Greedy generation with a transformers model (a PeftModel for an adapter) and its tokenizer."""
+    """Greedy generation with a transformers model (a PeftModel for an adapter) and its tokenizer, through
+    `mcpft.inference.Engine`: steps are scored in order, so each step of a trace prefills only what it adds to the
+    one before. A reply ends at the end-of-turn token or once its Hermes tool calls are complete."""
 
     def __init__(self, model, tokenizer, name: str, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS):
+        from mcpft.inference import Engine, end_of_turn_ids
+
         self.model, self.tokenizer, self.name, self.max_new_tokens = model, tokenizer, name, max_new_tokens
         self.context_length = getattr(model.config, "max_position_embeddings", None)
-        eos = model.generation_config.eos_token_id
-        eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
-        end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
-        self.eos_ids = sorted(eos_ids | ({end_of_turn} if isinstance(end_of_turn, int) else set()))
+        self.eos_ids = end_of_turn_ids(model, tokenizer)
+        self.engine = Engine(model)
 
     def _prompt(self, step: Step) -> str:
         return self.tokenizer.apply_chat_template(step.prefix, tools=step.tools, add_generation_prompt=True,
@@ -283,15 +314,17 @@ class LocalGenerator:
         return len(self.tokenizer(self._prompt(step), add_special_tokens=False)["input_ids"])
 
     def generate(self, step: Step) -> Output:
-        import torch
-
         prompt = self._prompt(step)
-        inputs = self.tokenizer(prompt, add_special_tokens=False, return_tensors="pt").to(self.model.device)
-        with torch.no_grad():
-            output = self.model.generate(**inputs, do_sample=False, max_new_tokens=self.max_new_tokens,
-                                         eos_token_id=self.eos_ids, pad_token_id=self.eos_ids[0])
-        new_tokens = output[0, inputs["input_ids"].shape[1]:]
-        text = self.tokenizer.decode(new_tokens, skip_special_tokens=True)
+        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        tokens, text = [], ""
+        for token in self.engine.generate(ids, self.max_new_tokens):
+            if token in self.eos_ids:
+                break
+            tokens.append(token)
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            if step.tools and (end := tool_calls_end(text)) is not None:  # the calls are complete
+                text = text[:end]
+                break
         return Output(text=text, parsed=parse_assistant_text(text, think_opened=prompt.rstrip().endswith("<think>")))
 
 

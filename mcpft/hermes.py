@@ -210,24 +210,106 @@ def format_assistant_text(content: str = "", reasoning: str = "", tool_calls: li
 # Streaming
 
 
+class _SectionStream:
+    """One section (the reasoning or the content) streamed exactly as `parse_assistant_text` returns it: readable
+    `<tool_call>` blocks left out, unreadable ones kept as text where they were, the whole section stripped (so
+    leading whitespace is dropped and trailing whitespace is held until text follows it)."""
+
+    def __init__(self):
+        self._buffer = ""  # text not decided yet: an open `<tool_call>` block, or what may begin one
+        self._in_block = False
+        self._started = False  # some text was passed on: later whitespace is inside the section
+        self._spaces = ""  # trailing whitespace, passed on only when more text follows
+
+    def feed(self, text: str, final: bool = False) -> str:
+        """The section's text this piece decides (`final`: the section ends here, nothing is held back)."""
+        self._buffer += text
+        out = []
+        while self._buffer:
+            if self._in_block:
+                block_end = self._block_end(final)
+                if block_end is None:
+                    break
+                block, self._buffer, self._in_block = self._buffer[:block_end], self._buffer[block_end:], False
+                out.append("" if _readable_block(block) else block)
+                continue
+            start = self._buffer.find(CALL_OPEN)
+            if start == -1:
+                keep = 0 if final else _partial_tag_length(self._buffer, (CALL_OPEN,))
+                out.append(self._buffer[:len(self._buffer) - keep])
+                self._buffer = self._buffer[len(self._buffer) - keep:]
+                break
+            out.append(self._buffer[:start])
+            self._buffer, self._in_block = self._buffer[start:], True
+        visible = self._visible("".join(out))
+        if final:
+            self._spaces = ""  # the section is stripped at its end
+        return visible
+
+    def _block_end(self, final: bool) -> int | None:
+        """Where the block at the start of the buffer ends (as `_block_end` decides), None while undecided."""
+        body_at = len(CALL_OPEN)
+        close_at, next_open = self._buffer.find(CALL_CLOSE, body_at), self._buffer.find(CALL_OPEN, body_at)
+        if close_at != -1 and (next_open == -1 or close_at < next_open):
+            return close_at + len(CALL_CLOSE)
+        if next_open != -1:
+            return next_open
+        return len(self._buffer) if final else None
+
+    def _visible(self, text: str) -> str:
+        if not self._started:
+            text = text.lstrip()
+            if not text:
+                return ""
+            self._started = True
+        text = self._spaces + text
+        kept = text.rstrip()
+        self._spaces = text[len(kept):]
+        return kept
+
+
+def _readable_block(block: str) -> bool:
+    """Whether a `<tool_call>` block (its tags included) holds calls that `parse_assistant_text` takes out."""
+    body = block[len(CALL_OPEN):].removesuffix(CALL_CLOSE)
+    try:
+        _parse_call_body(body)
+    except _MalformedCall:
+        return False
+    return True
+
+
+def _partial_tag_length(text: str, tags: tuple[str, ...]) -> int:
+    """Length of the longest suffix of `text` that could be the start of one of `tags`."""
+    longest = 0
+    for tag in tags:
+        for size in range(min(len(tag) - 1, len(text)), longest, -1):
+            if text.endswith(tag[:size]):
+                longest = size
+                break
+    return longest
+
+
 class ThinkStreamSplitter:
     """Separates streamed text into ("reasoning", text) and ("content", text) pieces as deltas arrive.
 
-    `<tool_call>` blocks are held back from both streams (the caller parses the whole text at the end), as are the
-    tags themselves; whitespace at the start of a section is dropped. A tag split across deltas is waited for.
+    What it streams is what `parse_assistant_text` returns for the whole text: the same `<think>` split (only the
+    first `<think>` ... `</think>` counts, later tags are text; a prompt-opened `<think>` is dropped when the model
+    writes it again), readable `<tool_call>` blocks held back from both streams (the caller takes the calls from
+    the whole text at the end), unreadable ones passed on as text once they end, each section stripped. A tag split
+    across deltas is waited for.
+
+    The one thing a stream cannot know in time: without `think_opened`, text before a bare `</think>` is reasoning,
+    but it was passed on as content before the `</think>` came (anything of it still held back goes to reasoning).
     """
 
-    _TAGS = {
-        "content": (THINK_OPEN, THINK_CLOSE, CALL_OPEN),
-        "reasoning": (THINK_CLOSE, CALL_OPEN),
-        "tool_call": (CALL_CLOSE, CALL_OPEN),
-    }
+    _WATCH = {"before": (THINK_OPEN, THINK_CLOSE), "reasoning": (THINK_CLOSE,), "after": ()}
 
     def __init__(self, think_opened: bool = False):
-        self._mode = "reasoning" if think_opened else "content"
-        self._outer = self._mode  # the section a tool call block returns to
-        self._buffer = ""
-        self._at_section_start = True
+        # "opening": the prompt opened <think>, unless the text starts with one; "before": content until a think
+        # tag; "reasoning": until `</think>`; "after": content to the end, every tag there is text.
+        self._state = "opening" if think_opened else "before"
+        self._buffer = ""  # raw text that may be the start of a think tag
+        self._sections = {"reasoning": _SectionStream(), "content": _SectionStream()}
 
     def feed(self, delta: str) -> list[tuple[str, str]]:
         """The pieces this delta completes, in order; same-kind neighbours are merged."""
@@ -235,55 +317,77 @@ class ThinkStreamSplitter:
         return self._drain(final=False)
 
     def finish(self) -> list[tuple[str, str]]:
-        """Whatever was held back waiting for a possible tag (call once, when the stream ends)."""
-        return self._drain(final=True)
+        """Whatever was held back (call once, when the stream ends)."""
+        pieces = self._drain(final=True)
+        for kind in ("reasoning", "content"):
+            _append(pieces, kind, self._sections[kind].feed("", final=True))
+        return pieces
 
     def _drain(self, final: bool) -> list[tuple[str, str]]:
         pieces: list[tuple[str, str]] = []
+        if self._state == "opening" and not self._leave_opening(final):
+            return pieces
         while True:
-            found = [(at, tag) for tag in self._TAGS[self._mode] if (at := self._buffer.find(tag)) != -1]
+            tags = self._WATCH[self._state]
+            found = [(at, tag) for tag in tags if (at := self._buffer.find(tag)) != -1]
             if not found:
-                keep = 0 if final else self._partial_tag_length()
-                self._emit(pieces, self._buffer[: len(self._buffer) - keep])
+                keep = 0 if final else _partial_tag_length(self._buffer, tags)
+                self._route(pieces, self._buffer[:len(self._buffer) - keep])
                 self._buffer = self._buffer[len(self._buffer) - keep:]
                 return pieces
             at, tag = min(found)
-            self._emit(pieces, self._buffer[:at])
+            self._route(pieces, self._buffer[:at])
             self._buffer = self._buffer[at + len(tag):]
-            self._switch(tag)
+            self._on_tag(tag, pieces)
 
-    def _switch(self, tag: str) -> None:
-        if tag == CALL_OPEN:
-            if self._mode != "tool_call":
-                self._outer = self._mode
-            self._mode = "tool_call"
-        elif tag == CALL_CLOSE:
-            self._mode = self._outer
-        elif tag == THINK_OPEN:
-            self._mode = self._outer = "reasoning"
-        elif tag == THINK_CLOSE:  # also a bare `</think>` in content: the tag is dropped
-            self._mode = self._outer = "content"
-        self._at_section_start = True
+    def _leave_opening(self, final: bool) -> bool:
+        """Decide whether the prompt's `<think>` holds (False: not known yet, wait for more text)."""
+        text = self._buffer.lstrip()
+        if text.startswith(THINK_OPEN):  # the model opened it again itself: that tag is no text
+            self._buffer, self._state = text[len(THINK_OPEN):], "reasoning"
+            return True
+        if THINK_OPEN.startswith(text) and not final:
+            return False
+        self._state = "reasoning"
+        return True
 
-    def _partial_tag_length(self) -> int:
-        """Length of the longest buffer suffix that could be the start of a tag this mode watches for."""
-        longest = 0
-        for tag in self._TAGS[self._mode]:
-            for size in range(min(len(tag) - 1, len(self._buffer)), longest, -1):
-                if self._buffer.endswith(tag[:size]):
-                    longest = size
-                    break
-        return longest
-
-    def _emit(self, pieces: list[tuple[str, str]], text: str) -> None:
-        if self._mode == "tool_call":
+    def _on_tag(self, tag: str, pieces: list[tuple[str, str]]) -> None:
+        if self._state == "before" and tag == THINK_OPEN:
+            self._state = "reasoning"
             return
-        if self._at_section_start:
-            text = text.lstrip()
-        if not text:
-            return
-        self._at_section_start = False
-        if pieces and pieces[-1][0] == self._mode:
-            pieces[-1] = (self._mode, pieces[-1][1] + text)
-        else:
-            pieces.append((self._mode, text))
+        if self._state == "before":  # a bare `</think>`: what came before it was reasoning
+            self._sections = {"reasoning": self._sections["content"], "content": _SectionStream()}
+        _append(pieces, "reasoning", self._sections["reasoning"].feed("", final=True))
+        self._state = "after"
+
+    def _route(self, pieces: list[tuple[str, str]], text: str) -> None:
+        kind = "reasoning" if self._state == "reasoning" else "content"
+        _append(pieces, kind, self._sections[kind].feed(text))
+
+
+def _append(pieces: list[tuple[str, str]], kind: str, text: str) -> None:
+    if not text:
+        return
+    if pieces and pieces[-1][0] == kind:
+        pieces[-1] = (kind, pieces[-1][1] + text)
+    else:
+        pieces.append((kind, text))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Where a Hermes reply is complete
+
+
+def tool_calls_end(text: str) -> int | None:
+    """Where a reply that made Hermes tool calls is complete: just after its last `</tool_call>`, once anything but
+    whitespace or another `<tool_call>` follows it. None while the reply may still go on (no call closed yet, or
+    only whitespace or the start of another call after it). Text inside reasoning does not count."""
+    answer_from = text.rfind(THINK_CLOSE)
+    end = text.rfind(CALL_CLOSE)
+    if end == -1 or end < answer_from or text.rfind(THINK_OPEN) > answer_from:  # none, or still reasoning
+        return None
+    end += len(CALL_CLOSE)
+    rest = text[end:].lstrip()
+    if not rest or CALL_OPEN.startswith(rest) or rest.startswith(CALL_OPEN):
+        return None
+    return end

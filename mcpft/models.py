@@ -36,6 +36,14 @@ class OutOfMemory(ModelError):
     """The GPU or the RAM ran out of memory; the message says which, while doing what, and which settings to lower."""
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere torch emulates it, slower than fp32."""
+    import torch
+
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+
+
 def memory_that_ran_out(error: BaseException) -> str | None:
     """Which memory an error says ran out ("the GPU's memory", "the RAM"), or None when it is no out-of-memory error."""
     import torch

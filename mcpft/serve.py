@@ -14,6 +14,7 @@ that fills the context alone is a 400, worded as vLLM's ("maximum context length
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import queue
@@ -24,7 +25,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, wait
-from contextlib import nullcontext
 from copy import deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,14 +37,20 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
-from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+from transformers import TextIteratorStreamer
 
-from mcpft.hermes import ParsedAssistant, ThinkStreamSplitter, format_tool_calls, parse_assistant_text
+from mcpft.hermes import (
+    ParsedAssistant, ThinkStreamSplitter, format_tool_calls, parse_assistant_text, tool_calls_end)
+from mcpft.inference import Engine, Sampling, end_of_turn_ids, sampling_from_config
 from mcpft.models import explain_out_of_memory
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_TOKENS = 4096  # when a request names none: enough for an agent step, bounded for a runaway model
+# When a request names no max_tokens: an agent step is a tool call or a short answer (SmolLM2's demo calls are
+# 30-80 tokens, a reasoning model's step a few hundred), and a model that loops on repeated JSON must end in seconds on
+# a CPU, not minutes. Clients that need more (long reasoning) ask for it.
+DEFAULT_MAX_TOKENS = 1024
+DISCONNECT_POLL_S = 0.25  # how often a non-streamed request checks that its client is still there
 MAX_STOP_STRINGS = 4
 # Request keys we honour; anything else is refused so that a client never silently gets something it did not ask for.
 ACCEPTED_KEYS = {
@@ -145,31 +151,32 @@ MODEL_THREAD = ModelThread()
 
 
 class TransformersBackend:
-    """A local causal LM, generating on `MODEL_THREAD`. With a PEFT model, `adapter=False` serves the base weights
-    (the adapter is disabled for that call only), so a base and its adapter share one copy of the weights."""
+    """A local causal LM, generating with `mcpft.inference.Engine` on `MODEL_THREAD`. With a PEFT model,
+    `adapter=False` serves the base weights; a base and its adapter share one engine (one copy of the model) and
+    never each other's cache."""
 
-    def __init__(self, model, tokenizer, *, adapter: bool = True, default_max_tokens: int = DEFAULT_MAX_TOKENS):
+    def __init__(self, model, tokenizer, *, adapter: bool = True, default_max_tokens: int = DEFAULT_MAX_TOKENS,
+                 engine: Engine | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.adapter = adapter
         self.default_max_tokens = default_max_tokens
-        eos = model.generation_config.eos_token_id
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+        self.engine = engine or Engine(model)
+        self.eos_ids = end_of_turn_ids(model, tokenizer)
         self.context = getattr(model.config, "max_position_embeddings", None)
 
     def start(self, request: GenerationRequest) -> Generation:
         prompt = self._render(request)
-        inputs = self.tokenizer(prompt, add_special_tokens=False, return_tensors="pt").to(self.model.device)
-        prompt_tokens = inputs["input_ids"].shape[1]
-        max_new = self._max_new_tokens(request.max_tokens, prompt_tokens)
+        prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        max_new = self._max_new_tokens(request.max_tokens, len(prompt_ids))
+        sampling = sampling_from_config(self.model.generation_config, request.temperature, request.top_p,
+                                        request.seed)
         cancelled = threading.Event()
-        streamer = _CountingStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        streamer = _TokenStreamer(self.tokenizer, skip_special_tokens=True)
         generation = Generation(chunks=(), think_opened=prompt.rstrip().endswith("<think>"),
-                                prompt_tokens=prompt_tokens, cancel=cancelled.set)
-        kwargs = dict(inputs, streamer=streamer, generation_config=self._generation_config(request, max_new),
-                      stopping_criteria=StoppingCriteriaList([_WhenSet(cancelled)]))
+                                prompt_tokens=len(prompt_ids), cancel=cancelled.set)
 
         def chunks() -> Iterator[str]:
-            job = MODEL_THREAD.submit(self._generate, kwargs, request.seed, streamer)
+            job = MODEL_THREAD.submit(self._generate, prompt_ids, max_new, sampling, cancelled, streamer)
             try:
                 yield from (text for text in streamer if text)
             finally:  # also when the consumer stops early (a stop string, a client gone): counters must be right
@@ -204,63 +211,33 @@ class TransformersBackend:
         wanted = asked or self.default_max_tokens
         return min(wanted, room) if room is not None else wanted
 
-    def _generation_config(self, request: GenerationRequest, max_new: int):
-        config = deepcopy(self.model.generation_config)
-        config.max_new_tokens, config.max_length = max_new, None
-        if config.pad_token_id is None:
-            config.pad_token_id = next(iter(self.eos_ids), None)
-        if request.temperature == 0:
-            config.do_sample, config.temperature, config.top_p, config.top_k = False, None, None, None
-        elif request.temperature is not None:
-            config.do_sample, config.temperature = True, request.temperature
-        if request.top_p is not None and config.do_sample:
-            config.top_p = request.top_p
-        return config
-
-    def _generate(self, kwargs: dict, seed: int | None, streamer: TextIteratorStreamer) -> None:
+    def _generate(self, prompt_ids: list[int], max_new: int, sampling: Sampling, cancelled: threading.Event,
+                  streamer: _TokenStreamer) -> None:
+        doing = f"generating up to {max_new} tokens after a {len(prompt_ids)}-token prompt"
+        advice = ("Lower max_tokens, shorten the conversation, or serve the model where there is more memory "
+                  "(a smaller model, or a GPU).")
         try:
-            if seed is not None:
-                torch.manual_seed(seed)
-            prompt_tokens, max_new = kwargs["input_ids"].shape[1], kwargs["generation_config"].max_new_tokens
-            doing = f"generating up to {max_new} tokens after a {prompt_tokens}-token prompt"
-            advice = ("Lower max_tokens, shorten the conversation, or serve the model where there is more memory "
-                      "(a smaller model, or a GPU).")
-            with explain_out_of_memory(doing, advice), self._adapter_state(), torch.inference_mode():
-                self.model.generate(**kwargs)
-        except BaseException:
-            streamer.end()  # the consumer must not wait forever; it reads the error from the job
-            raise
-
-    def _adapter_state(self):
-        disable = getattr(self.model, "disable_adapter", None)
-        return disable() if (disable is not None and not self.adapter) else nullcontext()
+            with explain_out_of_memory(doing, advice):
+                for token in self.engine.generate(prompt_ids, max_new, sampling, adapter=self.adapter):
+                    if cancelled.is_set():  # checked before each token: a client gone stops it within one
+                        break
+                    streamer.put_token(token)
+                    if token in self.eos_ids:
+                        break
+        finally:
+            streamer.end()  # the consumer must not wait forever; an error it reads from the job
 
 
-class _CountingStreamer(TextIteratorStreamer):
-    """A text streamer that also counts the generated tokens and remembers the last one."""
+class _TokenStreamer(TextIteratorStreamer):
+    """A text streamer fed one token at a time, counting them and remembering the last one."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.count, self.last_token = 0, None
-        self._prompt_seen = False
 
-    def put(self, value):
-        if self._prompt_seen:  # generate() puts the prompt first
-            tokens = value.reshape(-1).tolist()
-            self.count += len(tokens)
-            self.last_token = tokens[-1] if tokens else self.last_token
-        self._prompt_seen = True
-        super().put(value)
-
-
-class _WhenSet(StoppingCriteria):
-    """Stops generation once the event is set (the reply needs no more tokens)."""
-
-    def __init__(self, event: threading.Event):
-        self.event = event
-
-    def __call__(self, input_ids, scores, **kwargs):
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+    def put_token(self, token: int) -> None:
+        self.count, self.last_token = self.count + 1, token
+        self.put(torch.tensor([token]))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -412,20 +389,24 @@ def _flag(body: dict, key: str) -> bool:
 
 
 class _StopWatch:
-    """Cuts the text at the first stop string and cancels the generation there."""
+    """Cuts the text at the first stop string, or where a reply's Hermes tool calls are complete (`tool_calls`), and
+    cancels the generation there, so that no token is spent past the answer."""
 
-    def __init__(self, generation: Generation, stops: list[str]):
-        self.generation, self.stops = generation, stops
+    def __init__(self, generation: Generation, stops: list[str], tool_calls: bool = False):
+        self.generation, self.stops, self.tool_calls = generation, stops, tool_calls
         self.hit = False
 
     def deltas(self) -> Iterator[str]:
         chunks = iter(self.generation.chunks)
         hold = max((len(s) for s in self.stops), default=1) - 1  # a tail that might begin a stop string
-        buffer = ""
+        buffer, text = "", ""  # not yet sent; everything so far
         try:
             for delta in chunks:
-                buffer += delta
+                buffer, text = buffer + delta, text + delta
                 cut = min((at for s in self.stops if (at := buffer.find(s)) != -1), default=-1)
+                calls_end = tool_calls_end(text) if self.tool_calls else None
+                if calls_end is not None:  # what follows the calls is dropped (only whitespace was sent of it)
+                    cut = min(cut if cut != -1 else len(buffer), max(0, calls_end - (len(text) - len(buffer))))
                 if cut != -1:
                     self.hit, buffer = True, buffer[:cut]
                     self.generation.cancel()
@@ -441,6 +422,11 @@ class _StopWatch:
 
     def collect(self) -> str:
         return "".join(self.deltas())
+
+
+def _stop_watch(chat: ChatRequest, generation: Generation) -> _StopWatch:
+    offered_tools = chat.parse_tools and bool(chat.generation.tools)
+    return _StopWatch(generation, chat.stop, tool_calls=offered_tools)
 
 
 def final_message(text: str, think_opened: bool, parse_tools: bool) -> ParsedAssistant:
@@ -500,7 +486,7 @@ _DELTA_KEY = {"content": "content", "reasoning": "reasoning_content"}
 
 async def _sse(chat: ChatRequest, generation: Generation):
     """The reply as OpenAI chunks: role, reasoning/content deltas, then parsed tool calls, finish, [DONE]."""
-    reply, watch = _Reply(chat.model), _StopWatch(generation, chat.stop)
+    reply, watch = _Reply(chat.model), _stop_watch(chat, generation)
     splitter = ThinkStreamSplitter(think_opened=generation.think_opened)
     raw, streamed_content = [], []
     try:
@@ -553,6 +539,16 @@ async def _internal_error(request: Request, error: Exception) -> JSONResponse:
     return _error(RequestError(f"internal error: {error}", status=500))
 
 
+async def _collect_while_connected(request: Request, watch: _StopWatch) -> str:
+    """The whole reply; a client that hangs up meanwhile cancels the generation (within a poll and a token)."""
+    collecting = asyncio.ensure_future(run_in_threadpool(watch.collect))
+    while not collecting.done():
+        await asyncio.wait({collecting}, timeout=DISCONNECT_POLL_S)
+        if not collecting.done() and await request.is_disconnected():
+            watch.generation.cancel()
+    return collecting.result()
+
+
 def create_app(backends: Mapping[str, Backend]) -> Starlette:
     """The OpenAI-compatible app serving each backend under its model name."""
     if not backends:
@@ -579,9 +575,9 @@ def create_app(backends: Mapping[str, Backend]) -> Starlette:
             return _error(error)
         if chat.stream:
             return StreamingResponse(_sse(chat, generation), media_type="text/event-stream")
-        watch = _StopWatch(generation, chat.stop)
+        watch = _stop_watch(chat, generation)
         try:
-            text = await run_in_threadpool(watch.collect)
+            text = await _collect_while_connected(request, watch)
         except Exception as error:  # answered here: the catch-all 500 handler re-raises, which drops the connection
             log.exception("generation failed")
             return _error(RequestError(f"generation failed: {error}", status=500))
@@ -625,8 +621,9 @@ def _load_backends(model_spec: str | None, adapter: str | Path | None, data_dir:
 
     peft_model = PeftModel.from_pretrained(model, adapter)
     peft_model.eval()
-    return {base_name: TransformersBackend(peft_model, tokenizer, adapter=False),
-            adapter_name: TransformersBackend(peft_model, tokenizer, adapter=True)}
+    engine = Engine(peft_model)
+    return {base_name: TransformersBackend(peft_model, tokenizer, adapter=False, engine=engine),
+            adapter_name: TransformersBackend(peft_model, tokenizer, adapter=True, engine=engine)}
 
 
 def serve_in_thread(app, port: int = 0, host: str = "127.0.0.1") -> tuple[str, Callable[[], None]]:

@@ -6,6 +6,7 @@ never fixes anything: it returns flags, and flagged traces are left out of datas
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import asdict, dataclass, field
@@ -18,6 +19,29 @@ SECRET_WORDS = frozenset({"key", "keys", "auth", "sig", "signature", "cookie", "
 # ...ends with "token" (`hf_token`, `accessToken`, but not `max_tokens` or `tokenizer`), or contains one of these.
 SECRET_PARTS = ("password", "passwd", "passphrase", "secret", "authorization", "credential", "apikey")
 URL = re.compile(r"[a-z][a-z0-9+.-]*://\S*", re.IGNORECASE)
+# An assistant answer cut short, kept for the record and never trained on: the connection closed mid-answer, the
+# answer reached max_tokens, or the user stopped it. Its message flag reads "<code>: <what happened>".
+CUT_SHORT = ("cut_off", "length", "stopped")
+# The agent loop's flag on the model's reply at the last allowed step that still called tools: the turn ended at the
+# step limit without an answer (often a model looping on one tool).
+STEP_LIMIT = "step_limit"
+# The codes a message flag may start with; any other message flag (a parser's or endpoint's) is `malformed_output`.
+MESSAGE_FLAG_CODES = (*CUT_SHORT, STEP_LIMIT)
+# A reply that degenerated into repeating itself: a stretch of at least REPETITION_MIN_CHARS characters that is one
+# chunk of 1 to REPETITION_MAX_CHUNK characters back to back, at least 4 times ("the the the ...", a sentence over
+# and over, thousands of one character). A markdown rule of 80 "=" or a table is far from it.
+REPETITION_MIN_CHARS = 500
+REPETITION_MAX_CHUNK = 200
+# A final answer that gives up, kept narrow on purpose: a short one (at most GAVE_UP_MAX_CHARS) that opens with an
+# apology or "unfortunately" and says in that same sentence that the model cannot, could not or is unable to
+# ("Sorry, I can't help with that.", "I'm sorry: I could not finish this task."), or one that says "I give up".
+# An answer that reports a real negative result ("The page lists no flight on that day.") is not flagged.
+GAVE_UP_MAX_CHARS = 300
+GAVE_UP = re.compile(
+    r"^\W*(?:(?:i['’]?m|i\s+am)\s+(?:so\s+|very\s+|really\s+|truly\s+)?sorry|sorry|(?:my\s+)?apologies"
+    r"|i\s+apologi[sz]e|unfortunately)\b[^.!?\n]{0,120}?"
+    r"\b(?:can(?:no|['’])?t|can\s+not|could(?:n['’]?t|\s+not)|unable|not\s+able|won['’]?t\s+be\s+able)\b"
+    r"|\bi\s+give\s+up\b", re.IGNORECASE)
 
 
 class TraceError(ValueError):
@@ -93,7 +117,8 @@ def _normalize_tool_call(raw, where: str) -> dict:
         raise TraceError(f"{where}.id", "missing tool call id")
     function = _expect(raw.get("function"), dict, f"{where}.function", "an object")
     name = function.get("name")
-    if not isinstance(name, str) or not name:
+    # An empty name is what a model sent in a malformed call: kept as it came, and flagged `malformed_call`.
+    if not isinstance(name, str):
         raise TraceError(f"{where}.function.name", "missing tool name")
     arguments = function.get("arguments", "{}")
     if isinstance(arguments, dict):
@@ -136,6 +161,9 @@ def normalize_message(raw, where: str = "message") -> dict:
         if raw.get("structured_content") is not None:
             message["structured_content"] = _expect(raw["structured_content"], dict, f"{where}.structured_content",
                                                     "a JSON object")
+        # What the MCP result was (isError, content types, MIME types, URIs, annotations): metadata, never trained.
+        if raw.get("mcp_result") is not None:
+            message["mcp_result"] = _expect(raw["mcp_result"], dict, f"{where}.mcp_result", "a JSON object")
     _check_unicode(message, where)
     return message
 
@@ -280,6 +308,37 @@ def _flag(code: str, index: int | None, message: str) -> dict:
     return {"code": code, "index": index, "message": message}
 
 
+def cut_short_flag(code: str, detail: str) -> str:
+    """The message flag of an answer cut short; `code` is one of CUT_SHORT."""
+    if code not in CUT_SHORT:
+        raise ValueError(f"unknown cut-short code {code!r} (expected one of {', '.join(CUT_SHORT)})")
+    return f"{code}: {detail}"
+
+
+def step_limit_flag(detail: str) -> str:
+    """The message flag of the reply that reached the step limit still calling tools."""
+    return f"{STEP_LIMIT}: {detail}"
+
+
+def is_error_result(message: dict) -> bool:
+    """Whether a tool message reports an error, as its MCP result said (`isError`, or a call mcpft could not make);
+    never guessed from an `Error:` at the start of its text."""
+    return bool(message.get("mcp_result", {}).get("is_error"))
+
+
+def cut_short(message: dict) -> tuple[str, str] | None:
+    """(CUT_SHORT code, flag) of a message that was cut short, None for a whole one."""
+    flags = message.get("flags", [])
+    return next(((code, flag) for flag in flags if (code := _message_flag_code(flag)) in CUT_SHORT), None)
+
+
+def _message_flag_code(flag: str) -> str:
+    """A message flag's code: its MESSAGE_FLAG_CODES prefix, else `malformed_output` (what the parser or endpoint
+    flagged)."""
+    code = flag.partition(":")[0]
+    return code if code in MESSAGE_FLAG_CODES else "malformed_output"
+
+
 def validate(messages: list[dict], tools: list[dict]) -> list[dict]:
     """Everything that makes a conversation unfit to train on, as `{code, index, message}` flags."""
     flags: list[dict] = []
@@ -308,9 +367,14 @@ def _assistant_flags(i: int, message: dict, tool_names: set[str]) -> list[dict]:
     calls = message.get("tool_calls", [])
     if not calls and not message["content"].strip():
         flags.append(_flag("empty_assistant", i, "assistant turn has neither content nor tool calls"))
+    elif not calls:
+        flags += _answer_flags(i, message["content"].strip())
+    flags += _repetition_flags(i, message)
     for call in calls:
         name, arguments = call["function"]["name"], call["function"]["arguments"]
-        if name not in tool_names:
+        if not name.strip():
+            flags.append(_flag("malformed_call", i, f"tool call {call['id']!r} has no function name"))
+        elif name not in tool_names:
             flags.append(_flag("unknown_tool", i, f"call to {name!r}, which is not in the trace's tools"))
         try:
             if not isinstance(json.loads(arguments), dict):
@@ -318,5 +382,52 @@ def _assistant_flags(i: int, message: dict, tool_names: set[str]) -> list[dict]:
         except ValueError:
             flags.append(_flag("invalid_arguments", i, f"arguments of {name!r} are not a JSON object: {arguments[:80]!r}"))
     for problem in message.get("flags", []):
-        flags.append(_flag("malformed_output", i, problem))
+        flags.append(_flag(_message_flag_code(problem), i, problem))
     return flags
+
+
+def _answer_flags(i: int, answer: str) -> list[dict]:
+    """Flags of a final answer (no tool calls) that is no answer: no word in it (`no_answer`; an empty one is
+    `empty_assistant`), or a short apology for not doing the task (`gave_up`, see GAVE_UP)."""
+    if not re.search(r"\w", answer):
+        return [_flag("no_answer", i, f"the final answer has no word in it: {answer[:80]!r}")]
+    if len(answer) <= GAVE_UP_MAX_CHARS and GAVE_UP.search(answer):
+        return [_flag("gave_up", i, f"the final answer gives up: {answer[:120]!r}")]
+    return []
+
+
+def _repetition_flags(i: int, message: dict) -> list[dict]:
+    """A `repetition` flag per part of the message (content, reasoning) that repeats one chunk over and over."""
+    flags = []
+    for key in ("content", "reasoning_content"):
+        if run := repeated_run(message.get(key, "")):
+            start, chunk, length = run
+            flags.append(_flag("repetition", i, f"{key} repeats {chunk[:40]!r} ({len(chunk)} characters) over "
+                                                f"{length} characters from character {start}"))
+    return flags
+
+
+@functools.lru_cache(maxsize=256)  # the store re-validates a whole trace at every message appended to it
+def repeated_run(text: str) -> tuple[int, str, int] | None:
+    """(start, repeated chunk, length) of a stretch that repeats one chunk (see REPETITION_MIN_CHARS), the shortest
+    such chunk; None when the text has none."""
+    n = len(text)
+    if n < REPETITION_MIN_CHARS:  # most messages: nothing to scan
+        return None
+    # Every character as 4 bytes of one big integer: XOR with itself shifted by `period` characters is zero exactly
+    # where a character equals the one `period` later, so each period is one pass in C, not a Python loop.
+    data = text.encode("utf-32-le", errors="surrogatepass")
+    whole = int.from_bytes(data, "little")
+    for period in range(1, min(REPETITION_MAX_CHUNK, n // 4) + 1):
+        equal_needed = max(REPETITION_MIN_CHARS, 4 * period) - period  # a run of k equal pairs spans k + period
+        same = (whole ^ (whole >> (32 * period))).to_bytes(len(data), "little")[: 4 * (n - period)]
+        zeros = b"\0" * (4 * equal_needed)
+        at = same.find(zeros)
+        while at != -1 and at % 4:  # zeros that begin inside a character's 4 bytes: look again from its end
+            at = same.find(zeros, at + 4 - at % 4)
+        if at != -1:
+            start = end = at // 4
+            while end < n - period and text[end] == text[end + period]:
+                end += 1
+            return start, text[start:start + period], end - start + period
+    return None

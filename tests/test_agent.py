@@ -82,7 +82,7 @@ def test_step_limit(store, endpoint_url, tmp_path):
     _, trace_id, result = asyncio.run(run_agent(store, endpoint_url, "again", model="looping",
                                                 config=AgentConfig(max_steps=3), tmp=tmp_path))
     assert (result.stop_reason, result.steps, result.tool_calls) == ("step_limit", 3, 3)
-    assert [f["code"] for f in store.get(trace_id).flags] == ["no_final_assistant"]
+    assert [f["code"] for f in store.get(trace_id).flags] == ["step_limit", "no_final_assistant"]
 
 
 def test_stop_during_a_hanging_tool_call(store, endpoint_url, tmp_path):

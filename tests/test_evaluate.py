@@ -186,7 +186,7 @@ def test_prompts_beyond_the_context_are_counted_not_cut(tiny_model_dir):
 
 
 def test_running_out_of_memory_while_generating_says_what_to_lower(tiny_model_dir, tmp_path):
-    """A real allocation failure: a static KV cache (allocated whole by generate) for 2**42 new tokens."""
+    """A real allocation failure: the KV cache (allocated whole before generating) for 2**42 new tokens."""
     from mcpft.models import OutOfMemory, load_model
 
     folder = tiny_variant(tiny_model_dir, tmp_path / "static", config={"max_position_embeddings": 2**44},

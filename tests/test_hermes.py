@@ -6,6 +6,8 @@ import json
 import re
 
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from mcpft.hermes import (
     ThinkStreamSplitter,
@@ -76,9 +78,8 @@ def test_trelis_turns_stream_like_the_parser_reads_them(trelis_dir):
         parsed = parse_assistant_text(text)
         for chunk in (1, 3, 7, 64, len(text)):
             reasoning, content = _stream(text, chunk)
-            assert reasoning.strip() == parsed.reasoning
-            assert content.strip() == parsed.content
-            assert "<tool_call>" not in content and "tool_call>" not in content
+            assert (reasoning, content) == (parsed.reasoning, parsed.content)
+            assert "tool_call>" not in content
 
 
 def test_parallel_calls_keep_their_order_and_get_unique_ids():
@@ -206,20 +207,85 @@ def test_format_assistant_text_layout():
 def test_stream_hides_calls_and_tags_at_every_chunk_size():
     text = f"<think>\nPlan: navigate.\n</think>\n\nOn it.\n<tool_call>\n{NAV_JSON}\n</tool_call>\nWaiting."
     for chunk in range(1, len(text) + 1):
-        assert _stream(text, chunk) == ("Plan: navigate.\n", "On it.\nWaiting.")
+        assert _stream(text, chunk) == ("Plan: navigate.", "On it.\n\nWaiting.")
 
 
 def test_stream_with_prompt_opened_think_and_a_call_inside_reasoning():
     text = f"Plan.<tool_call>{SNAP_JSON}</tool_call> More plan.</think>\n\nAnswer."
     for chunk in (1, 2, 5, len(text)):
-        assert _stream(text, chunk, think_opened=True) == ("Plan.More plan.", "Answer.")
+        assert _stream(text, chunk, think_opened=True) == ("Plan. More plan.", "Answer.")
 
 
 def test_stream_releases_a_held_back_partial_tag_at_the_end():
     splitter = ThinkStreamSplitter()
-    assert splitter.feed("a < b and <thi") == [("content", "a < b and ")]
-    assert splitter.finish() == [("content", "<thi")]
+    assert splitter.feed("a < b and <thi") == [("content", "a < b and")]  # the space waits: text may end here
+    assert splitter.finish() == [("content", " <thi")]
+
+
+def test_stream_drops_a_think_the_model_writes_again_after_the_prompt_opened_one():
+    text = "\n<think>\nTwo and two.\n</think>\n\nFour."
+    assert parse_assistant_text(text, think_opened=True).reasoning == "Two and two."
+    for chunk in range(1, len(text) + 1):
+        assert _stream(text, chunk, think_opened=True) == ("Two and two.", "Four.")
+
+
+def test_stream_keeps_what_the_parser_keeps_as_text():
+    after_think = "<think>a</think>b <think>c</think> d"  # only the first think block is reasoning
+    malformed = '<think>Plan.</think>Here: <tool_call>{"name": </tool_call> done.'  # unreadable: kept as text
+    opened_later = "Hm <think> still thinking</think>Done."  # a prompt-opened think: a later <think> is text
+    cases = [(after_think, False), (malformed, False), (opened_later, True)]
+    for text, think_opened in cases:
+        parsed = parse_assistant_text(text, think_opened=think_opened)
+        for chunk in range(1, len(text) + 1):
+            assert _stream(text, chunk, think_opened) == (parsed.reasoning, parsed.content), (text, chunk)
+    assert _stream(malformed, 3) == ("Plan.", 'Here: <tool_call>{"name": </tool_call> done.')
+
+
+def test_stream_of_a_bare_close_after_only_a_held_call_agrees():
+    """Without a prompt-opened think, text before a bare `</think>` is reasoning; a call block there was held back,
+    so it goes where the parser puts it."""
+    for text in (f"<tool_call>{SNAP_JSON}</tool_call></think>Answer.", '<tool_call>{"bad</think> Answer.'):
+        parsed = parse_assistant_text(text)
+        for chunk in range(1, len(text) + 1):
+            assert _stream(text, chunk) == (parsed.reasoning, parsed.content), (text, chunk)
 
 
 def test_stream_drops_a_bare_leading_close_tag():
     assert _stream("</think>\n\nHello!", 2) == ("", "Hello!")
+
+
+# Texts from the pieces that make streaming hard: tags (whole and cut), JSON calls good and bad, words, whitespace.
+FRAGMENTS = ["<think>", "</think>", "<tool_call>", "</tool_call>", "<", ">", "</", "<thi", "</tool_", "Plan", "done.",
+             "a b", " ", "\n", "\n\n", "\t", '"', "{", "}", "{}", "[]", NAV_JSON, SNAP_JSON, '[{"name": "f"}]',
+             '{"name": "f", "arguments": "{}"}', '{"name": 3}', '{"arguments": {}}', "{bad"]
+
+
+@st.composite
+def streamed_text(draw):
+    """(text, think_opened, the lengths of the deltas it arrives in)."""
+    text = "".join(draw(st.lists(st.sampled_from(FRAGMENTS) | st.text(max_size=4), max_size=14)))
+    cuts = sorted(draw(st.lists(st.integers(0, len(text)), max_size=8)))
+    return text, draw(st.booleans()), [b - a for a, b in zip([0, *cuts], [*cuts, len(text)])]
+
+
+def _cannot_know_in_time(text: str, think_opened: bool) -> bool:
+    """Text streamed as content before a bare `</think>` (no prompt-opened think) that makes it reasoning after all."""
+    open_at, close_at = text.find("<think>"), text.find("</think>")
+    bare_close = close_at != -1 and (open_at == -1 or close_at < open_at)
+    return not think_opened and bare_close and bool(text[:close_at].strip())
+
+
+@settings(max_examples=1500, deadline=None)
+@given(streamed_text())
+def test_streamed_reasoning_and_content_are_what_the_parser_returns(case):
+    text, think_opened, sizes = case
+    assume(not _cannot_know_in_time(text, think_opened))  # the one case a stream cannot get right
+    splitter, pieces, at = ThinkStreamSplitter(think_opened=think_opened), [], 0
+    for size in sizes:
+        pieces += splitter.feed(text[at:at + size])
+        at += size
+    pieces += splitter.finish()
+    assert all(kind in ("reasoning", "content") and piece for kind, piece in pieces)
+    parsed = parse_assistant_text(text, think_opened=think_opened)
+    streamed = tuple("".join(p for k, p in pieces if k == kind) for kind in ("reasoning", "content"))
+    assert streamed == (parsed.reasoning, parsed.content)

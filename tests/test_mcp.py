@@ -269,7 +269,9 @@ async def test_ten_megabyte_result_is_truncated_with_the_workshop_notice(hub):
     assert not result.is_error
     assert result.text == "x" * 1000 + "\n[Content truncated to 1000 characters]"
     assert len(json.dumps(result.raw)) < 10_000  # the trace stays small too
-    assert result.structured is None and result.raw["structuredContent"].startswith("<omitted: 100000")
+    assert result.structured["mcpft_truncated"].startswith("[structured content truncated to the first 1000 of its")
+    assert result.structured["json_start"] == '{"result": "' + "x" * 988
+    assert result.raw["structuredContent"] == result.structured
     assert time.monotonic() - started < 30
 
 

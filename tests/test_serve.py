@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from mcpft.agent.endpoint import Endpoint, probe
+from mcpft.inference import Engine
 from mcpft.models import load_model
 from mcpft.serve import (
     MODEL_THREAD, Generation, GenerationRequest, TransformersBackend, create_app, load_backends, serve_in_thread)
@@ -146,8 +147,8 @@ def test_scripted_backend_reply_has_parsed_calls_and_reasoning(api, scripted):
 
 def test_scripted_backend_stream_has_reasoning_then_content_then_calls(api):
     content, reasoning, calls, finish, _ = streamed(api, model="scripted", tools=TOOLS)
-    assert reasoning == "The user wants the title. I will open the page.\n"
-    assert content.strip() == "Opening it now."
+    assert reasoning == "The user wants the title. I will open the page."  # streamed as the parser reads it
+    assert content == "Opening it now."
     assert [(c.index, c.function.name) for c in calls] == [(0, "browser_navigate"), (1, "browser_snapshot")]
     assert calls[0].function.arguments == '{"url": "https://example.com/"}'
     assert finish == "tool_calls"
@@ -171,22 +172,91 @@ def test_reply_after_a_prompt_that_opened_think(api):
     assert (content, reasoning.strip(), finish) == ("Four.", "Two and two.", "stop")
 
 
-def test_a_client_that_leaves_stops_the_generation(tiny_model_dir, tmp_path):
+@pytest.fixture
+def runaway(tiny_model_dir, tmp_path):
+    """An endpoint whose model only a cancel can stop before its 100,000 tokens, and a way to see it stopped."""
     model, tokenizer = load_model(str(tiny_model_dir), tmp_path)
-    model.generation_config.eos_token_id = None  # so that only a cancel can end it before max_tokens
+    model.generation_config.eos_token_id = None
+    tokenizer.eos_token = None
     backend = TransformersBackend(model, tokenizer)
+    backend.eos_ids = set()
     base_url, stop = serve_in_thread(create_app({"tiny": backend}))
+
+    def generation_ended() -> bool:
+        # the model thread runs one job at a time: this one waits until the generation has ended
+        done, _ = wait([MODEL_THREAD.submit(lambda: None)], timeout=10)
+        return bool(done)
+
+    yield base_url, generation_ended
+    stop()
+
+
+def test_a_client_that_leaves_a_stream_stops_the_generation(runaway):
+    base_url, generation_ended = runaway
+    api = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0)
+    stream = api.chat.completions.create(model="tiny", messages=HI, temperature=1.0, seed=7, max_tokens=100_000,
+                                         stream=True)
+    next(chunk for chunk in stream if chunk.choices and chunk.choices[0].delta.content)
+    stream.close()
+    assert generation_ended(), "the generation went on after the client left"
+
+
+def test_a_client_that_hangs_up_on_a_plain_request_stops_the_generation(runaway):
+    base_url, generation_ended = runaway
+    body = {"model": "tiny", "messages": HI, "temperature": 1.0, "max_tokens": 100_000}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up after a second and closes the connection
+        httpx.post(f"{base_url}/chat/completions", json=body, timeout=1.0)
+    assert generation_ended(), "the generation went on after the client hung up"
+
+
+class CountingBackend(ScriptedBackend):
+    """A scripted backend that counts the pieces it was asked for."""
+
+    def start(self, request: GenerationRequest) -> Generation:
+        self.requests.append(request)
+        self.produced = 0
+
+        def pieces():
+            for i in range(0, len(self.text), self.piece):
+                self.produced += 1
+                yield self.text[i:i + self.piece]
+
+        return Generation(chunks=pieces(), prompt_tokens=1)
+
+
+def test_generation_ends_where_the_tool_calls_end():
+    """A model that goes on writing JSON after its call is stopped there, in a plain and a streamed reply."""
+    call = '<tool_call>\n{"name": "browser_navigate", "arguments": {"url": "https://example.com/"}}\n</tool_call>\n'
+    junk = '{"name": "browser_navigate", "arguments": {}}\n' * 200
+    backend = CountingBackend(call + junk)
+    base_url, stop = serve_in_thread(create_app({"loop": backend}))
     try:
         api = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0)
-        stream = api.chat.completions.create(model="tiny", messages=HI, temperature=1.0, seed=7, max_tokens=100_000,
-                                             stream=True)
-        next(chunk for chunk in stream if chunk.choices and chunk.choices[0].delta.content)
-        stream.close()
-        # the model thread runs one job at a time: this one waits until the 100,000-token generation has ended
-        done, _ = wait([MODEL_THREAD.submit(lambda: None)], timeout=60)
-        assert done, "the generation went on after the client left"
+        reply = api.chat.completions.create(model="loop", messages=HI, tools=TOOLS)
+        assert reply.choices[0].finish_reason == "tool_calls"
+        assert [c.function.name for c in reply.choices[0].message.tool_calls] == ["browser_navigate"]
+        assert not reply.choices[0].message.content
+        assert backend.produced * backend.piece < len(call) + 2 * backend.piece  # nothing generated past the call
+        _, _, calls, finish, _ = streamed(api, model="loop", tools=TOOLS)
+        assert finish == "tool_calls" and len(calls) == 1
+        assert backend.produced * backend.piece < len(call) + 2 * backend.piece
+        without_tools = api.chat.completions.create(model="loop", messages=HI)  # no tools offered: not cut
+        assert without_tools.choices[0].message.content.count("browser_navigate") == 200
+        assert backend.produced * backend.piece >= len(call + junk)
     finally:
         stop()
+
+
+def test_two_clients_at_once_get_what_each_would_alone(api):
+    """Requests are queued on the one model thread; prefix caches never leak between them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    questions = [[{"role": "user", "content": f"Question {n}: what is on the page {n}?"}] for n in range(4)]
+    alone = [sampled(api, messages=q, temperature=0).choices[0].message.content for q in questions]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda q: sampled(api, messages=q, temperature=0).choices[0].message.content,
+                                 questions * 2))
+    assert together == alone * 2
 
 
 def test_tool_choice_none_keeps_call_text_as_content(api, scripted):
@@ -242,6 +312,14 @@ def test_probe_of_the_embedded_server(server):
     assert set(report.latencies_s) == {"models", "chat", "tools"}
     scripted_report = asyncio.run(probe(Endpoint(server, "scripted"), timeout=60))
     assert scripted_report.tool_calls == "native" and scripted_report.reasoning_field == "reasoning_content"
+
+
+def test_the_quick_probe_lists_models_and_asks_for_one_token(server):
+    report = asyncio.run(probe(Endpoint(server, "tiny"), timeout=60, deep=False))
+    assert report.ok, report.summary()
+    assert set(report.latencies_s) == {"models", "chat"}
+    assert report.tool_calls is None and report.reasoning_field is None  # "not tested"
+    assert len(report.reply) <= 16  # one token of text
 
 
 def test_adapter_is_served_beside_its_base(tiny_model_dir, tmp_path):
@@ -319,7 +397,8 @@ def test_running_out_of_memory_while_generating_is_explained(tiny_model_dir, tmp
     """The model's own forward pass runs out of RAM: the client hears what ran out, doing what, and what to lower."""
     model, tokenizer = load_model(str(tiny_model_dir), tmp_path)
     model.model.layers[0].register_forward_hook(lambda *_: torch.empty(2**62, dtype=torch.uint8))
-    base_url, stop = serve_in_thread(create_app({"tiny": TransformersBackend(model, tokenizer)}))
+    engine = Engine(model, fast=False)  # the model's own forward, where the hook plants the failure
+    base_url, stop = serve_in_thread(create_app({"tiny": TransformersBackend(model, tokenizer, engine=engine)}))
     try:
         api = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=60)
         with pytest.raises(openai.InternalServerError) as raised:

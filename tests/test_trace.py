@@ -4,7 +4,9 @@ import json
 
 import pytest
 
-from mcpft.trace import TraceError, is_secret_key, normalize_message, normalize_trace, scrub_url, validate
+from mcpft.trace import (
+    CUT_SHORT, TraceError, cut_short, cut_short_flag, is_secret_key, normalize_message, normalize_trace, scrub_url,
+    validate)
 
 TOOLS = [{"type": "function", "function": {"name": "browser_navigate", "description": "", "parameters": {}}}]
 
@@ -155,6 +157,19 @@ def test_flags():
                   {"role": "tool", "tool_call_id": "a", "content": "ok"}]) == [("no_final_assistant", 2)]
     assert codes([{"role": "user", "content": "go"}, {"role": "assistant", "content": "x", "flags": ["bad call"]}]) \
         == [("malformed_output", 1)]
+
+
+def test_an_answer_cut_short_is_flagged_with_its_own_code():
+    for code in CUT_SHORT:
+        flag = cut_short_flag(code, "what happened")
+        answer = {"role": "assistant", "content": "The answer is", "flags": [flag]}
+        assert codes([{"role": "user", "content": "go"}, answer]) == [(code, 1)]
+        assert cut_short(normalize_message(answer)) == (code, flag)
+    assert cut_short({"role": "assistant", "content": "x", "flags": ["malformed tool call 1: bad; kept as text"]}) \
+        is None
+    assert cut_short({"role": "assistant", "content": "x"}) is None
+    with pytest.raises(ValueError, match="unknown cut-short code 'late'"):
+        cut_short_flag("late", "x")
 
 
 def test_trelis_traces_normalise_and_validate_clean(trelis_dir):

@@ -23,6 +23,7 @@ from openai.types.chat import ChatCompletion
 
 from mcpft.hermes import (
     THINK_CLOSE, THINK_OPEN, ParsedAssistant, ThinkStreamSplitter, new_call_id, parse_assistant_text)
+from mcpft.trace import cut_short_flag
 
 REASONING_FIELDS = ("reasoning_content", "reasoning")  # where servers put reasoning in a message / delta
 REASONING_FORMS = (*REASONING_FIELDS, "think_tags")  # ... or in the content, inside <think>
@@ -170,8 +171,12 @@ class ProbeReport:
         return "\n".join(lines)
 
 
-async def probe(endpoint: Endpoint, timeout: float = 60.0, max_tokens: int = 512) -> ProbeReport:
-    """List models, ask one short question, then one that must call a tool; errors land in the report."""
+async def probe(endpoint: Endpoint, timeout: float = 60.0, max_tokens: int = 512, deep: bool = True) -> ProbeReport:
+    """List models, ask one short question, then one that must call a tool; errors land in the report.
+
+    `deep=False` is the quick check (a model on a CPU answers it in a second or two): the listing and a one-token
+    completion, with tool calls and reasoning left untested.
+    """
     report = ProbeReport(base_url=endpoint.base_url, model=endpoint.model)
     async with client(endpoint, timeout=timeout, max_retries=0) as api:
         listing = await _timed(report, "models", api.models.list(), endpoint, timeout, AsyncPage)
@@ -183,11 +188,11 @@ async def probe(endpoint: Endpoint, timeout: float = 60.0, max_tokens: int = 512
             if not report.model_listed:
                 report.errors["models"] = f"model {endpoint.model!r} is not served there"
                 return report
-        limit = {max_tokens_key(endpoint): max_tokens}
+        limit = {max_tokens_key(endpoint): max_tokens if deep else 1}
         chat = await _timed(report, "chat", api.chat.completions.create(
             model=endpoint.model, messages=[{"role": "user", "content": PROBE_CHAT_PROMPT}], temperature=0, **limit),
             endpoint, timeout, ChatCompletion)
-        tools = await _timed(report, "tools", api.chat.completions.create(
+        tools = None if not deep else await _timed(report, "tools", api.chat.completions.create(
             model=endpoint.model, messages=[{"role": "user", "content": PROBE_TOOL_PROMPT}], tools=[PROBE_TOOL],
             tool_choice="auto", temperature=0, **limit), endpoint, timeout, ChatCompletion)
     messages = [reply.choices[0].message for reply in (chat, tools) if reply is not None and reply.choices]
@@ -195,7 +200,7 @@ async def probe(endpoint: Endpoint, timeout: float = 60.0, max_tokens: int = 512
         report.reply = chat.choices[0].message.content
     if tools is not None and tools.choices:
         report.tool_calls = _tool_call_style(tools.choices[0].message)
-    if messages:
+    if messages and deep:
         report.reasoning_field = next((style for m in messages if (style := _reasoning_style(m)) != "none"), "none")
         report.think_opened = any(prompt_opened_think(m.content or "") for m in messages)
     return report
@@ -242,6 +247,20 @@ def assistant_message_for_history(message: dict, reasoning_field: str | None) ->
     elif reasoning and reasoning_field == "think_tags":
         out["content"] = f"<think>\n{reasoning}\n</think>\n\n{message.get('content') or ''}"
     return out
+
+
+# What goes back to the endpoint of a message other than an assistant's: the OpenAI fields only. A tool message's
+# `structured_content` and `mcp_result` are ours, for the record: the model sees exactly the (truncated) `content`.
+REQUEST_KEYS = {"system": ("role", "content"), "user": ("role", "content"),
+                "tool": ("role", "tool_call_id", "name", "content")}
+
+
+def message_for_request(message: dict, reasoning_field: str | None) -> dict:
+    """A message (mcpft format) as it goes out in a request: see assistant_message_for_history and REQUEST_KEYS."""
+    if message.get("role") == "assistant":
+        return assistant_message_for_history(message, reasoning_field)
+    keys = REQUEST_KEYS.get(message.get("role"))
+    return message if keys is None else {key: message[key] for key in keys if key in message}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -316,11 +335,12 @@ async def complete(endpoint: Endpoint, messages: list[dict], tools: list[dict] |
                    settings: CompletionSettings | None = None) -> Completion:
     """Stream one assistant turn, passing content and reasoning to `stream_cb` as they come.
 
-    `messages` are in mcpft's format; past assistant turns go out through `assistant_message_for_history`.
+    `messages` are in mcpft's format and go out through `message_for_request` (OpenAI fields only). A reply
+    cut short (the stream broke off or ended without a finish_reason, or finished with "length") comes back with a
+    `cut_off` or `length` flag (mcpft.trace.CUT_SHORT); a failure before any output raises EndpointError.
     """
     settings = settings or CompletionSettings()
-    messages = [assistant_message_for_history(m, settings.reasoning_field) if m.get("role") == "assistant" else m
-                for m in messages]
+    messages = [message_for_request(m, settings.reasoning_field) for m in messages]
     stream_cb = stream_cb or (lambda kind, text: None)
     started = time.perf_counter()
     turn = _Turn(ThinkStreamSplitter(think_opened=settings.think_opened), stream_cb, started)
@@ -330,7 +350,9 @@ async def complete(endpoint: Endpoint, messages: list[dict], tools: list[dict] |
             async for chunk in stream:
                 turn.add(chunk)
     except (openai.OpenAIError, json.JSONDecodeError) as error:
-        raise EndpointError(describe_error(error, endpoint, settings.timeout)) from error
+        if not turn.has_output():
+            raise EndpointError(describe_error(error, endpoint, settings.timeout)) from error
+        turn.broken_by = describe_error(error, endpoint, settings.timeout)  # the partial answer is kept, flagged
     if turn.chunks == 0:
         raise EndpointError(f"{endpoint.base_url} sent no completion chunks: not an OpenAI-compatible stream")
     result = turn.result(settings.think_opened)
@@ -362,6 +384,10 @@ class _Turn:
         self.first_token_s: float | None = None
         self.reasoning_field: str | None = None  # the delta field the server's reasoning came in
         self.chunks = 0
+        self.broken_by: str | None = None  # why the stream broke off mid-answer
+
+    def has_output(self) -> bool:
+        return bool(self.content or self.reasoning or self.calls)
 
     def add(self, chunk) -> None:
         self.chunks += 1
@@ -394,6 +420,23 @@ class _Turn:
                 merged["function"]["arguments"] += call.function.arguments or ""
 
     def result(self, think_opened: bool) -> Completion:
+        completion = self._parsed(think_opened)
+        if cut := self._cut_short():
+            completion.flags.append(cut)
+        return completion
+
+    def _cut_short(self) -> str | None:
+        """The flag of a reply that did not end as a whole answer, None when it did."""
+        if self.broken_by:
+            return cut_short_flag("cut_off", f"the stream broke off mid-answer: {self.broken_by}")
+        if self.finish_reason is None:  # no finish chunk: the server closed the stream before the answer ended
+            return cut_short_flag("cut_off", "the stream ended without a finish_reason (the connection closed "
+                                             "mid-answer)")
+        if self.finish_reason == "length":
+            return cut_short_flag("length", "the answer reached the max_tokens limit (finish_reason \"length\")")
+        return None
+
+    def _parsed(self, think_opened: bool) -> Completion:
         for kind, text in self.splitter.finish():
             self.stream_cb(kind, text)
         content, reasoning = "".join(self.content), "".join(self.reasoning).strip()

@@ -3,6 +3,11 @@
 UI-agnostic and async. It knows nothing of the store: every message goes to a `sink` the moment it exists (the
 recorder wires that to the store), tokens and thinking go to a stream callback, and approval is a hook the caller
 answers per call. A stop request is honoured at any point, also in the middle of a generation or a tool call.
+An answer cut short (the user stopped it, the connection closed mid-answer, max_tokens) is recorded as far as it
+came, with its flag (mcpft.trace.CUT_SHORT), so that the record is faithful and the trace never trains; so is the
+reply that reaches the step limit still calling tools (mcpft.trace.STEP_LIMIT). A tool call the model malformed (no
+function name, arguments that are no JSON object) is recorded as it came, never run or offered for approval, and
+answered with a tool message that says what was wrong, so the model can correct itself.
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Protocol
 
 from mcpft.agent.endpoint import CompletionSettings, Endpoint, EndpointError, complete, learn_reasoning_form
+from mcpft.agent.mcp import ToolResult, error_result
 from mcpft.hermes import ParsedAssistant
+from mcpft.trace import cut_short, cut_short_flag, is_error_result, step_limit_flag
 
 REJECTED = "User rejected tool call."  # what the model is told, as in the Trelis workshop's agent
 STOP_REASONS = ("answer", "step_limit", "stopped", "error")
@@ -33,7 +40,7 @@ class Tools(Protocol):
 
     def openai_tools(self) -> list[dict]: ...
 
-    async def call(self, name: str, arguments, timeout: float | None = None): ...
+    async def call(self, name: str, arguments, timeout: float | None = None) -> ToolResult: ...
 
 
 # approve(pending tool calls) -> one decision per call (True = run it). None means auto-approve.
@@ -68,6 +75,7 @@ class TurnResult:
     tool_calls: int = 0
     tool_errors: int = 0
     rejected: int = 0
+    malformed_calls: int = 0  # calls the model malformed, answered with what was wrong instead of run
     error: str = ""
     seconds: dict = field(default_factory=lambda: {"model": 0.0, "tools": 0.0, "total": 0.0})
 
@@ -135,26 +143,68 @@ class Agent:
         return result
 
     async def _run(self, result: TurnResult):
-        for _ in range(self.config.max_steps):
+        for step in range(1, self.config.max_steps + 1):
             if self._stop_requested:
                 raise Stopped
             reply = await self._model_step(result)
             if reply is None:
                 return
-            self._record(reply)
+            cut = cut_short(reply)
+            cut_off = cut is not None and cut[0] == "cut_off"
             calls = reply.get("tool_calls", [])
+            if calls and not cut_off and step == self.config.max_steps:  # flagged now: the store only appends
+                reply.setdefault("flags", []).append(step_limit_flag(self._step_limit_detail(calls)))
+            self._record(reply)
+            if cut_off:  # the endpoint failed mid-answer: calls it may hold are not run
+                result.stop_reason, result.error = "error", cut[1]
+                return
             if not calls:
                 result.answer, result.stop_reason = reply["content"], "answer"
                 return
-            decisions = await self._unless_stopped(self._decide(calls))
-            for call, approved in zip(calls, decisions):
-                await self._run_call(call, approved, result)
+            await self._run_calls(calls, result)
+
+    async def _run_calls(self, calls: list[dict], result: TurnResult):
+        """Answer the malformed calls with what is wrong; offer the others for approval and run the approved."""
+        problems = [malformed_call(call) for call in calls]
+        well_formed = [call for call, problem in zip(calls, problems) if problem is None]
+        decisions = iter(await self._unless_stopped(self._decide(well_formed)) if well_formed else [])
+        for index, (call, problem) in enumerate(zip(calls, problems), 1):
+            if problem is None:
+                await self._run_call(call, next(decisions), result)
+            else:
+                self._answer_malformed(call, index, problem, result)
+
+    def _answer_malformed(self, call: dict, index: int, problem: str, result: TurnResult):
+        result.tool_calls += 1
+        result.malformed_calls += 1
+        result.tool_errors += 1
+        tools = ", ".join(tool["function"]["name"] for tool in self.tools.openai_tools())
+        name = call["function"]["name"]
+        outcome = error_result(f"tool call {index}{f' ({name})' if name.strip() else ''} was not run: {problem}. "
+                               f"Call one of these tools by name, with a JSON object of arguments: {tools}")
+        self._record(tool_message(call, outcome))
+
+    def _step_limit_detail(self, calls: list[dict]) -> str:
+        """What the flag of the reply at the last allowed step says, with how the model looped if it did."""
+        detail = (f"the model still called tools at step {self.config.max_steps} of {self.config.max_steps}, the "
+                  "last allowed, so the turn has no final answer")
+        loop = same_tool_steps(self.messages, calls)
+        if loop:
+            name, steps, results, errors = loop
+            detail += (f"; its last {steps} steps all called {name!r}, and {errors} of the {results} results so far "
+                       "were errors")
+        return detail
 
     async def _model_step(self, result: TurnResult) -> dict | None:
         result.steps += 1
         t0 = time.perf_counter()
+        streamed = _Streamed(self.on_delta)
         try:
-            parsed = await self._unless_stopped(self.generate(self.messages, self.tools.openai_tools(), self.on_delta))
+            parsed = await self._unless_stopped(self.generate(self.messages, self.tools.openai_tools(), streamed))
+        except Stopped:
+            if streamed.text["reasoning"].strip() or streamed.text["content"].strip():
+                self._record(streamed.stopped_message())
+            raise
         except EndpointError as e:
             # Recorded as a flagged empty turn: faithful to what happened, never trained on.
             self._record({"role": "assistant", "content": "", "flags": [f"endpoint error: {e}"]})
@@ -186,10 +236,73 @@ class Agent:
         finally:
             result.seconds["tools"] += time.perf_counter() - t0
         result.tool_errors += int(outcome.is_error)
-        message = {"role": "tool", "tool_call_id": call["id"], "name": name, "content": outcome.text}
-        if outcome.structured is not None:  # MCP structuredContent, kept beside the text the model saw
-            message["structured_content"] = outcome.structured
-        self._record(message)
+        self._record(tool_message(call, outcome))
+
+
+def tool_message(call: dict, outcome: ToolResult) -> dict:
+    """The tool message answering `call`: `content` is exactly what the model sees; beside it, for the record only,
+    the MCP structuredContent (bounded) and what the result was (`mcp_result`: isError, content types, ...)."""
+    message = {"role": "tool", "tool_call_id": call["id"]}
+    if call["function"]["name"].strip():  # a call without a name is answered without one
+        message["name"] = call["function"]["name"]
+    message["content"] = outcome.text
+    if outcome.structured is not None:
+        message["structured_content"] = outcome.structured
+    message["mcp_result"] = outcome.mcp_result()
+    return message
+
+
+def malformed_call(call: dict) -> str | None:
+    """What makes a tool call unrunnable as the model sent it (no function name, arguments that are no JSON object),
+    None for a well-formed one. An unknown name is not malformed: the tool hub answers it."""
+    if not call["function"]["name"].strip():
+        return "it has no function name"
+    arguments = call["function"]["arguments"]
+    try:
+        parsed = json.loads(arguments) if arguments.strip() else {}
+    except ValueError as error:
+        return f"its arguments are not valid JSON ({error}): {arguments[:80]!r}"
+    if not isinstance(parsed, dict):
+        return f"its arguments must be a JSON object, not {type(parsed).__name__}: {arguments[:80]!r}"
+    return None
+
+
+def same_tool_steps(messages: list[dict], calls: list[dict]) -> tuple[str, int, int, int] | None:
+    """(tool name, steps, results, errors) when the latest steps of this turn, up to `calls` (the newest, not yet
+    recorded), all called one tool and nothing else: how many steps, and how many of their results were errors
+    (MCP isError); None when the steps varied or there is only one."""
+    names = {call["function"]["name"] for call in calls}
+    if len(names) != 1:
+        return None
+    name, steps, results, errors = names.pop(), 1, 0, 0
+    pending_results = pending_errors = 0  # tool messages seen (walking back) before the step that made them
+    for message in reversed(messages):
+        if message["role"] == "tool":
+            pending_results, pending_errors = pending_results + 1, pending_errors + is_error_result(message)
+        elif message["role"] != "assistant" or {c["function"]["name"] for c in message.get("tool_calls", [])} != {name}:
+            break
+        else:
+            steps, results, errors = steps + 1, results + pending_results, errors + pending_errors
+            pending_results = pending_errors = 0
+    return (name, steps, results, errors) if steps > 1 else None
+
+
+class _Streamed:
+    """The stream callback of one model step: passes deltas on, and keeps what was shown so far, which is the
+    answer as far as it came when the user stops it."""
+
+    def __init__(self, on_delta: Callable[[str, str], None] | None):
+        self.on_delta = on_delta
+        self.text = {"reasoning": "", "content": ""}
+
+    def __call__(self, kind: str, text: str) -> None:
+        self.text[kind] = self.text.get(kind, "") + text
+        if self.on_delta:
+            self.on_delta(kind, text)
+
+    def stopped_message(self) -> dict:
+        flag = cut_short_flag("stopped", "the user stopped the answer before it ended")
+        return ParsedAssistant(self.text["content"].strip(), self.text["reasoning"].strip(), flags=[flag]).to_message()
 
 
 def describe_call(call: dict) -> str:

@@ -70,7 +70,12 @@ DEFAULT_MAX_CHARS = 16_000  # the Trelis workshop's limit, with its notice below
 TRUNCATION_NOTICE = "\n[Content truncated to {n} characters]"
 ERROR_PREFIX = "Error: "
 RESTARTED_NOTE = "(the MCP server {server!r} had stopped and was restarted)"
-MAX_STRUCTURED_CHARS = 100_000  # structured content larger than this is left out of results and traces
+# Structured content whose JSON is longer than the result's character limit is kept cut, as this marker object.
+STRUCTURED_CUT_KEY = "mcpft_truncated"
+STRUCTURED_CUT_NOTICE = "[structured content truncated to the first {n} of its {total} characters of JSON]"
+# Structured content that is no JSON object (allowed from MCP 2026-07-28) is kept wrapped in one, under this key.
+STRUCTURED_VALUE_KEY = "mcpft_value"
+MAX_BLOCK_RECORDS = 100  # content blocks described in a tool message's `mcp_result`; the rest are counted
 
 # Playwright MCP is the browser mcpft ships; a config that runs it gets these defaults unless it says otherwise.
 PLAYWRIGHT_PACKAGE = "@playwright/mcp"
@@ -321,17 +326,25 @@ def _unique(name: str, taken: set[str]) -> str:
 
 @dataclass
 class ToolResult:
-    """One tool call's outcome: `text` is exactly what the model sees; `raw` is the server's reply for the trace."""
+    """One tool call's outcome: `text` is exactly what the model sees (truncated); what the trace keeps beside it is
+    `structured` (bounded like the text) and `mcp_result()`; `raw` is the server's reply, bounded too."""
 
     text: str
     is_error: bool = False
     images: list[Path] = field(default_factory=list)
     structured: dict[str, Any] | None = None
     raw: dict[str, Any] | None = None
+    blocks: list[dict[str, Any]] = field(default_factory=list)  # each content block's type, MIME type, URI, ...
+    source: str = "server"  # "mcpft": no server answered (unknown tool, bad arguments, timeout, a stopped server)
+
+    def mcp_result(self) -> dict[str, Any]:
+        """What the result was, for the tool message's `mcp_result` (metadata for the record, never trained on)."""
+        return {"is_error": self.is_error, "source": self.source, "content": self.blocks}
 
 
 def error_result(message: str) -> ToolResult:
-    return ToolResult(text=ERROR_PREFIX + message, is_error=True)
+    """A call mcpft could not make or finish, told to the model as an error."""
+    return ToolResult(text=ERROR_PREFIX + message, is_error=True, source="mcpft")
 
 
 def strip_ansi(text: str) -> str:
@@ -396,12 +409,42 @@ def convert_result(result: mcp_types.CallToolResult, *, saver: _FileSaver, max_c
     for raw_block in raw.get("content", []):  # keep the trace bounded too
         if isinstance(raw_block.get("text"), str):
             raw_block["text"] = truncate(raw_block["text"], max_chars)
+    structured = bounded_structured(structured, max_chars)
     if structured is not None:
-        size = len(json.dumps(structured, ensure_ascii=False))
-        if size > MAX_STRUCTURED_CHARS:
-            structured = None
-            raw["structuredContent"] = f"<omitted: {size} characters of JSON>"
-    return ToolResult(truncate(text, max_chars), bool(result.is_error), images, structured, raw)
+        raw["structuredContent"] = structured
+    return ToolResult(truncate(text, max_chars), bool(result.is_error), images, structured, raw,
+                      blocks=block_records(raw.get("content", [])))
+
+
+def bounded_structured(structured: Any, max_chars: int) -> dict[str, Any] | None:
+    """Structured content as the trace keeps it: a JSON object of at most `max_chars` characters of JSON, else a
+    marker object holding the notice and the JSON's start (a value that is no object is wrapped first)."""
+    if structured is None:
+        return None
+    if not isinstance(structured, dict):
+        structured = {STRUCTURED_VALUE_KEY: structured}
+    text = json.dumps(structured, ensure_ascii=False)
+    if len(text) <= max_chars:
+        return structured
+    notice = STRUCTURED_CUT_NOTICE.format(n=max_chars, total=len(text))
+    return {STRUCTURED_CUT_KEY: notice, "json_start": text[:max_chars]}
+
+
+def block_records(raw_blocks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What each content block was (type, MIME type, resource URI and name, annotations), its text or bytes left
+    out (they are in the content, or in a file); past MAX_BLOCK_RECORDS blocks, only how many more there were."""
+    records = [_block_record(block) for block in raw_blocks[:MAX_BLOCK_RECORDS]]
+    if len(raw_blocks) > MAX_BLOCK_RECORDS:
+        records.append({"omitted_blocks": len(raw_blocks) - MAX_BLOCK_RECORDS})
+    return records
+
+
+def _block_record(raw_block: dict[str, Any]) -> dict[str, Any]:
+    resource = raw_block.get("resource") if isinstance(raw_block.get("resource"), dict) else {}
+    fields = {"type": raw_block.get("type"), "mime_type": raw_block.get("mimeType", resource.get("mimeType")),
+              "uri": raw_block.get("uri", resource.get("uri")), "name": raw_block.get("name"),
+              "annotations": raw_block.get("annotations")}
+    return {key: value for key, value in fields.items() if value is not None}
 
 
 def _block_text(block: Any, raw_block: dict[str, Any], saver: _FileSaver, images: list[Path]) -> str:

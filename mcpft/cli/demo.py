@@ -1,4 +1,5 @@
-"""Demo-world verbs: `demo serve` (the site), `demo collect` (teacher traces), `demo eval` (task success)."""
+"""Demo-world verbs: `demo serve` (the site), `demo collect` (teacher traces), `demo eval` (task success),
+`demo payoff` (collect, train, compare base and fine-tuned on held-out tasks)."""
 
 from __future__ import annotations
 
@@ -46,6 +47,16 @@ def register(verbs, parent):
     p.add_argument("--max-steps", type=positive_int, default=12)
     p.add_argument("--transcripts", type=Path, help="append each run's messages to this JSONL file")
     p.set_defaults(handler=cmd_eval)
+
+    p = sub.add_parser("payoff", parents=[parent], help="from an empty store: collect teacher traces, train, and "
+                                                        "compare base and fine-tuned on held-out tasks")
+    p.add_argument("--train-traces", type=positive_int, help="teacher traces to train on (default: space.yaml demo)")
+    p.add_argument("--heldout-tasks", type=positive_int, help="held-out tasks, templates in turn (13 = one each)")
+    p.add_argument("--epochs", type=float, help="training epochs (default: space.yaml demo)")
+    p.add_argument("--base-model", help="folder or Hub id (default: space.yaml's base_model; offline: SmolLM2)")
+    p.add_argument("--out", type=Path, help="new or empty work dir for the store, adapter and transcripts "
+                                            "(default: a new folder under the data dir)")
+    p.set_defaults(handler=cmd_payoff)
 
 
 def cmd_serve(args):
@@ -150,4 +161,34 @@ def cmd_eval(args):
                      "they are left out of the success rate")
     emit(args, report.to_dict(), "\n".join(lines))
     return 1 if totals["endpoint_errors"] else 0
+
+
+def cmd_payoff(args):
+    import time
+
+    from mcpft.agent.browser import BrowserSetupError
+    from mcpft.config import data_dir, default_base_model, load_settings
+    from mcpft.demo.payoff import PayoffError, PayoffRecipe, payoff_table, run_payoff
+    from mcpft.models import ModelError
+    from mcpft.train import TrainError
+
+    settings = load_settings()
+    bars = {}
+
+    def on_progress(stage, done, total):
+        bar = bars.get(stage) or bars.setdefault(stage, progress(total=total, desc=stage, unit="step"))
+        bar.total, bar.n = total, done
+        bar.refresh()
+
+    try:
+        recipe = PayoffRecipe.from_settings(settings, train_traces=args.train_traces,
+                                            heldout_tasks=args.heldout_tasks, epochs=args.epochs)
+        out = args.out or data_dir() / "payoff" / time.strftime("%Y%m%d-%H%M%S")
+        report = run_payoff(recipe, out, args.base_model or default_base_model(settings), on_progress)
+    except (PayoffError, TrainError, ModelError, BrowserSetupError) as e:
+        raise CliError(str(e)) from None
+    finally:
+        for bar in bars.values():
+            bar.close()
+    emit(args, report.to_dict(), payoff_table(report))
 

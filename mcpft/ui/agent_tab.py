@@ -10,6 +10,7 @@ import gradio as gr
 from mcpft.agent.endpoint import CompletionSettings
 from mcpft.agent.loop import REJECTED, describe_call
 from mcpft.agent.session import AgentSession, Conversation, SessionError, SessionView
+from mcpft.serve import DEFAULT_MAX_TOKENS
 from mcpft.ui.endpoint_tab import connect_session, endpoint_from_fields, wait_for_embedded
 from mcpft.ui.owner import require_owner
 from mcpft.ui.state import AppContext, Shared
@@ -157,7 +158,8 @@ def build(ctx: AppContext, shared: Shared) -> None:
                                             "(characters the model sees)", precision=0, minimum=100)
                 max_steps = gr.Number(settings.get("max_steps", 20), label="Max steps per message", precision=0,
                                       minimum=1)
-                max_tokens = gr.Number(2048, label="Max new tokens per step", precision=0, minimum=16)
+                max_tokens = gr.Number(DEFAULT_MAX_TOKENS, label="Max new tokens per step (a call or a short "
+                                       "answer; raise it for long reasoning)", precision=0, minimum=16)
 
     stream_outputs = [chatbot, approval_box, approvals, status]
 

@@ -123,7 +123,10 @@ def build(ctx: AppContext, shared: Shared) -> None:
                                        elem_id="endpoint-model")
             shared.api_key = gr.Textbox(label="API key", type="password", scale=2,
                                         placeholder="only for OpenAI / Hugging Face; kept in this tab only")
-        test_button = gr.Button("Test connection")
+        with gr.Row():
+            test_button = gr.Button("Test connection", scale=2)
+            deep_test = gr.Checkbox(False, label="Also check tool calls and reasoning (a few seconds on a GPU, "
+                                    "up to a minute on a CPU)", scale=3)
         probe_report = gr.Markdown(elem_id="probe-report")
 
         gr.Markdown("### Embedded endpoint")
@@ -155,10 +158,10 @@ def build(ctx: AppContext, shared: Shared) -> None:
                     gr.update(choices=status.models, value=status.models[0] if status.models else None))
         return gr.update(value=PRESETS[preset].base_url, interactive=True), gr.update(choices=[], value=None)
 
-    def test_connection(preset, base_url, model, api_key):
+    def test_connection(preset, base_url, model, api_key, deep):
         wait_for_embedded(ctx, preset)
         endpoint = endpoint_from_fields(ctx, preset, base_url, model or "?", api_key)
-        report = asyncio.run(probe(endpoint, timeout=120))
+        report = asyncio.run(probe(endpoint, timeout=120, deep=deep))
         models = report.models or ([endpoint.model] if endpoint.model != "?" else [])
         value = endpoint.model if endpoint.model in models else (models[0] if models else None)
         return probe_text(report), gr.update(choices=models, value=value)
@@ -185,7 +188,7 @@ def build(ctx: AppContext, shared: Shared) -> None:
         return session, tool_rows(session)
 
     shared.preset.change(preset_changed, [shared.preset], [shared.base_url, shared.model])
-    test_button.click(test_connection, [shared.preset, shared.base_url, shared.model, shared.api_key],
+    test_button.click(test_connection, [shared.preset, shared.base_url, shared.model, shared.api_key, deep_test],
                       [probe_report, shared.model])
     status_outputs = [embedded_status, status_timer, shared.base_url, shared.model]
     gr.on([shared.demo.load, status_timer.tick], refresh_status, [shared.preset], status_outputs,

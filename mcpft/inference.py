@@ -1,0 +1,421 @@
+"""Fast local generation: one KV cache per model state, reused across requests that share a prefix.
+
+Every agent step re-sends the whole conversation, and every step of a held-out trace extends the one before it. So
+the engine keeps, per model state (the base weights, or the base with its LoRA adapter), the KV cache of the last
+sequence it saw and prefills only what a new prompt adds past the longest common prefix, as vLLM's prefix caching
+does. A trace then costs one prefill of its longest prompt plus the generated tokens.
+
+Decoding with transformers' `generate` spends most of a token on framework work, not arithmetic (docs/benchmarks.md,
+"Where decode time goes"). For the Llama family (Llama, Mistral, Qwen2, Qwen3: one architecture with small options)
+the engine runs its own forward pass over the model's own tensors: fused QKV and gate/up projections, a cache laid out
+for grouped-query attention, logits for the last position only. A LoRA adapter is folded into a second copy of the
+weights (W + BA·scale, exactly what PEFT computes), so a base and its adapter never share a cache. Any other
+architecture goes through the model's own forward with a cropped `DynamicCache`: slower, still with prefix reuse.
+
+On a CPU with native BF16 (AVX512-BF16 or AMX) weights and cache are bf16, which halves the bytes every decoded token
+reads; elsewhere on a CPU they stay fp32 (emulated bf16 is slower than fp32). A GPU uses the model's own dtype.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from mcpft.models import cpu_has_native_bf16
+
+FAST_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
+CACHE_STEP = 512  # the KV cache grows in multiples of this many positions
+PREFILL_CHUNK = 256  # prompts are prefilled in chunks aligned to multiples of this (see Engine._prefill)
+DTYPE_ENV = "MCPFT_INFERENCE_DTYPE"  # "float32" / "bfloat16" / "float16": overrides the choice below
+
+
+def inference_dtype(model) -> torch.dtype:
+    """The dtype the engine computes in: `$MCPFT_INFERENCE_DTYPE`, else bf16 on a native-BF16 CPU, fp32 on other
+    CPUs, and the model's own dtype on a GPU."""
+    if name := os.environ.get(DTYPE_ENV):
+        dtype = getattr(torch, name, None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"{DTYPE_ENV}={name!r} is not a torch dtype (try float32 or bfloat16)")
+        return dtype
+    device = next(model.parameters()).device
+    if device.type != "cpu":
+        return next(model.parameters()).dtype
+    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+
+
+@dataclass
+class Sampling:
+    """How the next token is picked. `temperature` 0 (or None with a greedy model config) is greedy."""
+
+    temperature: float | None = 0.0
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+
+    def greedy(self) -> bool:
+        return not self.temperature
+
+
+def sampling_from_config(generation_config, temperature: float | None, top_p: float | None,
+                         seed: int | None) -> Sampling:
+    """The request's sampling where it says, the model's generation config where it does not."""
+    if temperature is None:
+        sampled = bool(getattr(generation_config, "do_sample", False))
+        temperature = (getattr(generation_config, "temperature", None) or 1.0) if sampled else 0.0
+    if top_p is None and temperature:
+        top_p = getattr(generation_config, "top_p", None)
+    top_k = getattr(generation_config, "top_k", None) if temperature else None
+    return Sampling(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+
+
+class _Picker:
+    def __init__(self, sampling: Sampling, device):
+        self.sampling = sampling
+        self.generator = None
+        if not sampling.greedy():
+            self.generator = torch.Generator(device=device)
+            if sampling.seed is not None:
+                self.generator.manual_seed(sampling.seed)
+            else:
+                self.generator.seed()
+
+    def __call__(self, logits: torch.Tensor) -> int:
+        if self.sampling.greedy():
+            return int(logits.argmax())
+        logits = logits.float() / self.sampling.temperature
+        if self.sampling.top_k:
+            kth = torch.topk(logits, min(self.sampling.top_k, logits.numel())).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = torch.softmax(logits, -1)
+        if self.sampling.top_p is not None and self.sampling.top_p < 1:
+            sorted_probs, order = probs.sort(descending=True)
+            outside = sorted_probs.cumsum(-1) - sorted_probs > self.sampling.top_p
+            probs = probs.scatter(0, order, sorted_probs.masked_fill(outside, 0.0))
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+def end_of_turn_ids(model, tokenizer) -> set[int]:
+    """The tokens that end a reply: the model's eos ids and, for ChatML templates, `<|im_end|>`."""
+    eos = model.generation_config.eos_token_id
+    ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(end_of_turn, int) and end_of_turn != tokenizer.unk_token_id:
+        ids.add(end_of_turn)
+    return ids
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The Llama-family forward pass over the model's own tensors
+
+
+def _peft_base(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _weight(module, adapter: bool, dtype) -> torch.Tensor:
+    """A linear or embedding module's weight, with its active LoRA adapters folded in when `adapter`."""
+    base = getattr(module, "base_layer", module)
+    weight = base.weight.detach()
+    if adapter and hasattr(module, "get_delta_weight"):
+        for name in module.active_adapters:
+            if name in getattr(module, "lora_A", {}) or name in getattr(module, "lora_embedding_A", {}):
+                weight = weight + module.get_delta_weight(name).detach()
+    return weight.to(dtype)
+
+
+def _bias(module, dtype) -> torch.Tensor | None:
+    bias = getattr(getattr(module, "base_layer", module), "bias", None)
+    return None if bias is None else bias.detach().to(dtype)
+
+
+def fast_path_problem(model) -> str | None:
+    """Why the engine's own forward cannot run this model (None: it can)."""
+    config = _peft_base(model).config
+    if config.model_type not in FAST_MODEL_TYPES:
+        return f"model type {config.model_type!r}"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"activation {config.hidden_act!r}"
+    if getattr(config, "use_sliding_window", False) or any(
+            kind != "full_attention" for kind in getattr(config, "layer_types", None) or []):
+        return "sliding-window attention"
+    if getattr(config, "pretraining_tp", 1) != 1:
+        return "tensor-parallel pretraining slices"
+    if any(isinstance(getattr(module, "lora_magnitude_vector", None), torch.nn.ModuleDict)
+           and len(module.lora_magnitude_vector) for module in model.modules()):
+        return "a DoRA adapter"
+    return None
+
+
+@dataclass
+class _Layer:
+    norm1: torch.Tensor
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
+    out: torch.Tensor
+    norm2: torch.Tensor
+    gate_up: torch.Tensor
+    down: torch.Tensor
+
+
+class _LlamaWeights:
+    """The tensors of one model state (base, or base + adapter), fused for fewer, larger matrix products."""
+
+    def __init__(self, model, adapter: bool, dtype: torch.dtype):
+        base = _peft_base(model)
+        config, inner = base.config, base.model
+        self.eps = config.rms_norm_eps
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.rotary = inner.rotary_emb
+        self.embed = _weight(inner.embed_tokens, adapter, dtype)
+        self.norm = inner.norm.weight.detach().to(dtype)
+        self.head = _weight(base.lm_head, adapter, dtype)
+        self.layers = []
+        for layer in inner.layers:
+            attention, mlp = layer.self_attn, layer.mlp
+            projections = (attention.q_proj, attention.k_proj, attention.v_proj)
+            biases = [_bias(p, dtype) for p in projections]
+            q_norm, k_norm = getattr(attention, "q_norm", None), getattr(attention, "k_norm", None)
+            self.layers.append(_Layer(
+                norm1=layer.input_layernorm.weight.detach().to(dtype),
+                qkv=torch.cat([_weight(p, adapter, dtype) for p in projections]).contiguous(),
+                qkv_bias=None if biases[0] is None else torch.cat(biases),
+                q_norm=None if q_norm is None else q_norm.weight.detach().to(dtype),
+                k_norm=None if k_norm is None else k_norm.weight.detach().to(dtype),
+                out=_weight(attention.o_proj, adapter, dtype).contiguous(),
+                norm2=layer.post_attention_layernorm.weight.detach().to(dtype),
+                gate_up=torch.cat([_weight(mlp.gate_proj, adapter, dtype),
+                                   _weight(mlp.up_proj, adapter, dtype)]).contiguous(),
+                down=_weight(mlp.down_proj, adapter, dtype).contiguous()))
+
+
+class _LlamaCache:
+    """Keys and values of one sequence, [layers, kv_heads, capacity, head_dim], grown in CACHE_STEP blocks."""
+
+    def __init__(self, weights: _LlamaWeights, dtype, device):
+        self.shape = (len(weights.layers), weights.kv_heads, 0, weights.head_dim)
+        self.dtype, self.device = dtype, device
+        self.keys = self.values = torch.empty(self.shape, dtype=dtype, device=device)
+
+    def reserve(self, length: int) -> None:
+        capacity = self.keys.shape[2]
+        if length <= capacity:
+            return
+        capacity = max(length, 2 * capacity)
+        capacity = -(-capacity // CACHE_STEP) * CACHE_STEP
+        layers, heads, _, dim = self.shape
+        for name in ("keys", "values"):
+            grown = torch.empty((layers, heads, capacity, dim), dtype=self.dtype, device=self.device)
+            old = getattr(self, name)
+            grown[:, :, :old.shape[2]] = old
+            setattr(self, name, grown)
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # As transformers' LlamaRMSNorm: normalise in fp32, scale in the model's dtype.
+    x32 = x.float()
+    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
+
+
+class _LlamaRunner:
+    """The Llama-family forward pass: `forward(ids, cache, start)` writes positions start.. and returns the last
+    position's logits."""
+
+    def __init__(self, model, dtype):
+        self.model, self.dtype = model, dtype
+        self.device = next(model.parameters()).device
+        self._weights: dict[bool, _LlamaWeights] = {}
+
+    def weights(self, adapter: bool) -> _LlamaWeights:
+        if adapter not in self._weights:
+            self._weights[adapter] = _LlamaWeights(self.model, adapter, self.dtype)
+        return self._weights[adapter]
+
+    def new_cache(self, adapter: bool) -> _LlamaCache:
+        return _LlamaCache(self.weights(adapter), self.dtype, self.device)
+
+    def crop(self, cache: _LlamaCache, length: int) -> None:
+        pass  # positions past `length` are simply overwritten
+
+    def reserve(self, cache: _LlamaCache, length: int) -> None:
+        cache.reserve(length)
+
+    @torch.inference_mode()
+    def forward(self, ids: list[int], cache: _LlamaCache, start: int, adapter: bool) -> torch.Tensor:
+        w = self.weights(adapter)
+        count, end = len(ids), start + len(ids)
+        cache.reserve(end)
+        tokens = torch.tensor(ids, device=self.device)
+        positions = torch.arange(start, end, device=self.device)[None]
+        x = F.embedding(tokens, w.embed)[None]
+        cos, sin = w.rotary(x, positions)
+        cos, sin = cos.to(self.dtype)[:, None], sin.to(self.dtype)[:, None]
+        mask = None
+        if count > 1:  # new positions see the cached prefix and, causally, each other
+            mask = torch.ones(count, end, dtype=torch.bool, device=self.device).tril(diagonal=start)
+        heads, kv_heads, dim = w.heads, w.kv_heads, w.head_dim
+        for i, layer in enumerate(w.layers):
+            h = _rms(x, layer.norm1, w.eps)
+            q, k, v = F.linear(h, layer.qkv, layer.qkv_bias).split([heads * dim, kv_heads * dim, kv_heads * dim], -1)
+            q, k = q.view(1, count, heads, dim), k.view(1, count, kv_heads, dim)
+            if layer.q_norm is not None:
+                q, k = _rms(q, layer.q_norm, w.eps), _rms(k, layer.k_norm, w.eps)
+            q = _rotate(q.transpose(1, 2), cos, sin)
+            k = _rotate(k.transpose(1, 2), cos, sin)
+            cache.keys[i, :, start:end] = k[0]
+            cache.values[i, :, start:end] = v.view(count, kv_heads, dim).transpose(0, 1)
+            keys, values = cache.keys[i:i + 1, :, :end], cache.values[i:i + 1, :, :end]
+            if count == 1:  # a group's query heads as rows of one head: 4x faster than SDPA's GQA path on CPU
+                attended = F.scaled_dot_product_attention(q.view(1, kv_heads, heads // kv_heads, dim), keys,
+                                                          values).view(1, heads, 1, dim)
+            else:
+                attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+                                                          enable_gqa=True)
+            x = x + F.linear(attended.transpose(1, 2).reshape(1, count, heads * dim), layer.out)
+            gate, up = F.linear(_rms(x, layer.norm2, w.eps), layer.gate_up).chunk(2, -1)
+            x = x + F.linear(F.silu(gate) * up, layer.down)
+        return F.linear(_rms(x[0, -1], w.norm, w.eps), w.head)
+
+
+class _TransformersRunner:
+    """Any causal LM through its own forward and a `DynamicCache`, cropped to the reused prefix."""
+
+    def __init__(self, model, dtype):
+        self.model = model
+        self.device = next(model.parameters()).device
+
+    def new_cache(self, adapter: bool):
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config)
+
+    def reserve(self, cache, length: int) -> None:
+        pass  # a DynamicCache grows as it goes
+
+    def crop(self, cache, length: int) -> None:
+        if (surplus := cache.get_seq_length() - length) > 0:
+            cache.crop(-surplus)  # transformers 5: a negative count removes that many positions
+
+    @torch.inference_mode()
+    def forward(self, ids: list[int], cache, start: int, adapter: bool) -> torch.Tensor:
+        disable = getattr(self.model, "disable_adapter", None)
+        with disable() if (disable is not None and not adapter) else nullcontext():
+            output = self.model(input_ids=torch.tensor([ids], device=self.device), past_key_values=cache,
+                                use_cache=True, logits_to_keep=1)
+        return output.logits[0, -1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The engine
+
+
+@dataclass
+class _Sequence:
+    cache: object
+    tokens: list[int]
+
+
+@dataclass
+class Stats:
+    """What the last `generate` did: prompt tokens reused from the cache, and prefilled."""
+
+    reused: int = 0
+    prefilled: int = 0
+
+
+class Engine:
+    """Generates token ids for one model (a PeftModel serves its base with `adapter=False`), on the calling thread.
+
+    Not thread-safe: callers serialise (the embedded endpoint runs every engine on its one model thread).
+    """
+
+    def __init__(self, model, dtype: torch.dtype | None = None, fast: bool = True):
+        self.model = model
+        self.dtype = dtype or inference_dtype(model)
+        self.fast_problem = fast_path_problem(model) if fast else "the fast path was turned off"
+        runner = _TransformersRunner if self.fast_problem else _LlamaRunner
+        self.runner = runner(model, self.dtype)
+        self.kind = "transformers forward" if self.fast_problem else f"mcpft Llama-family forward ({self.dtype})"
+        self._sequences: dict[bool, _Sequence] = {}
+        self.stats = Stats()
+
+    def adapter_key(self, adapter: bool) -> bool:
+        return bool(adapter) and hasattr(self.model, "disable_adapter")
+
+    def forget(self) -> None:
+        """Drop every cached sequence (call after changing the model's weights or adapters)."""
+        self._sequences.clear()
+        if isinstance(self.runner, _LlamaRunner):
+            self.runner._weights.clear()
+
+    def generate(self, prompt: list[int], max_new_tokens: int, sampling: Sampling | None = None,
+                 adapter: bool = True, reuse: bool = True) -> Iterator[int]:
+        """Yield up to `max_new_tokens` new token ids after `prompt`; the caller stops when it has what it needs
+        (an end-of-turn token, a stop string, a client gone) simply by not asking for more."""
+        if not prompt:
+            raise ValueError("the prompt holds no token")
+        key = self.adapter_key(adapter)
+        sequence = self._sequences.get(key)
+        if sequence is None or not reuse:
+            sequence = self._sequences[key] = _Sequence(self.runner.new_cache(key), [])
+        # Only whole chunks are reused, and at least one prompt token is prefilled again (its logits pick the first
+        # new token): see `_prefill` for why.
+        kept = min(common_prefix(sequence.tokens, prompt), len(prompt) - 1) // PREFILL_CHUNK * PREFILL_CHUNK
+        del sequence.tokens[kept:]
+        self.runner.crop(sequence.cache, kept)
+        self.stats = Stats(reused=kept, prefilled=len(prompt) - kept)
+        # The whole sequence's cache is allocated first: memory runs out before any work, not halfway through.
+        self.runner.reserve(sequence.cache, len(prompt) + max_new_tokens)
+        pick = _Picker(sampling or Sampling(), self.runner.device)
+        logits = self._prefill(sequence, prompt, key)
+        position = len(prompt)
+        for produced in range(max_new_tokens):
+            token = pick(logits)
+            yield token
+            if produced + 1 < max_new_tokens:
+                logits = self._forward(sequence, [token], position, key)
+                position += 1
+
+    def _prefill(self, sequence: _Sequence, prompt: list[int], adapter: bool) -> torch.Tensor:
+        """Prefill `prompt` past the cached tokens in chunks aligned to multiples of PREFILL_CHUNK.
+
+        Kernels round differently for different shapes, so a position's keys and values are bit-identical only when
+        computed in the same chunk shape. Aligned chunks make a prompt's positions always computed the same way,
+        whatever was cached before, so greedy answers are the same with and without reuse (in bf16 too). Tokens
+        generated one at a time are for the same reason never kept as reusable.
+        """
+        logits = None
+        for start in range(len(sequence.tokens), len(prompt), PREFILL_CHUNK):
+            end = min(start // PREFILL_CHUNK * PREFILL_CHUNK + PREFILL_CHUNK, len(prompt))
+            logits = self._forward(sequence, prompt[start:end], start, adapter)
+            sequence.tokens.extend(prompt[start:end])
+        return logits
+
+    def _forward(self, sequence: _Sequence, ids: list[int], start: int, adapter: bool) -> torch.Tensor:
+        try:
+            return self.runner.forward(ids, sequence.cache, start, adapter)
+        except BaseException:  # a half-written cache is never reused
+            sequence.tokens.clear()
+            sequence.cache = self.runner.new_cache(adapter)
+            raise

@@ -1,0 +1,177 @@
+"""The generation engine: its own Llama-family forward against transformers', prefix reuse, adapters, sampling.
+
+The tiny random Qwen3 model (q/k norms, grouped-query attention, tied embeddings) runs the engine's own forward; the
+same checks through transformers' forward cover every other architecture. Greedy outputs are compared token for token.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mcpft.hermes import tool_calls_end
+from mcpft.inference import PREFILL_CHUNK, Engine, Sampling, inference_dtype
+from mcpft.models import cpu_has_native_bf16, load_model
+
+
+PARAGRAPH = ("The user wants to find the title of the page. I will navigate to the website, read the snapshot and "
+             "click the link. ")
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir, tmp_path_factory):
+    return load_model(str(tiny_model_dir), tmp_path_factory.mktemp("data"), dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def tiny_with_adapter(tiny_model_dir, tmp_path_factory):
+    """The tiny model with a random (non-zero) LoRA adapter on every projection, so that it changes the outputs."""
+    from peft import LoraConfig, get_peft_model
+
+    model, tokenizer = load_model(str(tiny_model_dir), tmp_path_factory.mktemp("data"), dtype=torch.float32)
+    torch.manual_seed(1)
+    config = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    return get_peft_model(model, config).eval(), tokenizer
+
+
+def prompt_ids(tokenizer, messages) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def transformers_greedy(model, ids: list[int], new_tokens: int) -> list[int]:
+    with torch.inference_mode():
+        output = model.generate(torch.tensor([ids]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                do_sample=False, eos_token_id=None, pad_token_id=0)
+    return output[0, len(ids):].tolist()
+
+
+def conversation(turns: int) -> list[list[dict]]:
+    """The prompts of an agent-like conversation: each one extends the one before by a reply and a long message."""
+    messages, prompts = [{"role": "user", "content": PARAGRAPH * 4}], []
+    for turn in range(turns):
+        prompts.append(list(messages))
+        messages += [{"role": "assistant", "content": f"Step {turn}: I clicked the link."},
+                     {"role": "user", "content": f"Result {turn}: " + PARAGRAPH * 3}]
+    return prompts
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["own forward", "transformers forward"])
+def test_greedy_tokens_match_transformers_generate(tiny, fast):
+    model, tokenizer = tiny
+    engine = Engine(model, dtype=torch.float32, fast=fast)
+    assert engine.fast_problem is None if fast else engine.fast_problem
+    for messages in conversation(3):
+        ids = prompt_ids(tokenizer, messages)
+        assert list(engine.generate(ids, 24)) == transformers_greedy(model, ids, 24)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fast", [True, False], ids=["own forward", "transformers forward"])
+def test_prefix_reuse_gives_the_same_greedy_tokens(tiny, dtype, fast):
+    """Each prompt extends the one before (as an agent's steps do): with reuse only the new part is prefilled, and
+    the answers are the same, token for token, as from an engine that prefills every prompt whole."""
+    model, tokenizer = tiny
+    reusing, fresh = Engine(model, dtype=dtype, fast=fast), Engine(model, dtype=dtype, fast=fast)
+    reused = []
+    for messages in conversation(6):
+        ids = prompt_ids(tokenizer, messages)
+        with_reuse = list(reusing.generate(ids, 16))
+        reused.append(reusing.stats.reused)
+        assert reusing.stats.reused + reusing.stats.prefilled == len(ids)
+        assert with_reuse == list(fresh.generate(ids, 16, reuse=False))
+        assert fresh.stats.reused == 0
+    assert reused[0] == 0 and all(r % PREFILL_CHUNK == 0 for r in reused)
+    assert reused == sorted(reused) and reused[-1] >= 2 * PREFILL_CHUNK
+
+
+def test_a_different_prompt_reuses_only_the_common_whole_chunks(tiny):
+    model, tokenizer = tiny
+    engine = Engine(model, dtype=torch.float32)
+    first = prompt_ids(tokenizer, conversation(4)[-1])
+    list(engine.generate(first, 4))
+    changed = list(first)
+    changed[PREFILL_CHUNK + 10] = (changed[PREFILL_CHUNK + 10] + 1) % len(tokenizer)
+    assert list(engine.generate(changed, 8)) == transformers_greedy(model, changed, 8)
+    assert engine.stats.reused == PREFILL_CHUNK
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["own forward", "transformers forward"])
+def test_an_adapter_and_its_base_keep_their_own_caches(tiny_with_adapter, fast):
+    """Requests alternate between the adapter and its base on one engine: each answers as a fresh model would."""
+    model, tokenizer = tiny_with_adapter
+    engine = Engine(model, dtype=torch.float32, fast=fast)
+    for messages in conversation(4):
+        ids = prompt_ids(tokenizer, messages)
+        tuned = list(engine.generate(ids, 12, adapter=True))
+        base = list(engine.generate(ids, 12, adapter=False))
+        assert tuned == transformers_greedy(model, ids, 12)
+        with model.disable_adapter():
+            assert base == transformers_greedy(model, ids, 12)
+        assert tuned != base  # the adapter changes the answer, so a mixed-up cache would show
+
+
+def test_sampling_with_a_seed_is_reproducible_and_not_greedy(tiny):
+    model, tokenizer = tiny
+    engine = Engine(model, dtype=torch.float32)
+    ids = prompt_ids(tokenizer, conversation(1)[0])
+    hot = Sampling(temperature=1.5, top_p=0.95, seed=7)
+    first = list(engine.generate(ids, 20, hot))
+    assert first == list(engine.generate(ids, 20, hot))
+    assert first != list(engine.generate(ids, 20, Sampling(temperature=1.5, top_p=0.95, seed=8)))
+    assert first != list(engine.generate(ids, 20))
+
+
+def test_a_failed_forward_leaves_no_cache_behind(tiny):
+    """An error mid-prefill (out of memory, say) must not leave half-written positions for the next request."""
+    model, tokenizer = tiny
+    engine = Engine(model, dtype=torch.float32, fast=False)
+    ids = prompt_ids(tokenizer, conversation(3)[-1])
+    hook = model.model.layers[1].register_forward_hook(lambda *_: (_ for _ in ()).throw(MemoryError("planted")))
+    with pytest.raises(MemoryError):
+        list(engine.generate(ids, 4))
+    hook.remove()
+    assert list(engine.generate(ids, 8)) == transformers_greedy(model, ids, 8)
+    assert engine.stats.reused == 0
+
+
+def test_the_dtype_follows_the_cpu(tiny, monkeypatch):
+    model, _ = tiny
+    monkeypatch.delenv("MCPFT_INFERENCE_DTYPE", raising=False)
+    assert inference_dtype(model) == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
+    monkeypatch.setenv("MCPFT_INFERENCE_DTYPE", "float32")
+    assert inference_dtype(model) == torch.float32
+    monkeypatch.setenv("MCPFT_INFERENCE_DTYPE", "fp99")
+    with pytest.raises(ValueError, match="MCPFT_INFERENCE_DTYPE='fp99' is not a torch dtype"):
+        inference_dtype(model)
+
+
+@pytest.mark.parametrize(("text", "end"), [
+    ('<tool_call>\n{"name": "a"}\n</tool_call>', None),  # may go on with another call
+    ('<tool_call>\n{"name": "a"}\n</tool_call>\n\n<tool_c', None),  # it does
+    ('<tool_call>\n{"name": "a"}\n</tool_call>\n<tool_call>\n{"name": "b"}\n', None),
+    ('<tool_call>\n{"name": "a"}\n</tool_call>\n{"name": "a"}', 38),  # repeated JSON after the call: cut
+    ('<tool_call>\n{"name": "a"}\n</tool_call>\n<tool_call>{"name": "b"}</tool_call>\nDone', 75),
+    ('<think>\nI could write <tool_call>{}</tool_call> here\n', None),  # still reasoning
+    ('<think>\nmaybe <tool_call>{}</tool_call>\n</think>\nNo call after all.', None),
+    ("Just an answer.", None),
+])
+def test_where_a_reply_with_tool_calls_is_complete(text, end):
+    assert tool_calls_end(text) == end
+
+
+@pytest.mark.slow
+def test_smollm2_reuse_matches_a_fresh_prefill_in_its_default_dtype(tmp_path_factory):
+    """The real model, in the dtype this machine serves it in (bf16 on CPUs with native BF16): an agent-like
+    conversation answered with reuse and without gives the same tokens."""
+    import os
+    from pathlib import Path
+
+    data_dir = Path(os.environ.get("MCPFT_TEST_CACHE", "/tmp/mcpft-test-cache"))
+    model, tokenizer = load_model(None, data_dir)
+    reusing, fresh = Engine(model), Engine(model)
+    for messages in conversation(4):
+        ids = prompt_ids(tokenizer, messages)
+        assert list(reusing.generate(ids, 24)) == list(fresh.generate(ids, 24, reuse=False))
+    assert reusing.stats.reused > 0

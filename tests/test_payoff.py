@@ -1,0 +1,43 @@
+"""`mcpft demo payoff` end to end at a tiny scale: the real teacher collects in the real browser into a new store,
+a tiny model trains on its traces, and base and fine-tuned run a held-out task in the real browser.
+The full scale (SmolLM2, 13 held-out tasks) is bench/uplift_demo.py."""
+
+import json
+
+import pytest
+
+from mcpft.cli import main
+from mcpft.demo.payoff import PayoffError, PayoffRecipe
+from mcpft.store import Store
+
+
+def test_payoff_from_an_empty_store_to_a_before_after(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "payoff"
+    argv = ["demo", "payoff", "--train-traces", "2", "--heldout-tasks", "1", "--epochs", "1",
+            "--base-model", str(tiny_model_dir), "--out", str(out), "--json"]
+    assert main(argv) in (0, None)
+    report = json.loads(capsys.readouterr().out)
+    assert report["train_traces"] == 2 and report["heldout_tasks"] == 1
+    assert report["base_success"] in (0.0, 1.0) and report["tuned_success"] in (0.0, 1.0)
+    assert set(report["seconds"]) == {"collect", "train", "base", "tuned", "total"}
+    assert report["seconds"]["total"] >= sum(report["seconds"][s] for s in ("collect", "train", "base", "tuned")) - 1
+    assert report["train"]["rows"] >= 2 and report["train"]["steps"] >= 1
+    (task,) = report["tasks"]
+    assert task["prompt"] and task["expected"] and {"success", "answer", "reason"} <= set(task["base"])
+    assert set(task["tuned"]) == set(task["base"])
+    with Store(out / "demo.db") as store:
+        assert len(store.traces(tags=["demo", "train"])) == 2
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    assert (out / "transcripts-base.jsonl").is_file() and (out / "transcripts-tuned.jsonl").is_file()
+
+    assert main(argv) == 2  # the work dir now holds a run: a payoff starts from an empty store
+    assert f"work dir {out} is not empty" in capsys.readouterr().err
+
+
+def test_the_recipe_comes_from_space_yaml_and_is_checked():
+    recipe = PayoffRecipe.from_settings({"demo": {"train_traces": 7, "epochs": 3}}, heldout_tasks=2, epochs=None)
+    assert (recipe.train_traces, recipe.epochs, recipe.heldout_tasks) == (7, 3, 2)
+    with pytest.raises(PayoffError, match="unknown demo setting"):
+        PayoffRecipe.from_settings({"demo": {"train_trace": 7}})
+    with pytest.raises(PayoffError, match="train_traces must be a whole number of at least 1, got 0"):
+        PayoffRecipe.from_settings({}, train_traces=0)
