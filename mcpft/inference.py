@@ -3,7 +3,8 @@
 Every agent step re-sends the whole conversation, and every step of a held-out trace extends the one before it. So
 the engine keeps, per model state (the base weights, or the base with its LoRA adapter), the KV cache of the last
 sequence it saw and prefills only what a new prompt adds past the longest common prefix, as vLLM's prefix caching
-does. A trace then costs one prefill of its longest prompt plus the generated tokens.
+does. A trace then costs one prefill of its longest prompt (plus at most one 256-token chunk a step, see
+`Engine._prefill`) and the generated tokens.
 
 Decoding with transformers' `generate` spends most of a token on framework work, not arithmetic (docs/benchmarks.md,
 "Where decode time goes"). For the Llama family (Llama, Mistral, Qwen2, Qwen3: one architecture with small options)

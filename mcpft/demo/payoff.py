@@ -34,9 +34,9 @@ class PayoffError(Exception):
 class PayoffRecipe:
     """What `demo payoff` runs: how much data, how it trains, how the held-out tasks are run."""
 
-    train_traces: int = 40
+    train_traces: int = 16
     heldout_tasks: int = 13  # one per held-out template
-    epochs: float = 2.0
+    epochs: float = 1.0
     learning_rate: float = 5e-4
     gradient_accumulation_steps: int = 1
     lora_r: int = 16
