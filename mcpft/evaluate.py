@@ -570,13 +570,34 @@ def compare(base_report: dict, tuned_report: dict) -> dict:
 
 def _side(record: dict, record_verdict: str) -> dict:
     return {"output": (record.get("output") or {}).get("text", ""), "verdict": record_verdict,
-            "reasons": record.get("reasons", [])}
+            "reasons": record.get("reasons", []), "valid_call": record.get("valid_call")}
+
+
+SMALL_SAMPLE = 20  # fewer scored steps than this: the verdict says the sample is small
+
+
+def comparison_sentence(comparison: dict) -> str:
+    """The verdict in words, counts first: passed steps, then valid tool calls; a small sample says so."""
+    scored = [s for s in comparison["steps"] if s["base"]["verdict"] != "too long"]
+    total = len(scored)
+    base, tuned = (sum(s[side]["verdict"] == "pass" for s in scored) for side in ("base", "tuned"))
+    sentence = f"Fine-tuned passed {tuned} of {total} held-out steps (base {base} of {total})"
+    calls = [s for s in scored if s["kind"] == "call"]
+    if calls:
+        valid = {side: sum(bool(s[side].get("valid_call")) for s in calls) for side in ("base", "tuned")}
+        sentence += (f"; valid tool calls in {valid['tuned']} of {len(calls)} call steps "
+                     f"(base {valid['base']} of {len(calls)})")
+    sentence += "."
+    if total < SMALL_SAMPLE:
+        sentence += (f" That is a small sample ({total} steps, under {SMALL_SAMPLE}): one step more or less moves a "
+                     "rate by several points.")
+    return sentence
 
 
 def compare_markdown(comparison: dict) -> str:
     totals_ = comparison["totals"]
-    lines = [f"# {comparison['base_model']} → {comparison['tuned_model']}", "", "| metric | base | fine-tuned |",
-             "|---|---|---|"]
+    lines = [f"# {comparison['base_model']} → {comparison['tuned_model']}", "", comparison_sentence(comparison), "",
+             "| metric | base | fine-tuned |", "|---|---|---|"]
     lines += [f"| {name} | {_percent(totals_['base'][name])} | {_percent(totals_['tuned'][name])} |" for name in RATES]
     lines += ["", "| row | step | base | fine-tuned | change |", "|---|---|---|---|---|"]
     lines += [f"| {_cell(s['row_id'])} | {s['index']} | {s['base']['verdict']} | {s['tuned']['verdict']} | "

@@ -7,6 +7,7 @@ trains on and evaluation scores. Set MCPFT_SCREENSHOTS=DIR to keep a screenshot 
 
 import json
 import os
+import re
 import socket
 import sys
 from pathlib import Path
@@ -196,6 +197,9 @@ def test_evaluate_shows_the_side_by_side_table(page):
     table = page.locator("#side-by-side")
     expect(table).to_contain_text("please do not", timeout=180_000)
     expect(page.locator("#eval-metrics")).to_contain_text("pass_rate")
+    status = page.locator("#eval-status")  # the verdict in words, counts first, and the sample called small
+    expect(status).to_contain_text(re.compile(r"Fine-tuned passed \d+ of \d+ held-out steps \(base \d+ of \d+\)"))
+    expect(status).to_contain_text("That is a small sample")
     screenshot(page, "evaluate")
 
 

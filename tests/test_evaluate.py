@@ -13,7 +13,7 @@ from mcpft.cli.common import common_options
 from mcpft.dataset import export_rows
 from mcpft.evaluate import (
     EndpointGenerator, EvaluationError, LocalGenerator, answer_matches, answer_problem, build_report, compare,
-    compare_markdown, evaluate_rows, local_generator, missing_numbers, report_markdown, score_step, steps_from_rows,
+    compare_markdown, comparison_sentence, evaluate_rows, local_generator, missing_numbers, report_markdown, score_step, steps_from_rows,
     token_f1,
 )
 from mcpft.hermes import make_tool_call, parse_assistant_text
@@ -235,6 +235,9 @@ def test_compare_puts_base_beside_tuned(tiny_model_dir, memorised):
     assert first["prompt"] == "Weather in Paris?" and first["tuned"]["verdict"] == "pass"
     assert first["base"]["verdict"] == "fail" and first["base"]["reasons"]
     assert "| pass_rate | 0.0% | 100.0% |" in compare_markdown(comparison)
+    assert comparison_sentence(comparison) == (
+        "Fine-tuned passed 2 of 2 held-out steps (base 0 of 2); valid tool calls in 1 of 1 call steps (base 0 of 1). "
+        "That is a small sample (2 steps, under 20): one step more or less moves a rate by several points.")
     assert "| pass_rate | 100.0% |" in report_markdown(tuned)
     with pytest.raises(EvaluationError, match="different steps"):
         compare(base, {**tuned, "steps": tuned["steps"][:1]})

@@ -13,7 +13,8 @@ from mcpft.agent.endpoint import CompletionSettings, Endpoint
 from mcpft.agent.mcp import MCPConfigError, MCPServerError
 from mcpft.agent.session import AgentSession, Conversation, EmbeddedEndpoint, wait_any
 from mcpft.dataset import rows_from_traces
-from mcpft.evaluate import RATES, EvaluationError, compare, evaluate_rows, local_generator, steps_from_rows
+from mcpft.evaluate import (
+    RATES, EvaluationError, compare, comparison_sentence, evaluate_rows, local_generator, steps_from_rows)
 from mcpft.models import ModelError
 from mcpft.train import read_run_record, update_run_record
 from mcpft.ui.agent_tab import chat_messages
@@ -173,8 +174,7 @@ def build(ctx: AppContext, shared: Shared) -> None:
                 return
             comparison = compare(reports["base"], reports["fine-tuned"])
             update_run_record(folder, baseline=reports["base"], after=reports["fine-tuned"], comparison=comparison)
-            changes = ", ".join(f"{n} {k}" for k, n in comparison["changes"].items())
-            yield (f"Scored {len(comparison['steps'])} step(s): {changes}.", *comparison_outputs(comparison))
+            yield comparison_sentence(comparison), *comparison_outputs(comparison)
         finally:
             stops.pop(owner, None)
 
