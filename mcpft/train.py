@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import random
 import threading
@@ -376,16 +377,50 @@ def check_training(config: TrainConfig, rows: list[dict], out_dir: str | Path, b
         raise TrainError("load_in_4bit needs the Unsloth path (a CUDA device with unsloth installed)")
     if path == "unsloth":
         import unsloth  # noqa: F401  (must come before trl/transformers are used, so that its patches apply)
-    on_cuda = cuda_available()
+    folder, tokenizer, prepared_rows = _checked_rows(config, rows, base_model, data_dir)
+    return Checked(out_dir=out_dir, path=path, why=why, on_cuda=cuda_available(), folder=folder, tokenizer=tokenizer,
+                   rows=prepared_rows)
+
+
+def _checked_rows(config: TrainConfig, rows: list[dict], base_model: str | None, data_dir: Path):
+    """(model folder, tokenizer, rows rendered and length-checked) for this device."""
     folder = resolve_model(base_model, data_dir)
     tokenizer = load_tokenizer(str(folder), data_dir)
     _check_chat_markup(tokenizer, base_model)
-    max_length = resolve_max_length(config, model_context(str(folder), data_dir), on_cuda)
+    max_length = resolve_max_length(config, model_context(str(folder), data_dir), cuda_available())
     prepared_rows = prepare_rows(tokenizer, rows, max_length, config.eval_fraction, config.seed)
     if not prepared_rows.train:
         raise TrainError("every row was held out for evaluation: lower eval_fraction")
-    return Checked(out_dir=out_dir, path=path, why=why, on_cuda=on_cuda, folder=folder, tokenizer=tokenizer,
-                   rows=prepared_rows)
+    return folder, tokenizer, prepared_rows
+
+
+# LoRA SFT tokens/s of SmolLM2-135M on 2 CPU cores at 1k- and 4k-token rows (docs/benchmarks.md, bench/
+# train_throughput.py), the base of a CPU estimate; a GPU's rate is only known once it has run.
+CPU_TOKENS_PER_S = {"bf16": (264.0, 146.0), "fp32": (168.0, 106.0)}
+
+
+def training_plan(config: TrainConfig, rows: list[dict], base_model: str | None = None,
+                  data_dir: Path | None = None) -> dict:
+    """What a run would train, before it starts: rows kept and left out (with why), tokens, steps, and on a CPU an
+    estimated time from the rates measured here (per token, long rows cost more: attention is quadratic)."""
+    if not rows:
+        raise TrainError("no training rows: the selection is empty (are all traces flagged or excluded?)")
+    if problem := rows_problem(rows):
+        raise TrainError(f"training rows: {problem}")
+    data_dir = Path(data_dir) if data_dir else default_data_dir()
+    _, _, prepared = _checked_rows(config, rows, base_model, data_dir)
+    plan = prepared.summary()
+    per_epoch = math.ceil(plan["rows_used"] / (config.batch_size * config.gradient_accumulation_steps))
+    plan["steps"] = config.max_steps or max(1, math.ceil(per_epoch * config.epochs))
+    plan["estimated_s"] = None
+    if not cuda_available():
+        short, long_ = CPU_TOKENS_PER_S[resolve_precision(config, on_cuda=False)]
+        mean_row = plan["tokens"] / max(1, plan["rows_used"])
+        rate = short + (long_ - short) * min(1.0, max(0.0, (mean_row - 1000) / 3000))
+        rows_trained = min(plan["rows_used"] * config.epochs,
+                           plan["steps"] * config.batch_size * config.gradient_accumulation_steps)
+        plan["estimated_s"] = round(rows_trained * mean_row / rate)
+    return plan
 
 
 def prepare_training(config: TrainConfig, rows: list[dict], out_dir: str | Path, base_model: str | None = None,

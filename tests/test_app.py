@@ -175,6 +175,19 @@ def test_unroll_preview_highlights_the_trained_spans(page):
     screenshot(page, "curate")
 
 
+def test_train_says_what_will_train_before_it_starts(page):
+    open_tab(page, "Train")
+    page.locator("#train-plan-button").click()
+    plan = page.locator("#train-plan")
+    expect(plan).to_contain_text(re.compile(r"\d+ of \d+ row\(s\) will train"), timeout=60_000)
+    expect(plan).to_contain_text("Estimated time on this CPU")
+    page.locator("#max-length input").fill("16")  # no row fits: each is named with its length
+    page.locator("#train-plan-button").click()
+    expect(plan).to_contain_text(re.compile(r"Nothing would train: all \d+ row\(s\) were left out: .*longer than "
+                                            r"max_length 16 \(\d+ tokens\)"), timeout=60_000)
+    page.locator("#max-length input").fill("0")
+
+
 def test_training_draws_the_loss_plot(app, page):
     ctx, _ = app
     open_tab(page, "Train")

@@ -18,7 +18,7 @@ from mcpft.trace import normalize_trace
 from mcpft.selection import SelectionError, select_rows
 from mcpft.train import (
     CPU_CHECKPOINT_ABOVE, CPU_MAX_LENGTH, RUN_RECORD, TrainConfig, TrainError, choose_path, load_adapter_model,
-    merge_adapter, prepare_training, train,
+    merge_adapter, prepare_training, train, training_plan,
 )
 
 WEATHER_TOOL = {"type": "function", "function": {
@@ -214,6 +214,18 @@ def test_rows_over_max_length_are_left_out_never_cut(tiny_model_dir, tmp_path):
     assert len(prepared.rows.train) == 1
     with pytest.raises(TrainError, match="all 1 row.*longer than max_length 100"):
         prepare_training(TrainConfig(max_length=100), rows[1:], tmp_path / "out2", base_model=str(tiny_model_dir))
+
+
+def test_the_plan_counts_what_would_train_before_anything_loads(tiny_model_dir, tmp_path):
+    rows = weather_rows() + weather_rows(city="Lyon", answer="Rain all day, " * 60)
+    rows[1]["id"] = "long"
+    plan = training_plan(TrainConfig(max_length=400, epochs=3, gradient_accumulation_steps=1), rows,
+                         base_model=str(tiny_model_dir), data_dir=tmp_path)
+    assert (plan["rows"], plan["rows_used"], plan["steps"]) == (2, 1, 3)
+    assert [item["id"] for item in plan["rows_left_out"]] == ["long"]
+    assert 0 < plan["trained_tokens"] < plan["tokens"] <= 400
+    assert plan["estimated_s"] >= 0  # this machine has no CUDA: a CPU estimate
+    assert not (tmp_path / "out").exists()  # nothing written: only a plan
 
 
 def test_long_rows_on_cpu_recompute_activations_by_default(tiny_model_dir, tmp_path):
