@@ -107,14 +107,22 @@ def render(view: SessionView) -> tuple:
 
 
 def stream(session: AgentSession):
-    """Yield the chat as it changes until the turn ends or a tool call waits for approval."""
+    """Yield the chat as it changes until the turn ends or a tool call waits for approval.
+
+    A page that goes away mid-turn (closed, reloaded) stops the turn: Gradio then drops this generator, and a turn
+    nobody watches would run on, calling the model and tools, until the step limit.
+    """
     view = session.view()
-    yield render(view)
-    while view.running and not view.pending:
-        latest = session.wait(view.version, timeout=WAIT_SLICE_S)
-        if latest.version != view.version:
-            yield render(latest)
-        view = latest
+    try:
+        yield render(view)
+        while view.running and not view.pending:
+            latest = session.wait(view.version, timeout=WAIT_SLICE_S)
+            if latest.version != view.version:
+                yield render(latest)
+            view = latest
+    except GeneratorExit:
+        session.stop()
+        raise
 
 
 def demo_task_choices(base_url: str) -> list[tuple[str, str]]:
