@@ -364,12 +364,6 @@ class Engine:
     def adapter_key(self, adapter: bool) -> bool:
         return bool(adapter) and hasattr(self.model, "disable_adapter")
 
-    def forget(self) -> None:
-        """Drop every cached sequence (call after changing the model's weights or adapters)."""
-        self._sequences.clear()
-        if isinstance(self.runner, _LlamaRunner):
-            self.runner._weights.clear()
-
     def generate(self, prompt: list[int], max_new_tokens: int, sampling: Sampling | None = None,
                  adapter: bool = True, reuse: bool = True) -> Iterator[int]:
         """Yield up to `max_new_tokens` new token ids after `prompt`; the caller stops when it has what it needs

@@ -367,10 +367,7 @@ def check_training(config: TrainConfig, rows: list[dict], out_dir: str | Path, b
     """What can fail on the settings or the data, before any weights load: the output folder, the rows' shape, the
     path, the tokenizer's ChatML markup, the length check."""
     out_dir = check_out_dir(out_dir)
-    if not rows:
-        raise TrainError("no training rows: the selection is empty (are all traces flagged or excluded?)")
-    if problem := rows_problem(rows):
-        raise TrainError(f"training rows: {problem}")
+    _check_row_shapes(rows)
     data_dir = Path(data_dir) if data_dir else default_data_dir()
     path, why = choose_path(config.backend)
     if config.load_in_4bit and path != "unsloth":
@@ -380,6 +377,13 @@ def check_training(config: TrainConfig, rows: list[dict], out_dir: str | Path, b
     folder, tokenizer, prepared_rows = _checked_rows(config, rows, base_model, data_dir)
     return Checked(out_dir=out_dir, path=path, why=why, on_cuda=cuda_available(), folder=folder, tokenizer=tokenizer,
                    rows=prepared_rows)
+
+
+def _check_row_shapes(rows: list[dict]) -> None:
+    if not rows:
+        raise TrainError("no training rows: the selection is empty (are all traces flagged or excluded?)")
+    if problem := rows_problem(rows):
+        raise TrainError(f"training rows: {problem}")
 
 
 def _checked_rows(config: TrainConfig, rows: list[dict], base_model: str | None, data_dir: Path):
@@ -403,10 +407,7 @@ def training_plan(config: TrainConfig, rows: list[dict], base_model: str | None 
                   data_dir: Path | None = None) -> dict:
     """What a run would train, before it starts: rows kept and left out (with why), tokens, steps, and on a CPU an
     estimated time from the rates measured here (per token, long rows cost more: attention is quadratic)."""
-    if not rows:
-        raise TrainError("no training rows: the selection is empty (are all traces flagged or excluded?)")
-    if problem := rows_problem(rows):
-        raise TrainError(f"training rows: {problem}")
+    _check_row_shapes(rows)
     data_dir = Path(data_dir) if data_dir else default_data_dir()
     _, _, prepared = _checked_rows(config, rows, base_model, data_dir)
     plan = prepared.summary()
