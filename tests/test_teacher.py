@@ -170,3 +170,25 @@ async def test_teacher_asks_for_snapshots_and_types_field_by_field_when_it_must(
     assert "browser_snapshot" in names and "browser_fill_form" not in names
     assert names.count("browser_type") == 3 and names.count("browser_select_option") == 1
     assert_grounded(episode.messages, {t["function"]["name"] for t in tools})
+
+
+FIRST_PAGES = {  # template -> the address the teacher opens first (the page the task names, not the home page)
+    "price_by_position": "/products", "page2_product": "/products?page=2",
+    "product_spec": "/products/{product}", "product_first_feature": "/products/{product}",
+    "compare_weight": "/products/{first}", "compare_price": "/products/{first}", "docs_first_item": "/docs",
+    "docs_search_count": "/docs/search?q={query}", "docs_search_first_result": "/docs/search?q={query}",
+    "learn_more_fact": "", "contact_form": "/contact",
+}
+
+
+@pytest.mark.parametrize("task", [t for t in one_per_template() if t.needs_tools], ids=lambda t: t.id)
+def test_the_teacher_goes_straight_to_the_page_the_task_names(task):
+    tools = [{"type": "function", "function": {"name": "browser_navigate", "parameters": {
+        "type": "object", "properties": {"url": {"type": "string"}}}}}]
+    parsed = parse_assistant_text(next_step(task.prompt_for(BASE), tools))
+    [call] = parsed.tool_calls
+    params = task.params
+    path = FIRST_PAGES[task.template].format(product=params.get("product"), first=(params.get("products") or [""])[0],
+                                             query=params.get("query", "").replace(" ", "+"))
+    assert call["function"]["name"] == "browser_navigate"
+    assert json.loads(call["function"]["arguments"]) == {"url": BASE + path}

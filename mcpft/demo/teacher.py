@@ -5,12 +5,20 @@ Playwright MCP results) and returns the next assistant turn as Hermes text: a sh
 `<tool_call>` blocks or the final answer. It recognises the task by matching the user message against
 `load_tasks()`, reads element refs from the latest page snapshot in the tool results (never hard-coded), and asks
 for a fresh `browser_snapshot` whenever the page changed without showing one. It answers from what the page shows.
+
+It goes the shortest way a person who knows the site would: straight to the address of the page the task names
+(`/products/<product>`, `/products?page=2`, `/docs`, `/docs/search?q=…`, `/contact`) and clicks only where the task
+is about the page's content (the n-th product listed, the docs page on a topic). Fewer steps make shorter traces,
+which is what lets a small model train on them in minutes on a CPU, and one address pattern per kind of page is
+something a small model can learn and apply to products and queries it has never seen.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
+from urllib.parse import quote_plus
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Mapping, Sequence
 
@@ -233,12 +241,6 @@ class Actions:
     def click(self, node: Node | None, think: str) -> Step:
         return Step(think, [("browser_click", self._target("browser_click", node, _describe(node)))])
 
-    def type(self, node: Node | None, text: str, think: str, submit: bool = False) -> Step:
-        arguments = {**self._target("browser_type", node, _describe(node)), "text": text}
-        if submit:
-            arguments["submit"] = True
-        return Step(think, [("browser_type", arguments)])
-
     def select_tab(self, tab: Tab, think: str) -> Step:
         self._tool("browser_tabs")
         return Step(think, [("browser_tabs", {"action": "select", "index": tab.index})])
@@ -274,54 +276,56 @@ def _list_page_number(page: Page) -> int | None:
     return int(match[1]) if match else None
 
 
-def _products_link(page: Page) -> Node | None:
-    return page.link("Back to products") or page.link("Browse all products") or page.link("Products")
-
-
-def goto_catalogue_page(act: Actions, page: Page, number: int) -> Step | None:
-    current = _list_page_number(page)
+def goto_catalogue_page(act: Actions, page: Page | None, number: int) -> Step | None:
+    current = _list_page_number(page) if page is not None else None
     if current == number:
         return None
     if current is not None:
         return act.click(page.link(f"Page {number}"), f"This is page {current} of the catalogue; I need page "
                                                        f"{number}, so I'll follow its pagination link.")
-    return act.click(_products_link(page), "I'll open the product catalogue.")
+    return act.navigate(catalogue_url(act.browsing.base_url, number), f"Page {number} of the catalogue is at "
+                                                                      f"{catalogue_path(number)}.")
 
 
-def goto_product(act: Actions, page: Page, product: data.Product) -> Step | None:
-    if page.h1 == product.name:
+def goto_product(act: Actions, page: Page | None, product: data.Product) -> Step | None:
+    if page is not None and page.h1 == product.name:
         return None
-    link = page.link(product.name)
-    if link is not None:
-        return act.click(link, f"The {product.name} is listed here, so I'll open its page.")
-    current = _list_page_number(page)
-    if current is not None:
-        other = page.link("Next page") or page.link("Previous page")
-        direction = "next" if other is not None and other.name == "Next page" else "previous"
-        return act.click(other, f"The {product.name} is not on page {current} of the catalogue; I'll look on "
-                                f"the {direction} page.")
-    if page.h1 in data.PRODUCT_NAMES:
-        return act.click(page.link("Back to products"), f"This is the {page.h1} page; I'll go back to the "
-                                                        f"catalogue to find the {product.name}.")
-    return act.click(_products_link(page), f"I'll open the product catalogue to find the {product.name}.")
+    return act.navigate(act.browsing.base_url + product_path(product),
+                        f"The {product.name} page is at {product_path(product)}.")
 
 
-def goto_doc(act: Actions, page: Page, doc: data.DocPage) -> Step | None:
-    if page.h1 == doc.title:
+def goto_doc(act: Actions, page: Page | None, doc: data.DocPage) -> Step | None:
+    if page is not None and page.h1 == doc.title:
         return None
-    link = page.link(doc.title)
+    link = page.link(doc.title) if page is not None else None
     if link is not None:
         return act.click(link, f"\"{doc.title}\" is the page about {doc.topic}; I'll open it.")
-    return act.click(page.link("Docs"), "I'll open the docs section.")
+    return act.navigate(act.browsing.base_url + "/docs", "The docs index at /docs lists every docs page.")
 
 
-def goto_search(act: Actions, page: Page, query: str) -> Step | None:
-    box = page.find("searchbox")
-    if page.h1 == "Search results" and box is not None and box.text == query:
+def goto_search(act: Actions, page: Page | None, query: str) -> Step | None:
+    box = page.find("searchbox") if page is not None else None
+    if page is not None and page.h1 == "Search results" and box is not None and box.text == query:
         return None
-    if box is not None:
-        return act.type(box, query, f"There is a docs search box; I'll search for \"{query}\".", submit=True)
-    return act.click(page.link("Docs"), "The docs section has the search box; I'll open it.")
+    path = search_path(query)
+    return act.navigate(act.browsing.base_url + path, f"The docs search for \"{query}\" is at {path}.")
+
+
+# The site's addresses, as a person who knows the site would type them.
+def product_path(product: data.Product) -> str:
+    return f"/products/{product.slug}"
+
+
+def catalogue_path(number: int) -> str:
+    return "/products" if number == 1 else f"/products?page={number}"
+
+
+def catalogue_url(base_url: str, number: int) -> str:
+    return base_url + catalogue_path(number)
+
+
+def search_path(query: str) -> str:
+    return f"/docs/search?q={quote_plus(query)}"
 
 
 # ---- one policy per template ----------------------------------------------------------------------------------
@@ -333,12 +337,11 @@ def _price(page: Page) -> str:
     return match[1]
 
 
-def _product_at(act: Actions, page: Page, catalogue_page: int, position: int, want: data.Product) -> Step | None:
+def _product_at(act: Actions, page: Page | None, catalogue_page: int, position: int,
+                want: data.Product) -> Step | None:
     """Open the product at `position` on catalogue page `catalogue_page`; None once its page is shown."""
-    if page.h1 == want.name:
+    if page is not None and page.h1 == want.name:
         return None
-    if page.h1 in data.PRODUCT_NAMES:
-        return act.click(page.link("Back to products"), "That is not the product I need; back to the catalogue.")
     step = goto_catalogue_page(act, page, catalogue_page)
     if step is not None:
         return step
@@ -350,7 +353,7 @@ def _product_at(act: Actions, page: Page, catalogue_page: int, position: int, wa
                            f"listed is the {link.name}, so I'll open it.")
 
 
-def solve_price_by_position(task: Task, act: Actions, page: Page) -> Step:
+def solve_price_by_position(task: Task, act: Actions, page: Page | None) -> Step:
     product = data.product_by_slug(task.params["product"])
     position = task.params["position"]
     step = _product_at(act, page, 1, position, product)
@@ -361,7 +364,7 @@ def solve_price_by_position(task: Task, act: Actions, page: Page) -> Step:
                 answer=f"The {ORDINALS[position - 1]} product in the catalogue is the {page.h1}. It costs {price}.")
 
 
-def solve_page2_product(task: Task, act: Actions, page: Page) -> Step:
+def solve_page2_product(task: Task, act: Actions, page: Page | None) -> Step:
     product = data.product_by_slug(task.params["product"])
     position = task.params["position"]
     step = _product_at(act, page, 2, position, product)
@@ -380,7 +383,7 @@ SPEC_ANSWERS = {
 }
 
 
-def solve_product_spec(task: Task, act: Actions, page: Page) -> Step:
+def solve_product_spec(task: Task, act: Actions, page: Page | None) -> Step:
     product = data.product_by_slug(task.params["product"])
     spec = task.params["spec"]
     step = goto_product(act, page, product)
@@ -393,7 +396,7 @@ def solve_product_spec(task: Task, act: Actions, page: Page) -> Step:
     return Step(f"The specifications table lists {spec}: {value}.", answer=answer)
 
 
-def solve_product_first_feature(task: Task, act: Actions, page: Page) -> Step:
+def solve_product_first_feature(task: Task, act: Actions, page: Page | None) -> Step:
     product = data.product_by_slug(task.params["product"])
     step = goto_product(act, page, product)
     if step is not None:
@@ -416,7 +419,7 @@ def _grams(text: str) -> int:
     return int(re.sub(r"[^\d]", "", text))
 
 
-def solve_compare_weight(task: Task, act: Actions, page: Page) -> Step:
+def solve_compare_weight(task: Task, act: Actions, page: Page | None) -> Step:
     products = [data.product_by_slug(slug) for slug in task.params["products"]]
     step = _visit_all(act, act.browsing, page, products)
     if step is not None:
@@ -429,7 +432,7 @@ def solve_compare_weight(task: Task, act: Actions, page: Page) -> Step:
                        f"{heavier.name} weighs {weights[heavier.name]}.")
 
 
-def solve_compare_price(task: Task, act: Actions, page: Page) -> Step:
+def solve_compare_price(task: Task, act: Actions, page: Page | None) -> Step:
     products = [data.product_by_slug(slug) for slug in task.params["products"]]
     step = _visit_all(act, act.browsing, page, products)
     if step is not None:
@@ -444,7 +447,7 @@ def solve_compare_price(task: Task, act: Actions, page: Page) -> Step:
                        f"the {cheaper.name}, a difference of ${difference:,.2f}.")
 
 
-def solve_docs_first_item(task: Task, act: Actions, page: Page) -> Step:
+def solve_docs_first_item(task: Task, act: Actions, page: Page | None) -> Step:
     doc = data.doc_by_slug(task.params["doc"])
     heading = task.params["heading"]
     step = goto_doc(act, page, doc)
@@ -464,7 +467,7 @@ def _result_count(page: Page) -> int:
     return int(match[1])
 
 
-def solve_docs_search_count(task: Task, act: Actions, page: Page) -> Step:
+def solve_docs_search_count(task: Task, act: Actions, page: Page | None) -> Step:
     query = task.params["query"]
     step = goto_search(act, page, query)
     if step is not None:
@@ -475,7 +478,7 @@ def solve_docs_search_count(task: Task, act: Actions, page: Page) -> Step:
                 answer=f"Searching the docs for \"{query}\" gives {count} {noun}.")
 
 
-def solve_docs_search_first_result(task: Task, act: Actions, page: Page) -> Step:
+def solve_docs_search_first_result(task: Task, act: Actions, page: Page | None) -> Step:
     query = task.params["query"]
     step = goto_search(act, page, query)
     if step is not None:
@@ -496,24 +499,29 @@ FACT_SENTENCES = {"founded": "Acme was founded in {}.", "founder": "Acme was fou
                   "recycled": "{} of Acme's range uses recycled materials."}
 
 
-def solve_learn_more_fact(task: Task, act: Actions, page: Page) -> Step:
+def solve_learn_more_fact(task: Task, act: Actions, page: Page | None) -> Step:
     key = task.params["fact"]
-    if page.h1 == "Our story":
+    if page is not None and page.h1 == "Our story":
         label = FACT_LABELS[key]
         value = next((item.split(":", 1)[1].strip() for item in page.items_under("Acme in numbers")
                       if item.startswith(f"{label}:")), None)
         if value is None:
             raise TeacherError(f"the story page lists no {label!r}")
         return Step(f"The new tab shows \"{label}: {value}\".", answer=FACT_SENTENCES[key].format(value))
-    link = page.link("Learn more", prefix=True)
+    link = page.link("Learn more", prefix=True) if page is not None else None
+    if link is not None and link.url.startswith("/"):
+        return act.navigate(act.browsing.base_url + link.url, f"The \"Learn more\" link leads to {link.url}; I'll "
+                                                              "open that page directly, as the new tab would.")
     if link is not None:
         return act.click(link, "The home page has the \"Learn more\" link; clicking it opens a new tab.")
     return act.navigate(act.browsing.base_url, "The \"Learn more\" link is on the home page; I'll go there.")
 
 
-def solve_contact_form(task: Task, act: Actions, page: Page) -> Step:
+def solve_contact_form(task: Task, act: Actions, page: Page | None) -> Step:
     values = {"Name": task.params["name"], "Email": task.params["email"], "Topic": task.params["topic"],
               "Message": task.params["message"]}
+    if page is None:
+        return act.navigate(act.browsing.base_url + "/contact", "The contact form is at /contact.")
     if page.h1 == "Message sent":
         sent = page.items_under("What you sent")
         echoed = "; ".join(sent)
@@ -529,7 +537,7 @@ def solve_contact_form(task: Task, act: Actions, page: Page) -> Step:
     return act.click(page.link("Contact"), "I'll open the Contact page.")
 
 
-Solver = Callable[[Task, Actions, Page], Step]
+Solver = Callable[[Task, Actions, "Page | None"], Step]  # None: no page shown yet
 SOLVERS: dict[str, Solver] = {
     "price_by_position": solve_price_by_position, "page2_product": solve_page2_product,
     "product_spec": solve_product_spec, "product_first_feature": solve_product_first_feature,
@@ -594,8 +602,9 @@ def plan(browsing: Browsing, tools: Sequence[Mapping[str, Any]]) -> Step:
     if len(browsing.turns) >= MAX_ASSISTANT_TURNS:
         return Step("I have used too many steps without finishing.", answer=GIVE_UP)
     act = Actions(browsing, tools)
-    if not browsing.turns:
-        return act.navigate(browsing.base_url, f"{goal(task)} I'll start by opening the site.")
+    if not browsing.turns:  # no page yet: each solver's first move is the address of the page it needs
+        first = SOLVERS[task.template](task, act, None)
+        return dataclasses.replace(first, think=f"{goal(task)} {first.think}")
     waiting = [tab for tab in browsing.open_tabs if tab.url.endswith("/about") and not tab.current]
     if task.template == "learn_more_fact" and waiting:
         return act.select_tab(waiting[-1], f"The link opened \"{waiting[-1].title}\" in tab {waiting[-1].index}; "

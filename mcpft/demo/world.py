@@ -4,6 +4,7 @@ as a model) and the Playwright browser are started here and stopped after."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import time
@@ -18,6 +19,7 @@ from openai.pagination import AsyncPage
 from mcpft.agent.browser import playwright_server
 from mcpft.agent.endpoint import (CompletionSettings, Endpoint, EndpointError, NotOpenAIReply, client, complete,
                                   describe_error)
+from mcpft.agent.compact import PageCompactor
 from mcpft.agent.loop import Agent, AgentConfig, TurnResult, endpoint_generate
 from mcpft.agent.mcp import ToolHub
 from mcpft.demo.site import Site, serve_site
@@ -33,18 +35,23 @@ DEMO_TAG = "demo"
 COLLECT_MAX_STEPS = 20  # model calls per teacher task (the teacher gives up by itself after 16 turns)
 # A small model may ramble; a demo step needs far less than the endpoint's default.
 EVAL_SETTINGS = CompletionSettings(temperature=0.0, max_tokens=384)
-# The browser tools the demo tasks need (the teacher uses each of them). Offering only these keeps every prompt ~4.4k
-# tokens shorter than Playwright MCP's full list (~15k characters of schemas), which is what makes CPU training on
-# demo traces practical: their schemas are still ~1.1k tokens of a ~3.7k-token row.
-DEMO_TOOLS = ("browser_navigate", "browser_click", "browser_type", "browser_fill_form", "browser_tabs",
-              "browser_snapshot")
+# The browser tools the demo tasks need: the teacher goes to pages by address, clicks, and fills the contact form in
+# one call; a snapshot is how any model re-reads a page. Offering only these keeps every prompt ~5k tokens shorter
+# than Playwright MCP's full list (~15k characters of schemas), which is what makes CPU training on demo traces
+# practical: their schemas are still ~780 tokens of a ~2k-token row.
+DEMO_TOOLS = ("browser_navigate", "browser_click", "browser_fill_form", "browser_snapshot")
 
 
 class ToolSubset:
-    """The hub as the model sees it in the demo: only `names` are offered or callable."""
+    """The hub as the model sees it in the demo: only `names` are offered or callable, and pages come compacted
+    (`mcpft.agent.compact`). Call `new_task()` before each task: what counts as "shown before" is per task."""
 
     def __init__(self, hub: ToolHub, names: tuple[str, ...] = DEMO_TOOLS):
         self.hub, self.names = hub, set(names)
+        self.compact = PageCompactor()
+
+    def new_task(self) -> None:
+        self.compact.reset()
 
     def openai_tools(self) -> list[dict]:
         return [t for t in self.hub.openai_tools() if t["function"]["name"] in self.names]
@@ -52,7 +59,8 @@ class ToolSubset:
     async def call(self, name: str, arguments, timeout: float | None = None):
         if name not in self.names:
             return await self.hub.call(f"<not offered: {name}>", arguments, timeout)  # the hub's unknown-tool error
-        return await self.hub.call(name, arguments, timeout)
+        result = await self.hub.call(name, arguments, timeout)
+        return dataclasses.replace(result, text=self.compact(result.text))
 
 
 class TeacherBackend:
@@ -83,6 +91,7 @@ class World:
         Chromium; the site sets no cookies or storage, so nothing else carries over."""
         self.site.stop()
         self.site = serve_site()
+        self.tools.new_task()
         opened = await self._tabs("new")  # the new tab is the last one and the current one
         for _ in range(len(tabs(opened)) - 1):
             await self._tabs("close", index=0)

@@ -1,0 +1,63 @@
+"""Shorter browser pages for a small model: Playwright MCP results with what a model cannot use taken out.
+
+A page snapshot is most of an agent trace's tokens, and tokens are what CPU training and generation pay for. Three
+parts of a Playwright MCP result tell a model nothing it can act on:
+
+- the `### Ran Playwright code` section (the JavaScript the server ran for the call just made);
+- `[cursor=pointer]` on every link and button (clickable elements already say so by their role);
+- a landmark block (the site's banner, its navigation, its footer) that an earlier page of the same task already
+  showed word for word: it is replaced by one line saying so.
+
+`PageCompactor` keeps what one task has shown, so it is made (or `reset`) per task. What it returns is exactly what
+the model sees, and the trace stores that, so traces stay faithful to the model's view.
+"""
+
+from __future__ import annotations
+
+import re
+
+_RAN_CODE = re.compile(r"^### Ran Playwright code\n```\w*\n.*?\n```(?:\n|\Z)", re.MULTILINE | re.DOTALL)
+_CURSOR = " [cursor=pointer]"
+_LANDMARK = re.compile(r"^(?P<indent> *)- (?P<role>banner|navigation|contentinfo)\b.*$")
+_REF = re.compile(r" \[ref=[^\]]*\]")
+SHOWN_BEFORE = "(the same as on the page before)"
+DONE = "Done."  # a call whose whole reply was the code it ran (filling a form): it worked, the page is as it was
+
+
+class PageCompactor:
+    def __init__(self):
+        self.shown: set[str] = set()  # landmark blocks already shown in this task, refs left out
+
+    def reset(self) -> None:
+        self.shown.clear()
+
+    def __call__(self, text: str) -> str:
+        text = _RAN_CODE.sub("", text).replace(_CURSOR, "")
+        return "\n".join(self._landmarks(text.split("\n"))) if text.strip() else DONE
+
+    def _landmarks(self, lines: list[str]) -> list[str]:
+        kept, i = [], 0
+        while i < len(lines):
+            match = _LANDMARK.match(lines[i])
+            if match is None:
+                kept.append(lines[i])
+                i += 1
+                continue
+            end = _block_end(lines, i, len(match["indent"]))
+            key = _REF.sub("", "\n".join(lines[i:end]))
+            if key in self.shown:
+                kept.append(f"{match['indent']}- {match['role']}: {SHOWN_BEFORE}")
+            else:
+                self.shown.add(key)
+                kept.extend(lines[i:end])
+            i = end
+        return kept
+
+
+def _block_end(lines: list[str], start: int, indent: int) -> int:
+    """The index after the YAML list item at `start`: its children are the lines indented deeper."""
+    end = start + 1
+    while end < len(lines) and len(lines[end]) - len(lines[end].lstrip(" ")) > indent \
+            and not lines[end].startswith("```"):
+        end += 1
+    return end
