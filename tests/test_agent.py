@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from mcpft.agent.endpoint import Endpoint
-from mcpft.agent.loop import REJECTED, Agent, AgentConfig, endpoint_generate
+from mcpft.agent.loop import NOT_RUN, REJECTED, Agent, AgentConfig, endpoint_generate
 from mcpft.agent.mcp import ToolHub, load_mcp_config
 from mcpft.recording import open_trace, sink_for
 from mcpft.serve import create_app, serve_in_thread
@@ -102,8 +102,9 @@ def test_stop_during_a_hanging_tool_call(store, endpoint_url, tmp_path):
             return trace_id, result, time.monotonic() - started
 
     trace_id, result, seconds = asyncio.run(main())
-    assert result.stop_reason == "stopped" and seconds < 60
-    assert [m["role"] for m in store.get(trace_id).messages] == ["user", "assistant"]
+    assert result.stop_reason == "stopped" and seconds < 60 and result.not_run == 1
+    messages = store.get(trace_id).messages  # the call cut short is answered as not run, so none stays open
+    assert [m["role"] for m in messages] == ["user", "assistant", "tool"] and messages[-1]["content"] == NOT_RUN
 
 
 def test_unreachable_endpoint_is_recorded_and_flagged(store, tmp_path):

@@ -109,7 +109,7 @@ def test_approving_a_call_shows_its_result_then_the_answer(app, page):
     chat = page.locator("#agent-chat")
     expect(chat).to_contain_text("The tool said: one: hello")
     expect(chat.get_by_text("Result of echo")).to_be_visible()
-    expect(page.locator("#agent-status")).to_contain_text("answer: 2 step(s), 1 tool call(s), 0 rejected")
+    expect(page.locator("#agent-status")).to_contain_text("Answered: 2 step(s), 1 tool call(s), 0 rejected")
     screenshot(page, "agent")
     (trace,) = visitor_traces(ctx)
     assert [m["role"] for m in trace.messages] == ["user", "assistant", "tool", "assistant"]

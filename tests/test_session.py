@@ -102,7 +102,9 @@ def test_stop_while_waiting_for_approval(session, embedded, store):
     until(session, lambda v: v.pending)
     session.stop()
     done = until(session, lambda v: not v.running)
-    assert done.result.stop_reason == "stopped" and done.pending == []
+    assert done.result.stop_reason == "stopped" and done.pending == [] and done.result.not_run == 1
+    assert done.messages[-1]["role"] == "tool" and "unanswered_call" not in {
+        flag["code"] for flag in store.get(done.trace_id).flags}
     with pytest.raises(SessionError, match="no tool call is waiting"):
         session.decide([True])
 

@@ -25,6 +25,11 @@ from mcpft.hermes import ParsedAssistant
 from mcpft.trace import cut_short, cut_short_flag, is_error_result, step_limit_flag
 
 REJECTED = "User rejected tool call."  # what the model is told, as in the Trelis workshop's agent
+# The answer recorded for a call the user stopped before it ran (or finished): the trace then answers every call, so
+# it reads as what happened (stopped, no final answer) rather than as a call that lost its result.
+NOT_RUN = "Not run: the user stopped the turn before this tool call ran."
+# Arguments worth showing in a call's one-line title, in this order: what a person reads, not ids such as `ref`.
+KEY_ARGUMENTS = ("element", "text", "url", "query", "name", "path", "title", "prompt", "key", "value")
 STOP_REASONS = ("answer", "step_limit", "stopped", "error")
 
 
@@ -76,6 +81,7 @@ class TurnResult:
     tool_errors: int = 0
     rejected: int = 0
     malformed_calls: int = 0  # calls the model malformed, answered with what was wrong instead of run
+    not_run: int = 0  # calls left unrun (answered NOT_RUN) because the user stopped the turn
     error: str = ""
     seconds: dict = field(default_factory=lambda: {"model": 0.0, "tools": 0.0, "total": 0.0})
 
@@ -167,12 +173,25 @@ class Agent:
         """Answer the malformed calls with what is wrong; offer the others for approval and run the approved."""
         problems = [malformed_call(call) for call in calls]
         well_formed = [call for call, problem in zip(calls, problems) if problem is None]
-        decisions = iter(await self._unless_stopped(self._decide(well_formed)) if well_formed else [])
-        for index, (call, problem) in enumerate(zip(calls, problems), 1):
-            if problem is None:
-                await self._run_call(call, next(decisions), result)
-            else:
-                self._answer_malformed(call, index, problem, result)
+        answered = 0
+        try:
+            decisions = iter(await self._unless_stopped(self._decide(well_formed)) if well_formed else [])
+            for index, (call, problem) in enumerate(zip(calls, problems), 1):
+                if problem is None:
+                    await self._run_call(call, next(decisions), result)
+                else:
+                    self._answer_malformed(call, index, problem, result)
+                answered += 1
+        except Stopped:
+            self._answer_not_run(calls[answered:], result)
+            raise
+
+    def _answer_not_run(self, calls: list[dict], result: TurnResult):
+        """A stop while calls wait for approval or run: each one left is answered NOT_RUN, so none stays open."""
+        for call in calls:
+            result.not_run += 1
+            self._record({"role": "tool", "tool_call_id": call["id"], "name": call["function"]["name"],
+                          "content": NOT_RUN})
 
     def _answer_malformed(self, call: dict, index: int, problem: str, result: TurnResult):
         result.tool_calls += 1
@@ -313,3 +332,27 @@ def describe_call(call: dict) -> str:
     except ValueError:
         pass
     return f"{call['function']['name']}({arguments})"
+
+
+def call_title(call: dict, limit: int = 60) -> str:
+    """A call in one line for a collapsed title: the tool and its key arguments, `browser_click · "Browse all"`."""
+    name = call["function"]["name"] or "(no tool name)"
+    try:
+        arguments = json.loads(call["function"]["arguments"] or "{}")
+    except ValueError:
+        arguments = None
+    if not isinstance(arguments, dict) or not arguments:
+        return name
+    strings = {key: value for key, value in arguments.items() if isinstance(value, str) and value.strip()}
+    keys = [key for key in KEY_ARGUMENTS if key in strings] or list(strings)[:1]
+    if keys:
+        shown = ", ".join(json.dumps(_clip(" ".join(strings[key].split()), limit), ensure_ascii=False)
+                          for key in keys[:2])
+    else:  # no text argument (numbers, lists): the first one as key=value
+        key, value = next(iter(arguments.items()))
+        shown = f"{key}={_clip(json.dumps(value, ensure_ascii=False), limit)}"
+    return f"{name} · {shown}"
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit - 1] + "…"

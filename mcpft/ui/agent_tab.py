@@ -4,18 +4,24 @@ Every step is in the store the moment it happens (the session records through `r
 from __future__ import annotations
 
 import json
+import time
 
 import gradio as gr
 
 from mcpft.agent.endpoint import CompletionSettings
-from mcpft.agent.loop import REJECTED, describe_call
+from mcpft.agent.loop import NOT_RUN, REJECTED, call_title, describe_call
 from mcpft.agent.session import AgentSession, Conversation, SessionError, SessionView
+from mcpft.demo.world import TEACHER
 from mcpft.serve import DEFAULT_MAX_TOKENS
+from mcpft.trace import validate
 from mcpft.ui.endpoint_tab import connect_session, endpoint_from_fields, wait_for_embedded
 from mcpft.ui.owner import require_owner
 from mcpft.ui.state import AppContext, Shared
 
 WAIT_SLICE_S = 30.0  # how long one wait for a change lasts before the stream checks again
+STOP_WAIT_S = 30.0  # how long Stop waits for the turn to end before it shows the chat as it is
+PURPOSE = ("**Agent** collects traces: chat with a model that uses the browser's tools, approve each tool call, "
+           "and every run is saved for curation.")
 
 
 def fenced(text: str, language: str = "") -> str:
@@ -38,7 +44,7 @@ def _call_message(call: dict, pending: bool) -> dict:
         arguments = json.dumps(json.loads(arguments), indent=2, ensure_ascii=False)
     except ValueError:
         pass  # shown as the model wrote it
-    title = f"Tool call: {call['function']['name']}" + (" — waiting for your approval" if pending else "")
+    title = f"Tool call: {call_title(call)}" + (" — waiting for your approval" if pending else "")
     return _thought(title, fenced(arguments, "json"), "pending" if pending else "done", id=call["id"])
 
 
@@ -46,6 +52,8 @@ def _result_message(message: dict) -> dict:
     name = message.get("name") or "tool"
     if message["content"] == REJECTED:
         return _thought(f"Rejected: {name}", message["content"])
+    if message["content"] == NOT_RUN:
+        return _thought(f"Not run: {name}", message["content"])
     return _thought(f"Result of {name}", fenced(message["content"]))
 
 
@@ -86,12 +94,40 @@ def status_text(view: SessionView) -> str:
     elif view.running:
         parts.append("working…")
     elif view.result is not None:
-        r = view.result
-        parts.append(f"{r.stop_reason}: {r.steps} step(s), {r.tool_calls} tool call(s), {r.rejected} rejected"
-                     + (f" — {r.error}" if r.error else ""))
+        parts.append(outcome_text(view))
     if view.error:
         parts.append(f"**error**: {view.error}")
     return " · ".join(parts)
+
+
+def outcome_text(view: SessionView) -> str:
+    """How the last turn ended, in words: an answer only when it is one (not a give-up), the step limit, a stop."""
+    r = view.result
+    counts = f"{r.steps} step(s), {r.tool_calls} tool call(s), {r.rejected} rejected"
+    if r.stop_reason == "step_limit":
+        return (f"**Step limit reached**: {counts}, and no final answer (raise “Max steps per message” in the "
+                "settings below to allow more)")
+    if r.stop_reason == "stopped":
+        not_run = f"; {r.not_run} tool call(s) recorded as not run" if r.not_run else ""
+        return f"**Stopped by you**: {counts}{not_run}; the trace is kept, flagged, and never trained on"
+    if r.stop_reason == "error":
+        return f"**Ended by an error**: {counts} — {r.error}"
+    problem = answer_problem(view.messages)
+    if problem:
+        return f"**{problem}**: {counts}; the trace is flagged and left out of training"
+    return f"Answered: {counts}"
+
+
+# What a flag on the final answer means for the status line (the data core's codes, mcpft.trace.validate).
+ANSWER_PROBLEMS = {"gave_up": "The model gave up", "no_answer": "No real answer", "repetition": "The answer repeats "
+                   "itself", "empty_assistant": "Empty answer", "length": "The answer was cut at the token limit"}
+
+
+def answer_problem(messages: list[dict]) -> str:
+    """The plain-words problem of the conversation's final answer, "" when the data core flags none."""
+    last = len(messages) - 1
+    codes = [flag["code"] for flag in validate(messages, []) if flag["index"] == last]
+    return next((ANSWER_PROBLEMS[code] for code in codes if code in ANSWER_PROBLEMS), "")
 
 
 def approval_updates(view: SessionView) -> tuple:
@@ -125,6 +161,22 @@ def stream(session: AgentSession):
         raise
 
 
+def settled(session: AgentSession, timeout: float) -> SessionView:
+    """The view once the turn has ended, or as it is after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    view = session.view()
+    while view.running and (left := deadline - time.monotonic()) > 0:
+        view = session.wait(view.version, timeout=left)
+    return view
+
+
+def other_endpoint(view: SessionView, conversation: Conversation) -> bool:
+    """Whether the fields now name another model or server than the conversation's (which its trace recorded)."""
+    current = view.conversation.endpoint if view.conversation else None
+    wanted = conversation.endpoint
+    return current is None or (current.base_url, current.model) != (wanted.base_url, wanted.model)
+
+
 def demo_task_choices(base_url: str) -> list[tuple[str, str]]:
     """(task id, prompt) of the demo tasks: the held-out ones first, as those are what evaluation asks."""
     from mcpft.demo import load_tasks
@@ -136,6 +188,7 @@ def demo_task_choices(base_url: str) -> list[tuple[str, str]]:
 def build(ctx: AppContext, shared: Shared) -> None:
     settings = ctx.settings
     with gr.Tab("Agent", id="agent"):
+        gr.Markdown(PURPOSE, elem_id="agent-purpose")
         chatbot = gr.Chatbot(label="Agent", height=560, elem_id="agent-chat", buttons=["copy"],
                              placeholder="Ask the agent to do something in the browser. Each tool call waits for "
                                          "your approval unless auto-approve is on.")
@@ -149,8 +202,11 @@ def build(ctx: AppContext, shared: Shared) -> None:
             demo_task = gr.Dropdown(demo_task_choices(ctx.demo_site.base_url), value=None, elem_id="demo-task",
                                     label=f"Or pick a task on the local demo site ({ctx.demo_site.base_url}); "
                                           "the scripted-teacher model solves them")
-        with gr.Row():
+        task_note = gr.Markdown(elem_id="task-note")
+        with gr.Row(equal_height=True):
             message = gr.Textbox(placeholder="Message the agent…", show_label=False, scale=6, elem_id="agent-input")
+            agent_model = gr.Dropdown([], label="Model", allow_custom_value=True, scale=2, elem_id="agent-model",
+                                      info="a change starts a new conversation")
             send_button = gr.Button("Send", variant="primary", scale=1, elem_id="agent-send")
         with gr.Row():
             auto_approve = gr.Checkbox(False, label="Auto-approve tool calls", elem_id="auto-approve")
@@ -165,7 +221,7 @@ def build(ctx: AppContext, shared: Shared) -> None:
                 shared.truncate = gr.Number(settings.get("truncate", 16000), label="Truncate tool results to "
                                             "(characters the model sees)", precision=0, minimum=100)
                 max_steps = gr.Number(settings.get("max_steps", 20), label="Max steps per message", precision=0,
-                                      minimum=1)
+                                      minimum=1, elem_id="agent-max-steps")
                 max_tokens = gr.Number(DEFAULT_MAX_TOKENS, label="Max new tokens per step (a call or a short "
                                        "answer; raise it for long reasoning)", precision=0, minimum=16)
 
@@ -191,9 +247,9 @@ def build(ctx: AppContext, shared: Shared) -> None:
         view = session.view()
         if view.running:
             raise gr.Error("The agent is still working on the last message: wait, or press Stop.")
-        if view.trace_id is None:
-            session.new_conversation(conversation_from(preset, base_url, model, api_key, system, exclude, truncate,
-                                                       steps, tokens))
+        conversation = conversation_from(preset, base_url, model, api_key, system, exclude, truncate, steps, tokens)
+        if view.trace_id is None or other_endpoint(view, conversation):  # a trace records one model
+            session.new_conversation(conversation)
         session.auto_approve = bool(auto)
         try:
             session.send(text)
@@ -220,10 +276,12 @@ def build(ctx: AppContext, shared: Shared) -> None:
         yield from decide(session, approved_ids, False)
 
     def stop(session):
+        """Stop the turn and show how it ended (calls that waited for approval are recorded as not run); the
+        stream that was showing the turn may already be gone (it ends while calls wait), so this one shows it."""
         if session is None:
             return
         session.stop()
-        yield from stream(session)
+        yield render(settled(session, STOP_WAIT_S))
 
     def new_conversation(session):
         if session is not None:
@@ -235,8 +293,27 @@ def build(ctx: AppContext, shared: Shared) -> None:
         if session is not None:
             session.auto_approve = bool(auto)
 
+    def pick_task(prompt, preset, model):
+        """The task into the message box, and the teacher as the model when it is served (it solves them)."""
+        served = ctx.embedded.status.models if preset == "embedded" else []
+        if TEACHER in served:
+            return (prompt, gr.update(choices=served, value=TEACHER), TEACHER,
+                    f"Model set to `{TEACHER}`: it answers the demo tasks (a script, not a model that learns). "
+                    "Pick another model next to Send to try yours on the task.")
+        return (prompt, gr.update(), gr.update(),
+                f"The chosen model `{model or '?'}` may fail this task: the `{TEACHER}` model of the Embedded "
+                "endpoint (Endpoint tab) is the one that solves the demo tasks.")
+
+    def model_choices(preset, model):
+        """The Agent's model list follows the Endpoint tab's model field (the one the conversation uses)."""
+        served = ctx.embedded.status.models if preset == "embedded" else []
+        return gr.update(choices=list(dict.fromkeys([*served, *([model] if model else [])])), value=model)
+
     if ctx.demo_site is not None:
-        demo_task.input(lambda prompt: prompt, [demo_task], [message])
+        demo_task.input(pick_task, [demo_task, shared.preset, shared.model],
+                        [message, agent_model, shared.model, task_note])
+    shared.model.change(model_choices, [shared.preset, shared.model], [agent_model], show_progress="hidden")
+    agent_model.input(lambda chosen: chosen, [agent_model], [shared.model], show_progress="hidden")
     send_inputs = [message, shared.session, shared.owner, shared.preset, shared.base_url, shared.model, shared.api_key,
                    shared.mcp_json, system_prompt, exclude_system, shared.truncate, max_steps, max_tokens,
                    auto_approve]

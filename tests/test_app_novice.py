@@ -1,0 +1,153 @@
+"""The app as someone who does not program meets it (issue 14), in a real browser: the model chosen beside Send, a
+demo task that picks the teacher, Stop that ends a turn waiting for approval, a status line that tells the truth,
+curation that is safe, the MCP servers as a list, and a first page that says what to do.
+
+The app runs in-process with the tiny model and scripted models (tests.scripted) in the embedded endpoint, the tiny
+MCP server, a real store; Chromium drives it through Playwright. The tests share one page, in order.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import expect, sync_playwright
+
+from mcpft.agent.loop import NOT_RUN
+from mcpft.demo.world import TEACHER, TeacherBackend
+from mcpft.serve import Generation, GenerationRequest
+from mcpft.ui import launch, make_context
+from tests.scripted import ScriptedBackend
+from tests.test_app import CHROMIUM, MCP_CONFIG, WAIT_MS, free_port, open_tab
+from tests.test_app_leave import EndlessBackend
+
+GIVE_UP = "Sorry, I could not finish this task."
+
+
+class SayingBackend:
+    """A model that answers every request with one fixed text."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def start(self, request: GenerationRequest) -> Generation:
+        return Generation(chunks=iter([self.text]))
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, tiny_model_dir):
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no Chromium at {CHROMIUM} (make test installs Debian's chromium)")
+    backends = {"scripted": ScriptedBackend(calls=1), "looper": ScriptedBackend(calls=99),
+                "quitter": SayingBackend(GIVE_UP), "endless": EndlessBackend(), TEACHER: TeacherBackend()}
+    ctx = make_context(data_dir=tmp_path_factory.mktemp("home"), model=str(tiny_model_dir), extra_backends=backends,
+                       mcp_config=MCP_CONFIG)
+    ctx.embedded.start(str(tiny_model_dir))
+    demo, url = launch(ctx, port=free_port(), start_model=False)
+    yield ctx, url
+    demo.close()
+    ctx.close()
+
+
+@pytest.fixture(scope="module")
+def page(app):
+    _, url = app
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(WAIT_MS)
+        page.goto(url)
+        yield page
+        browser.close()
+
+
+def traces_of(ctx, user_message: str):
+    """The traces with this user message (a conversation goes on while the model stays the same)."""
+    return [t for t in ctx.store.traces() if any(m["role"] == "user" and m["content"] == user_message
+                                                   for m in t.messages)]
+
+
+def choose(page, dropdown: str, value: str):
+    """Type a value into a Gradio dropdown (custom values allowed) and commit it."""
+    field = page.locator(f"{dropdown} input")
+    field.fill(value)
+    option = page.get_by_role("option", name=value, exact=True)
+    if option.count():  # a listed model: click it (Enter would take the first match, "scripted-teacher" too)
+        option.click()
+    else:
+        field.press("Enter")
+    expect(field).to_have_value(value)
+
+
+def send(page, text: str, model: str | None = None):
+    if model:
+        choose(page, "#agent-model", model)
+    page.locator("#agent-input textarea").fill(text)
+    page.locator("#agent-send").click()
+
+
+# -- Agent --------------------------------------------------------------------------------------------------------
+
+
+def test_the_model_is_chosen_beside_send_and_a_call_title_names_its_arguments(app, page):
+    ctx, _ = app
+    open_tab(page, "Agent")
+    expect(page.locator("#agent-model input")).to_have_value(str(ctx.embedded.status.models[0]))
+    send(page, "hello", model="scripted")
+    expect(page.locator("#approvals")).to_contain_text("echo")
+    # The collapsed title says the tool and its key argument, not only the tool's name.
+    expect(page.locator("#agent-chat")).to_contain_text('Tool call: echo · "hello"')
+    page.locator("#run-approved").click()
+    expect(page.locator("#agent-chat")).to_contain_text("The tool said: one: hello")
+    expect(page.locator("#agent-status")).to_contain_text("Answered: 2 step(s), 1 tool call(s), 0 rejected")
+    (trace,) = traces_of(ctx, "hello")
+    assert trace.model == "scripted"
+    expect(page.locator("#endpoint-model input")).to_have_value("scripted")  # one model field, shown twice
+
+
+def test_picking_a_demo_task_picks_the_teacher(page):
+    page.locator("#demo-task input").click()
+    page.get_by_role("option").first.click()
+    expect(page.locator("#agent-input textarea")).not_to_have_value("")
+    expect(page.locator("#agent-model input")).to_have_value(TEACHER)
+    expect(page.locator("#task-note")).to_contain_text(f"Model set to {TEACHER}")
+    expect(page.locator("#endpoint-model input")).to_have_value(TEACHER)
+
+
+def test_stop_while_a_call_waits_for_approval_ends_the_turn(app, page):
+    ctx, _ = app
+    send(page, "wait for me", model="scripted")
+    expect(page.locator("#approvals")).to_contain_text("echo")
+    page.locator("#agent-stop").click()
+    status = page.locator("#agent-status")
+    expect(status).to_contain_text("Stopped by you")
+    expect(status).to_contain_text("1 tool call(s) recorded as not run")
+    expect(page.locator("#approvals:visible")).to_have_count(0)
+    expect(page.locator("#agent-chat")).to_contain_text("Not run: echo")
+    (trace,) = traces_of(ctx, "wait for me")
+    assert trace.messages[-1]["role"] == "tool" and trace.messages[-1]["content"] == NOT_RUN
+    assert "unanswered_call" not in {flag["code"] for flag in trace.flags}
+
+
+def test_stop_keeps_the_text_streamed_so_far(page):
+    send(page, "think about it", model="endless")
+    chat = page.locator("#agent-chat")
+    expect(chat).to_contain_text("still thinking")
+    page.locator("#agent-stop").click()
+    expect(page.locator("#agent-status")).to_contain_text("Stopped by you")
+    expect(chat).to_contain_text("still thinking")
+
+
+def test_the_status_line_says_the_step_limit_was_reached(page):
+    page.get_by_text("Settings (apply from the next new conversation)").click()
+    page.locator("#agent-max-steps input").fill("2")
+    page.locator("#auto-approve input").check()
+    send(page, "loop forever", model="looper")
+    expect(page.locator("#agent-status")).to_contain_text("Step limit reached: 2 step(s)")
+    page.locator("#auto-approve input").uncheck()
+
+
+def test_the_status_line_says_the_model_gave_up(page):
+    send(page, "do the impossible", model="quitter")
+    expect(page.locator("#agent-status")).to_contain_text("The model gave up")
