@@ -146,6 +146,15 @@ def store_rows(store, tags: list[str] | None, include_flagged: bool, owner: str 
     return rows, source
 
 
+def export_rows_of(traces: list, by_turn: bool = True, include_flagged: bool = False,
+                   include_heldout: bool = False, heldout_tag: str = HELDOUT_TAG) -> list[dict]:
+    """Rows to export or push: the included traces, flagged ones and the held-out set (`heldout_tag`) left out
+    unless asked for; each row keeps its trace's tags, so a held-out row stays recognisable wherever it goes."""
+    chosen = [t for t in traces if include_heldout or heldout_tag not in t.tags]
+    tags = {t.id: list(t.tags) for t in chosen}
+    return [{**row, "tags": tags[row["trace_id"]]} for row in rows_from_traces(chosen, by_turn, include_flagged)]
+
+
 def store_heldout_rows(store) -> tuple[list[dict], dict]:
     """Rows of the store's included, unflagged traces tagged `heldout` (the app's held-out set), and their source."""
     rows = rows_from_traces(store.traces(tags=[HELDOUT_TAG]), by_turn=True, include_flagged=False)

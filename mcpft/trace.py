@@ -304,6 +304,22 @@ def normalize_trace(raw, source: str = "") -> Trace:
 # Validation: flags, never fixes
 
 
+# Each flag code in a few plain words, for people who curate without reading the code names (the Curate tab).
+FLAG_WORDS = {
+    "orphan_tool_result": "a tool result without its call", "unanswered_call": "a tool call without a result",
+    "no_final_assistant": "no final answer", "empty_assistant": "an empty reply", "no_answer": "no real answer",
+    "gave_up": "the model gave up", "repetition": "repeats itself", "step_limit": "hit the step limit",
+    "cut_off": "answer broken off", "length": "answer cut at the token limit", "stopped": "stopped by the user",
+    "unknown_tool": "a call to an unknown tool", "invalid_arguments": "bad tool arguments",
+    "malformed_call": "a tool call without a name", "malformed_output": "garbled model output",
+}
+
+
+def flag_words(code: str) -> str:
+    """A flag code in plain words; a code without words of its own reads as its name with spaces."""
+    return FLAG_WORDS.get(code, code.replace("_", " "))
+
+
 def _flag(code: str, index: int | None, message: str) -> dict:
     return {"code": code, "index": index, "message": message}
 

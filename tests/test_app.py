@@ -142,7 +142,7 @@ def test_curate_edits_persist_to_the_store(app, page):
     open_tab(page, "Curate")
     row = trace_row(page, "please do not")
     expect(row).to_be_visible()
-    tags_cell = row.get_by_role("gridcell").nth(9)
+    tags_cell = row.get_by_role("gridcell").nth(2)
     tags_cell.dblclick()
     editor = tags_cell.get_by_label("Edit cell")
     editor.fill("heldout")

@@ -151,3 +151,87 @@ def test_the_status_line_says_the_step_limit_was_reached(page):
 def test_the_status_line_says_the_model_gave_up(page):
     send(page, "do the impossible", model="quitter")
     expect(page.locator("#agent-status")).to_contain_text("The model gave up")
+
+
+# -- Curate -------------------------------------------------------------------------------------------------------
+
+
+def trace_row(page, text: str):
+    """The visible row of the traces table holding `text` (the grid's rows, not its hidden sizing copy)."""
+    return page.locator("#traces-table").get_by_role("row").filter(has_text=text)
+
+
+def export(page) -> list[dict]:
+    page.locator("#export-button").click()
+    with page.expect_download() as download:
+        page.locator("#export-file a").first.click()
+    return [json.loads(line) for line in Path(download.value.path()).read_text().splitlines()]
+
+
+def test_an_export_with_nothing_to_export_names_the_checkboxes(app, page):
+    open_tab(page, "Curate")
+    expect(trace_row(page, "do the impossible")).to_be_visible()  # every trace so far is flagged
+    page.get_by_text("Import, export, push").click()
+    page.locator("#export-button").click()
+    toast = page.get_by_text("Nothing to export")
+    expect(toast).to_contain_text("tick “Include flagged traces”")
+    expect(toast).not_to_contain_text("--include-flagged")
+
+
+def test_flags_read_as_plain_words_and_can_be_hidden(app, page, tmp_path):
+    ctx, _ = app
+    from mcpft.ingest import import_paths
+
+    owner = ctx.store.traces()[0].owner
+    source = tmp_path / "clean.jsonl"
+    source.write_text("".join(json.dumps({"model": "m", "tools": [], "messages": [
+        {"role": "user", "content": question}, {"role": "assistant", "content": f"answer to {question}"}]}) + "\n"
+        for question in ("clean question", "held question")))
+    import_paths(ctx.store, [source], owner=owner)
+    page.get_by_role("button", name="Refresh").click()
+    expect(trace_row(page, "do the impossible")).to_contain_text("the model gave up")
+    expect(trace_row(page, "loop forever")).to_contain_text("hit the step limit")
+    page.locator("#hide-flagged input").check()
+    expect(trace_row(page, "do the impossible")).to_have_count(0)
+    expect(trace_row(page, "clean question")).to_be_visible()
+    expect(page.locator("#curate-note")).to_contain_text("flagged trace(s) hidden")
+
+
+def test_the_editable_columns_come_first_and_one_click_does_one_thing(app, page):
+    ctx, _ = app
+    headers = page.locator("#traces-table").get_by_role("columnheader")
+    for position, name in enumerate(("included", "rating", "tags")):
+        expect(headers.nth(position)).to_contain_text(name)
+    row = trace_row(page, "clean question")
+    (clean,) = traces_of(ctx, "clean question")
+    row.locator("input[type=checkbox]").click()  # one click unticks it, and opens nothing
+    expect(page.locator("#curate-note")).to_contain_text(f"{clean.id}: excluded")
+    assert ctx.store.get(clean.id).included is False
+    expect(page.locator("#trace-header")).not_to_contain_text(clean.id)
+    row.get_by_role("gridcell").nth(3).click()  # a click elsewhere in the row opens the trace
+    expect(page.locator("#trace-header")).to_contain_text("excluded")
+    row.locator("input[type=checkbox]").click()
+    expect(page.locator("#trace-header")).not_to_contain_text("excluded")  # the header follows the table
+    assert ctx.store.get(clean.id).included is True
+
+
+def test_the_cell_menu_offers_only_what_works(page):
+    trace_row(page, "clean question").get_by_role("gridcell").nth(2).click(button="right")
+    for item in ("Add column", "Delete row", "Add row", "Delete column"):
+        expect(page.get_by_role("menuitem", name=item)).to_have_count(0)
+    page.keyboard.press("Escape")
+
+
+def test_export_leaves_the_heldout_set_out_and_rows_keep_their_tags(app, page):
+    ctx, _ = app
+    (held,) = traces_of(ctx, "held question")
+    from mcpft import curate
+
+    curate.set_tags(ctx.store, held.id, ["heldout", "shop"])
+    expect(page.locator("#export-heldout")).to_contain_text("Include the held-out traces (tagged heldout)")
+    rows = export(page)
+    assert {row["trace_id"] for row in rows} == {traces_of(ctx, "clean question")[0].id}
+    assert all(row["tags"] == [] for row in rows)
+    page.locator("#export-heldout input").check()
+    rows = export(page)
+    assert {tuple(row["tags"]) for row in rows if row["trace_id"] == held.id} == {("heldout", "shop")}

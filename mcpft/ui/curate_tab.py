@@ -12,21 +12,28 @@ from pathlib import Path
 import gradio as gr
 
 from mcpft import curate
-from mcpft.dataset import count_tokens, export_rows, push_rows, rows_from_traces, unroll
+from mcpft.dataset import count_tokens, export_rows, push_rows, unroll
 from mcpft.hub import hub_failure
 from mcpft.ingest import import_paths
 from mcpft.models import ModelError, load_tokenizer
 from mcpft.render import RenderError, render, render_text
+from mcpft.selection import HELDOUT_TAG, export_rows_of
 from mcpft.store import summarize
-from mcpft.trace import Trace
+from mcpft.trace import Trace, flag_words
 from mcpft.train import CPU_MAX_LENGTH
 from mcpft.ui.owner import owned_trace, owner_slug, require_owner
 from mcpft.ui.state import AppContext, Shared
 
-TRACE_COLUMNS = ["id", "date", "model", "first user message", "turns", "tool calls", "flags", "included", "rating",
-                 "tags"]
-TRACE_TYPES = ["str", "str", "str", "str", "number", "number", "str", "bool", "number", "str"]
+# The editable columns first, where they are seen without scrolling sideways; the id last (it is for reference).
+TRACE_COLUMNS = ["included", "rating", "tags", "first user message", "flags", "model", "date", "turns", "tool calls",
+                 "id"]
+TRACE_TYPES = ["bool", "number", "str", "str", "str", "str", "str", "number", "number", "str"]
 EDITABLE = ("included", "rating", "tags")
+ID_COLUMN = TRACE_COLUMNS.index("id")
+PURPOSE = ("**Curate** picks what the model learns from: tick *included* for the traces to train on, rate and tag "
+           "them (tag `heldout` for the test set), fix messages, and see each training row.")
+INCLUDE_FLAGGED = "Include flagged traces"  # the export checkbox, named in the messages that point to it
+INCLUDE_HELDOUT = f"Include the held-out traces (tagged {HELDOUT_TAG})"
 MESSAGE_COLUMNS = ["#", "role", "content", "reasoning", "tool calls"]
 FIELDS = ["content", "reasoning_content", "tool_calls"]
 PREVIEW_CHARS = 400
@@ -37,13 +44,24 @@ def _short(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
-def trace_rows(ctx: AppContext, owner: str) -> list[list]:
+def trace_rows(ctx: AppContext, owner: str, hide_flagged: bool = False) -> list[list]:
+    """The table's rows (in TRACE_COLUMNS' order); flags in plain words; flagged traces left out if `hide_flagged`."""
     rows = []
     for s in ctx.store.summaries(owner):
-        flags = ", ".join(dict.fromkeys(f["code"] for f in s.flags))
-        rows.append([s.id, s.created[:16].replace("T", " "), s.model, _short(s.first_user, 90), s.turns, s.tool_calls,
-                     flags, s.included, s.rating, ", ".join(s.tags)])
+        if hide_flagged and s.flags:
+            continue
+        flags = ", ".join(dict.fromkeys(flag_words(f["code"]) for f in s.flags))
+        rows.append([s.included, s.rating, ", ".join(s.tags), _short(s.first_user, 90), flags, s.model,
+                     s.created[:16].replace("T", " "), s.turns, s.tool_calls, s.id])
     return rows
+
+
+def table_note(ctx: AppContext, owner: str, hide_flagged: bool) -> str:
+    """What the table leaves out, so a hidden trace is never a mystery."""
+    if not hide_flagged or not owner:
+        return ""
+    hidden = sum(1 for s in ctx.store.summaries(owner) if s.flags)
+    return f"{hidden} flagged trace(s) hidden." if hidden else ""
 
 
 def _cell_rating(value) -> int | None:
@@ -115,8 +133,8 @@ def trace_header(ctx: AppContext, trace: Trace) -> str:
     lines = [f"**Trace `{trace.id}`** · {trace.model or 'unknown model'} · {trace.created} · source "
              f"`{trace.source or '-'}` · {'included' if trace.included else '**excluded**'}"]
     if trace.flags:
-        lines.append("**Flags** (left out of datasets unless you include flagged traces):")
-        lines += [f"- message {f['index']}: {f['message']}" for f in trace.flags]
+        lines.append(f"**Flags** (left out of training and exports unless you tick “{INCLUDE_FLAGGED}”):")
+        lines += [f"- message {f['index']}: **{flag_words(f['code'])}** ({f['message']})" for f in trace.flags]
     history = ctx.store.history(trace.id)
     if history:
         lines.append("**Edits:** " + "; ".join(f"{h['op']}{' (undone)' if h['undone'] else ''}" for h in history))
@@ -186,9 +204,21 @@ def preview(ctx: AppContext, trace: Trace, spec: str, max_length, by_turn: bool,
     summary = (f"Row `{chosen}`: **{rendered.n_tokens} tokens** of max {max_length} ({verdict}), "
                f"{sum(rendered.train_mask)} trained. This trace unrolls into {len(rows)} row(s); longest "
                f"{lengths.longest} tokens; {len(lengths.over)} over the max length."
-               + (" The trace is flagged, so datasets leave it out unless flagged traces are included."
+               + (f" The trace is flagged, so training and exports leave it out unless “{INCLUDE_FLAGGED}” is ticked."
                   if trace.flags else ""))
     return gr.update(choices=ids, value=chosen), highlighted, summary
+
+
+def nothing_to_export(traces: list[Trace], flagged: bool, heldout: bool) -> str:
+    """Why an export has no rows, in the app's words: what was left out and which checkbox brings it back."""
+    if not traces:
+        return "Nothing to export: you have no traces yet. Collect some in the Agent tab, or import them."
+    left = [f"{sum(not t.included for t in traces)} excluded (ticked off in the table's “included” column)"]
+    if not heldout:
+        left.append(f"{sum(HELDOUT_TAG in t.tags for t in traces)} held out (tick “{INCLUDE_HELDOUT}”)")
+    if not flagged:
+        left.append(f"{sum(bool(t.flags) and t.included for t in traces)} flagged (tick “{INCLUDE_FLAGGED}”)")
+    return f"Nothing to export: of your {len(traces)} trace(s), " + ", ".join(left) + "."
 
 
 # -- the tab --------------------------------------------------------------------------------------------------
@@ -196,14 +226,19 @@ def preview(ctx: AppContext, trace: Trace, spec: str, max_length, by_turn: bool,
 
 def build(ctx: AppContext, shared: Shared) -> gr.Tab:
     with gr.Tab("Curate", id="curate") as tab:
-        gr.Markdown("Your traces. Edit **included**, **rating** (1-5) and **tags** (comma-separated) in the table; "
-                    "select a row to open it.")
+        gr.Markdown(PURPOSE, elem_id="curate-purpose")
+        gr.Markdown("Tick **included**, type a **rating** (1-5) or **tags** (comma-separated) in the table; click "
+                    "any other cell of a row to open that trace below.")
         with gr.Row():
             refresh_button = gr.Button("Refresh", size="sm", scale=0)
-            table_note = gr.Markdown(elem_id="curate-note")
+            hide_flagged = gr.Checkbox(False, label="Hide flagged traces", scale=0, elem_id="hide-flagged")
+            note = gr.Markdown(elem_id="curate-note")
+        # Fixed rows and columns: the cell menu then offers no "Add row/column" or "Delete row" (a trace is
+        # left out by unticking included, never deleted from here).
         table = gr.Dataframe(headers=TRACE_COLUMNS, datatype=TRACE_TYPES, value=[], interactive=True,
-                             static_columns=list(range(len(TRACE_COLUMNS) - len(EDITABLE))), wrap=True,
-                             max_height=420, elem_id="traces-table", row_count=0)
+                             static_columns=list(range(len(EDITABLE), len(TRACE_COLUMNS))), wrap=True,
+                             max_height=420, elem_id="traces-table", row_count=(0, "fixed"),
+                             column_count=(len(TRACE_COLUMNS), "fixed"))
         selected = gr.State("")
         header = gr.Markdown(elem_id="trace-header")
         with gr.Row():
@@ -245,7 +280,10 @@ def build(ctx: AppContext, shared: Shared) -> gr.Tab:
                 with gr.Column():
                     export_format = gr.Radio(["jsonl", "parquet"], value="jsonl", label="Format")
                     export_unroll = gr.Checkbox(True, label="Unroll (one row per user turn)")
-                    export_flagged = gr.Checkbox(False, label="Include flagged traces")
+                    export_flagged = gr.Checkbox(False, label=INCLUDE_FLAGGED, elem_id="export-flagged")
+                    export_heldout = gr.Checkbox(False, label=INCLUDE_HELDOUT, elem_id="export-heldout",
+                                                 info="left out by default: they are the Evaluate tab's test set, "
+                                                      "and a model must not train on its test")
                     export_button = gr.Button("Export", elem_id="export-button")
                     export_file = gr.File(label="Download", interactive=False, elem_id="export-file")
                 with gr.Column():
@@ -261,14 +299,21 @@ def build(ctx: AppContext, shared: Shared) -> gr.Tab:
     trace_outputs = [header, messages, train_system, index, value]
     preview_outputs = [row_choice, highlighted, tokens]
 
-    def refresh(owner):
-        return trace_rows(ctx, owner) if owner else []  # before the page has an owner, nothing is theirs
+    def refresh(owner, hide):
+        if not owner:  # before the page has an owner, nothing is theirs
+            return [], ""
+        return trace_rows(ctx, owner, bool(hide)), table_note(ctx, owner, bool(hide))
 
-    def table_edited(owner, edited):
+    def redraw(owner, hide):
+        return trace_rows(ctx, owner, bool(hide)) if owner else []
+
+    def table_edited(owner, edited, hide, trace_id):
+        """Save the edits; the open trace's header follows (it says included / excluded)."""
         done = apply_table_edits(ctx, require_owner(owner), edited)
         if not done:  # the table fires `input` more than once per edit: a no-op must not erase the last note
-            return gr.update(), gr.update()
-        return trace_rows(ctx, owner), "Saved: " + "; ".join(done)
+            return gr.update(), gr.update(), gr.update()
+        header_now = trace_header(ctx, owned_trace(ctx.store, trace_id, owner)) if trace_id else gr.update()
+        return trace_rows(ctx, owner, bool(hide)), "Saved: " + "; ".join(done), header_now
 
     def show_trace(owner, trace_id, field_name, message_index=None):
         """The trace's header, messages and system-prompt switch; the message editor on `message_index`."""
@@ -279,7 +324,10 @@ def build(ctx: AppContext, shared: Shared) -> gr.Tab:
                 field_value(trace, message_index, field_name))
 
     def select_trace(owner, field_name, evt: gr.SelectData):
-        trace_id = str(evt.row_value[0]) if evt.row_value else ""
+        """Open the clicked row's trace, unless the click was on an editable cell: that click edits, nothing more."""
+        if not evt.row_value or (evt.index and evt.index[1] < len(EDITABLE)):
+            return (gr.update(),) * (1 + len(trace_outputs))
+        trace_id = str(evt.row_value[ID_COLUMN])
         return (trace_id, *show_trace(owner, trace_id, field_name))
 
     def select_message(owner, trace_id, field_name, evt: gr.SelectData):
@@ -293,13 +341,14 @@ def build(ctx: AppContext, shared: Shared) -> gr.Tab:
         return field_value(owned_trace(ctx.store, trace_id, owner), message_index, field_name)
 
     def edited(owner, trace_id, field_name, action, message_index=None):
-        """Run one curation edit (`action` returns the note to show) on the selected trace, then show it again."""
+        """Run one curation edit (`action` returns the note to show) on the selected trace, then show it again.
+        The table is refreshed by the event's `.then` (it knows whether flagged traces are hidden)."""
         owned_trace(ctx.store, trace_id, owner)
         try:
-            note = action()
+            said = action()
         except (ValueError, IndexError) as error:
             raise gr.Error(str(error)) from None
-        return (*show_trace(owner, trace_id, field_name, message_index), trace_rows(ctx, owner), note)
+        return (*show_trace(owner, trace_id, field_name, message_index), said)
 
     def message_index_of(message_index):
         if message_index is None:
@@ -357,14 +406,18 @@ def build(ctx: AppContext, shared: Shared) -> gr.Tab:
                  f"{len(report.flagged)} flagged; {len(report.rejected)} rejected."]
         lines += [f"- flagged {Path(f['file']).name}: {'; '.join(f['reasons'])}" for f in report.flagged]
         lines += [f"- rejected {Path(r['file']).name}: {r['error']}" for r in report.rejected]
-        return "\n".join(lines), trace_rows(ctx, owner)
+        return "\n".join(lines)
 
-    def rows_of(owner, unrolled, flagged):
-        return rows_from_traces(ctx.store.traces(owner=require_owner(owner)), by_turn=bool(unrolled),
-                                include_flagged=bool(flagged))
+    def rows_of(owner, unrolled, flagged, heldout):
+        traces = ctx.store.traces(owner=require_owner(owner))
+        rows = export_rows_of(traces, by_turn=bool(unrolled), include_flagged=bool(flagged),
+                              include_heldout=bool(heldout))
+        if not rows:
+            raise gr.Error(nothing_to_export(traces, bool(flagged), bool(heldout)))
+        return rows
 
-    def do_export(owner, fmt, unrolled, flagged):
-        rows = rows_of(owner, unrolled, flagged)
+    def do_export(owner, fmt, unrolled, flagged, heldout):
+        rows = rows_of(owner, unrolled, flagged, heldout)
         out = ctx.scratch_dir / owner_slug(owner) / f"mcpft-rows-{time.strftime('%Y%m%d-%H%M%S')}.{fmt}"
         try:
             return str(export_rows(rows, out, fmt))
@@ -372,7 +425,7 @@ def build(ctx: AppContext, shared: Shared) -> gr.Tab:
             raise gr.Error(f"The export failed: {error}") from None
 
     def do_push(owner, repo, is_private, hf_token, oauth_token: gr.OAuthToken | None = None):
-        rows = rows_of(owner, True, False)
+        rows = rows_of(owner, True, False, False)
         if not repo or "/" not in repo:
             raise gr.Error("Give the dataset repo as OWNER/NAME.")
         credential = oauth_token.token if oauth_token is not None else (hf_token or None)
@@ -383,21 +436,25 @@ def build(ctx: AppContext, shared: Shared) -> gr.Tab:
         return f"Pushed {len(rows)} rows to [{url}]({url})."
 
     owner = shared.owner
-    note_outputs = [*trace_outputs, table, table_note]
-    gr.on([refresh_button.click, tab.select, owner.change], refresh, [owner], [table], show_progress="hidden")
-    table.input(table_edited, [owner, table], [table, table_note])
+    note_outputs = [*trace_outputs, note]
+    refresh_args = dict(fn=refresh, inputs=[owner, hide_flagged], outputs=[table, note], show_progress="hidden")
+    gr.on([refresh_button.click, tab.select, owner.change, hide_flagged.change], **refresh_args)
+    redraw_args = dict(fn=redraw, inputs=[owner, hide_flagged], outputs=[table], show_progress="hidden")
+    table.input(table_edited, [owner, table, hide_flagged, selected], [table, note, header])
     table.select(select_trace, [owner, field], [selected, *trace_outputs])
     messages.select(select_message, [owner, selected, field], [index, value])
     field.change(show_field, [owner, selected, index, field], [value])
-    save_button.click(save, [owner, selected, index, field, value], note_outputs)
-    delete_button.click(delete, [owner, selected, index, field], note_outputs)
-    merge_button.click(merge, [owner, selected, index, field], note_outputs)
-    train_system.input(system_training, [owner, selected, train_system, field], note_outputs)
-    undo_button.click(undo, [owner, selected, field], note_outputs)
+    # An edit can change the trace's flags: the table is shown again after it (only when the edit succeeded).
+    save_button.click(save, [owner, selected, index, field, value], note_outputs).success(**redraw_args)
+    delete_button.click(delete, [owner, selected, index, field], note_outputs).success(**redraw_args)
+    merge_button.click(merge, [owner, selected, index, field], note_outputs).success(**redraw_args)
+    train_system.input(system_training, [owner, selected, train_system, field], note_outputs).success(**redraw_args)
+    undo_button.click(undo, [owner, selected, field], note_outputs).success(**redraw_args)
     preview_inputs = [owner, selected, preview_model, max_length, by_turn, row_choice]
     gr.on([header.change, preview_model.change, max_length.submit, by_turn.change, row_choice.input],
           update_preview, preview_inputs, preview_outputs)
-    import_button.click(do_import, [owner, uploads, import_tags], [import_report, table])
-    export_button.click(do_export, [owner, export_format, export_unroll, export_flagged], [export_file])
+    import_button.click(do_import, [owner, uploads, import_tags], [import_report]).success(**redraw_args)
+    export_button.click(do_export, [owner, export_format, export_unroll, export_flagged, export_heldout],
+                        [export_file])
     push_button.click(do_push, [owner, repo_id, private, token], [push_report])
     return tab
