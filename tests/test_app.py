@@ -200,6 +200,14 @@ def test_training_draws_the_loss_plot(app, page):
     screenshot(page, "train")
     runs = list((ctx.data_dir / "runs").glob("*/*/adapter_config.json"))
     assert len(runs) == 1
+    log = page.locator("#train-log textarea").input_value()
+    page.reload()  # the run lives in the app, not in the page: a reloaded page shows it again
+    expect(page.locator("#embedded-status")).to_contain_text("ready")
+    open_tab(page, "Train")
+    expect(page.locator("#train-progress-text")).to_contain_text("finished: 2/2 steps")
+    expect(page.locator("#train-log textarea")).to_have_value(log)
+    expect(page.locator("#train-result")).to_contain_text("Adapter:")
+    expect(page.locator("#loss-plot canvas, #loss-plot svg").first).to_be_visible()
 
 
 def test_evaluate_shows_the_side_by_side_table(page):

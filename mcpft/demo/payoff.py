@@ -13,6 +13,7 @@ the embedded endpoint, and nothing imports it but the CLI and the app.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
@@ -24,6 +25,9 @@ from mcpft.demo.world import DEMO_TAG, collect, evaluate_tasks, pick_tasks
 from mcpft.store import Store
 
 STAGES = ("collect", "train", "base", "tuned")
+STAGE_NAMES = {"collect": "Collect teacher traces in the browser", "train": "Train the small model on them",
+               "base": "Held-out tasks with the base model", "tuned": "Held-out tasks with the fine-tuned model"}
+REPORT_FILE = "payoff.json"  # in the work dir: the report of a finished run, as `--json` prints it
 
 
 class PayoffError(Exception):
@@ -125,6 +129,7 @@ def run_payoff(recipe: PayoffRecipe, work_dir: Path, base_model: str | None = No
     finally:
         backends.stop()
     report.seconds["total"] = round(time.monotonic() - started, 1)
+    (work_dir / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2, default=str))
     return report
 
 
@@ -200,11 +205,31 @@ def _merge_outcomes(outcomes: list[dict], stage: str, tasks) -> None:
                         "steps": outcome.steps}
 
 
+def task_sentence(report: dict) -> str:
+    """The verdict in words, task level: "Fine-tuned passed 9 of 13 held-out tasks (base 1 of 13)." """
+    k = report["heldout_tasks"]
+    return (f"Fine-tuned passed {report.get('tuned_successes') or 0} of {k} held-out tasks (base "
+            f"{report['base_model']}: {report.get('base_successes') or 0} of {k}).")
+
+
+def _share(part, whole) -> float | None:
+    return part / whole if whole else None
+
+
+def plain_metrics(report: dict) -> list[tuple[str, float | None, float | None]]:
+    """(what it measures in words, base, fine-tuned) as fractions, for bars a person reads without a glossary."""
+    rows = [("Held-out tasks passed", lambda t: t.get("success_rate")),
+            ("Tool calls that worked", lambda t: _share(t["tool_calls"] - t["tool_errors"], t["tool_calls"])),
+            ("No-tool questions answered without the browser",
+             lambda t: _share(t["no_tool_tasks_without_calls"], t["no_tool_tasks"]))]
+    return [(name, read(report["base"]) if report.get("base") else None,
+             read(report["tuned"]) if report.get("tuned") else None) for name, read in rows]
+
+
 def payoff_table(report: PayoffReport) -> str:
     """The before/after as a person reads it: one sentence first, then the figures."""
-    base, tuned, k = report.base, report.tuned, report.recipe.heldout_tasks
-    lines = [f"Fine-tuned passed {tuned.get('successes', 0)} of {k} held-out tasks "
-             f"(base {report.base_model}: {base.get('successes', 0)} of {k}).",
+    base, tuned = report.base, report.tuned
+    lines = [task_sentence(report.to_dict()),
              f"Trained on {report.recipe.train_traces} teacher traces ({report.train.get('rows')} rows, "
              f"{report.train.get('steps')} steps, final loss {report.train.get('final_loss')}).", "",
              f"{'held-out tasks':24} {'base':>8} {'fine-tuned':>11}"]

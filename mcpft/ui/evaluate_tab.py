@@ -17,6 +17,7 @@ from mcpft.evaluate import (
     RATES, EvaluationError, compare, comparison_sentence, evaluate_rows, local_generator, steps_from_rows)
 from mcpft.models import ModelError
 from mcpft.train import read_run_record, update_run_record
+from mcpft.ui import demo_panel
 from mcpft.ui.agent_tab import chat_messages
 from mcpft.ui.endpoint_tab import close_session, parse_mcp_json
 from mcpft.ui.owner import owner_slug, require_owner
@@ -107,7 +108,9 @@ def compare_endpoint(ctx: AppContext, base: str | None, adapter: str) -> Embedde
 
 def build(ctx: AppContext, shared: Shared) -> None:
     with gr.Tab("Evaluate", id="evaluate") as tab:
-        gr.Markdown("Scores every step of the held-out traces as the Berkeley Function-Calling Leaderboard does "
+        demo_panel.build(ctx, shared, tab)
+        gr.Markdown("### Step scores of your own traces\n"
+                    "Scores every step of the held-out traces as the Berkeley Function-Calling Leaderboard does "
                     "(tool name, arguments, no call where none is due, the answer), first with the base model, then "
                     "with the fine-tuned one.")
         with gr.Row():

@@ -30,7 +30,7 @@ class AppContext:
     mcp_config_error: str = ""  # why the default browser config could not be built (shown, never fatal)
     on_space: bool = False  # a Hugging Face Space: owners come from OAuth, the login button is shown
     browser_secret: str = ""  # encrypts the browser-side session id (kept in the data dir across restarts)
-    train_stops: dict[str, threading.Event] = field(default_factory=dict)  # owner -> stop request of their run
+    train_jobs: dict = field(default_factory=dict)  # owner -> their running or last mcpft.ui.train_tab.TrainJob
     compare_endpoint: EmbeddedEndpoint | None = None  # base + adapter for Evaluate's side-by-side chat
     compare_lock: threading.Lock = field(default_factory=threading.Lock)
     demo_site: object = None  # mcpft.demo's local shop + docs site (its tasks are offered in the Agent tab)

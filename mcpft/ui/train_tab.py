@@ -1,12 +1,13 @@
 """Train tab: LoRA fine-tune a base model on the visitor's curated traces, with a live loss plot, then merge or push.
-One training job runs at a time per app (Gradio's queue shows the others their place); stop keeps the last step."""
+One training run at a time per app; it goes on when the page closes and a reloaded page follows it again; stop keeps the
+last step."""
 
 from __future__ import annotations
 
 import os
-import queue
 import threading
 import time
+from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from mcpft.train import (BACKENDS, CPU_MAX_LENGTH, GPU_MAX_LENGTH, MERGE_DTYPES,
 from mcpft.ui.owner import owner_slug, require_owner
 from mcpft.ui.state import AppContext, Shared
 
-POLL_S = 30.0  # the stream re-checks a silent training thread this often
+HEARTBEAT_S = 1.0  # the progress line's clock moves this often, also while the run prepares
 MERGED_SUFFIX = "-merged"
 
 
@@ -118,6 +119,59 @@ def loss_frame(points: list[tuple[int, float]]) -> pd.DataFrame:
                          "loss": pd.Series([p[1] for p in points], dtype="float64")})
 
 
+@dataclass
+class TrainJob:
+    """One visitor's training run as the page shows it. It lives in the app (`ctx.train_jobs`), not in the page, so
+    a reloaded page shows the running or last run's progress, plot and log again."""
+
+    out: Path
+    plan: str
+    lines: list[str]
+    started: float = field(default_factory=time.monotonic)
+    latest: Progress | None = None
+    steps_done: tuple[int, int] = (0, 1)  # (steps, total) once the run ended
+    points: list[tuple[int, float]] = field(default_factory=list)
+    result: str = ""
+    error: str | None = None
+    stop_event: threading.Event = field(default_factory=threading.Event)
+    finished: threading.Event = field(default_factory=threading.Event)
+
+    def on_progress(self, event: Progress) -> None:
+        if event.loss is not None:
+            self.points.append((event.step, event.loss))
+        self.latest = event
+        self.lines.append(progress_note(event))
+
+    def finish(self, outcome) -> None:
+        loss = "–" if outcome.final_loss is None else f"{outcome.final_loss:.4f}"
+        verb = "stopped" if outcome.stopped else "finished"
+        self.lines.append(f"{verb}: {outcome.steps}/{outcome.total_steps} steps in {outcome.runtime_s:.0f} s, "
+                          f"final loss {loss}")
+        self.steps_done = (outcome.steps, outcome.total_steps)
+        self.result = (f"**{verb.capitalize() if outcome.stopped else 'Done'}** via {outcome.path}: {outcome.steps}/"
+                       f"{outcome.total_steps} steps, final loss {loss}. Adapter: `{outcome.summary()['adapter_dir']}`"
+                       + (f" · {len(outcome.rows_left_out)} row(s) left out (too long)"
+                          if outcome.rows_left_out else ""))
+        self.finished.set()
+
+    def fail(self, error: Exception) -> None:
+        self.error = str(error) if isinstance(error, (TrainError, ModelError, RenderError)) else \
+            f"{type(error).__name__}: {error}"
+        self.lines.append(f"failed: {self.error}")
+        self.finished.set()
+
+    def view(self) -> tuple:
+        """(progress bar, loss plot, log, result or plan) as the page shows them."""
+        if self.finished.is_set():
+            (step, total), note = self.steps_done, self.lines[-1]
+        elif self.latest is None:  # the heartbeat: loading the model and rendering rows say nothing for a while
+            step, total, note = 0, 1, f"preparing… {time.monotonic() - self.started:.0f} s"
+        else:
+            step, total, note = self.latest.step, self.latest.total, progress_note(self.latest)
+        return (progress_html(step, total, note), loss_frame(self.points), "\n".join(self.lines),
+                self.result or self.plan)
+
+
 def build(ctx: AppContext, shared: Shared) -> None:
     try:
         defaults, settings_error = config_from_settings(ctx.settings.get("training")), ""
@@ -205,64 +259,47 @@ def build(ctx: AppContext, shared: Shared) -> None:
             plan = plan_text(training_plan(config, rows, base or None, ctx.data_dir), n_traces)
         except (TrainError, ModelError, RenderError) as error:
             raise gr.Error(f"Nothing would train: {error}") from None
+        if any(not job.finished.is_set() for job in ctx.train_jobs.values()):
+            raise gr.Error("A training run is in progress (one at a time: it uses every CPU core). Its progress "
+                           "shows here; try again when it ends.")
         out = runs_dir(ctx, owner) / time.strftime("%Y%m%d-%H%M%S")
-        stop_event = threading.Event()
-        ctx.train_stops[owner] = stop_event
-        events: queue.Queue = queue.Queue()
+        job = ctx.train_jobs[owner] = TrainJob(out, plan, [
+            device_text(path).replace("**", ""), f"{len(rows)} row(s) from {n_traces} trace(s); base model "
+            f"{model_name(base or None)}; output {out}", "preparing: loading the model, rendering the rows…"])
 
         def work():
             try:
-                events.put(train(config, rows, out, base_model=base or None, data_dir=ctx.data_dir,
-                                 on_progress=events.put, stop_event=stop_event,
+                job.finish(train(config, rows, out, base_model=base or None, data_dir=ctx.data_dir,
+                                 on_progress=job.on_progress, stop_event=job.stop_event,
                                  source={"kind": "store", "app": True, "traces": n_traces}))
             except Exception as error:
-                events.put(error)
+                job.fail(error)
 
-        lines = [device_text(path).replace("**", ""), f"{len(rows)} row(s) from {n_traces} trace(s); base model "
-                 f"{model_name(base or None)}; output {out}", "preparing: loading the model, rendering the rows…"]
-        points: list[tuple[int, float]] = []
-        worker = threading.Thread(target=work, name="mcpft-train", daemon=True)
-        worker.start()
-        yield progress_html(0, 1, "preparing…"), loss_frame(points), "\n".join(lines), plan, gr.update()
-        try:
-            while True:
-                try:
-                    event = events.get(timeout=POLL_S)
-                except queue.Empty:
-                    continue
-                if isinstance(event, Progress):
-                    if event.loss is not None:
-                        points.append((event.step, event.loss))
-                    lines.append(progress_note(event))
-                    yield (progress_html(event.step, event.total, progress_note(event)), loss_frame(points),
-                           "\n".join(lines), "", gr.update())
-                    continue
-                if isinstance(event, Exception):
-                    message = str(event) if isinstance(event, (TrainError, ModelError, RenderError)) else \
-                        f"{type(event).__name__}: {event}"
-                    raise gr.Error(f"Training failed: {message}")
-                summary = event.summary()
-                loss = "–" if event.final_loss is None else f"{event.final_loss:.4f}"
-                lines.append(f"{'stopped' if event.stopped else 'finished'}: {event.steps}/{event.total_steps} steps "
-                             f"in {event.runtime_s:.0f} s, final loss {loss}")
-                done = (f"**{'Stopped' if event.stopped else 'Done'}** via {event.path}: {event.steps}/"
-                        f"{event.total_steps} steps, final loss {loss}. Adapter: `{summary['adapter_dir']}`"
-                        + (f" · {len(event.rows_left_out)} row(s) left out (too long)" if event.rows_left_out else ""))
-                choices = list_runs(ctx, owner)
-                yield (progress_html(event.steps, event.total_steps, lines[-1]), loss_frame(points), "\n".join(lines),
-                       done, gr.update(choices=choices, value=summary["adapter_dir"]))
-                return
-        finally:
-            if worker.is_alive():  # the visitor left or the stream failed: end the run cleanly
-                stop_event.set()
-                worker.join()
-            ctx.train_stops.pop(owner, None)
+        threading.Thread(target=work, name="mcpft-train", daemon=True).start()
+        yield from follow(job, owner)
+
+    def follow(job: TrainJob, owner: str):
+        """The job's view every HEARTBEAT_S until it ends. Leaving the page does not stop the run: a reloaded page
+        follows it again."""
+        while not job.finished.wait(HEARTBEAT_S):
+            yield *job.view(), gr.update()
+        if job.error:
+            raise gr.Error(f"Training failed: {job.error}")
+        yield *job.view(), gr.update(choices=list_runs(ctx, owner), value=str(job.out))
+
+    def show_job(owner):
+        """On opening the tab: the visitor's running run, followed live, or their last run of this app session."""
+        job = ctx.train_jobs.get(owner) if owner else None
+        if job is None:
+            yield gr.update(), gr.update(), gr.update(), gr.update(), gr.update()
+            return
+        yield from follow(job, owner)
 
     def stop(owner):
-        stop_event = ctx.train_stops.get(require_owner(owner))
-        if stop_event is None:
+        job = ctx.train_jobs.get(require_owner(owner))
+        if job is None or job.finished.is_set():
             raise gr.Error("No training run of yours is in progress.")
-        stop_event.set()
+        job.stop_event.set()
         return "Stopping after the current step (its adapter is kept)…"
 
     def refresh(owner):
@@ -300,6 +337,8 @@ def build(ctx: AppContext, shared: Shared) -> None:
                        concurrency_limit=1, concurrency_id="train")
     stop_button.click(stop, [owner], [result])
     tab.select(lambda b, o: (device_text(b), refresh(o)), [backend, owner], [device, run], show_progress="hidden")
+    gr.on([tab.select, owner.change], show_job, [owner], [progress, loss_plot, log, result, run],
+          show_progress="hidden")
     owner.change(refresh, [owner], [run], show_progress="hidden")
     backend.change(device_text, [backend], [device])
     refresh_button.click(refresh, [owner], [run])
