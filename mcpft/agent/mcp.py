@@ -5,15 +5,33 @@ The config is the widely used JSON that Claude Desktop, Cursor and the Trelis wo
     {"mcpServers": {"NAME": {"command": "...", "args": [...], "env": {...}, "cwd": "..."}
                     "OTHER": {"url": "https://.../mcp", "headers": {...}}}}
 
-Two optional keys per server are ours: ``inlineSnapshots`` (bool) and ``disabledTools`` (list of names);
-other clients' extra keys (``type``, ``autoApprove``, ``description``, ...) are accepted and ignored, and a
-server with ``"disabled": true`` is skipped.
+Optional keys per server are ours: ``inlineSnapshots`` (bool), ``disabledTools`` (list of names), ``initTimeout``
+(seconds for initialize + tools/list; default: the hub's ``connect_timeout``, 60) and ``callTimeout`` (seconds a
+tool call may go without an answer or a progress notification; default: the timeout the caller passes, else the
+hub's ``default_timeout``, 60). Other clients' extra keys (``type``, ``autoApprove``, ``description``, ...) are
+accepted and ignored, and a server with ``"disabled": true`` is skipped.
 
 `ToolHub` connects several servers at once (stdio or streamable HTTP), lists their tools, exposes them as
 OpenAI functions and turns every tool call into a `ToolResult`: the exact text the model sees plus what the
 trace keeps. Failures of any kind (unknown tool, bad arguments, timeout, a crashed server) come back as
-error results, never as exceptions, so an agent loop keeps going; a server that has stopped is restarted at the
-next call to one of its tools (`ToolHub.restart` does it on demand).
+error results, never as exceptions, so an agent loop keeps going. Faults of servers in the wild are survived:
+
+- A server that does not start is left out and named in `ToolHub.failed` (server -> reason); the others serve.
+  Only when none starts does entering the hub raise MCPServerError.
+- Before each call a stdio server is pinged (well under a millisecond): one that died while idle is restarted
+  and the call made, the model told so in the result. A call during which a server dies is never sent twice (it
+  may have done its work, or caused the crash); the next call restarts the server. An HTTP server that restarted
+  and forgot this client's session ("Session not found") gets a new session and the call once more, since a
+  rejected session proves the call never ran.
+- Bytes that are not UTF-8 on a server's stdout are decoded as U+FFFD, so the line fails to parse and is skipped
+  instead of killing the SDK's reader (every later call used to wait out its timeout); the model is told.
+- A content block the SDK cannot read (a type newer than it, a malformed block) becomes a text placeholder
+  (``[unsupported content type 'x']``), so the valid blocks of that result survive.
+- ``notifications/tools/list_changed`` lists the server's tools again; a call waits for that, so the next model
+  step is offered the new tools. Calls carry a ``progressToken``; each progress notification restarts the call's
+  timeout and reaches ``on_progress`` (the hub's, or the call's own).
+- Secrets of a server's own config (its ``env`` and ``headers`` values; see `Redactor`) are replaced by
+  ``[redacted:env NAME]`` in everything it sends, in text files saved from its results, and in its stderr log.
 """
 
 from __future__ import annotations
@@ -21,26 +39,32 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import functools
 import hashlib
+import inspect
 import json
 import logging
 import mimetypes
 import os
 import re
 import sys
-from collections.abc import AsyncIterator, Iterable, Mapping
-from contextlib import AsyncExitStack, asynccontextmanager
+import threading
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 import anyio
 import anyio.abc
+import anyio.to_thread
 import mcp.types as mcp_types
 from mcp import ClientSession, StdioServerParameters, stdio_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client  # the SDK's own helper (its session group uses it)
 from mcp.shared.exceptions import MCPError
+from mcp.shared.message import SessionMessage
+from pydantic import TypeAdapter, ValidationError
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup  # anyio's dependency on 3.10
@@ -69,7 +93,7 @@ _SNAPSHOT_LINK = re.compile(r"^- \[Snapshot\]\((?P<path>[^)\n]+\.yml)\)$", re.MU
 DEFAULT_MAX_CHARS = 16_000  # the Trelis workshop's limit, with its notice below
 TRUNCATION_NOTICE = "\n[Content truncated to {n} characters]"
 ERROR_PREFIX = "Error: "
-RESTARTED_NOTE = "(the MCP server {server!r} had stopped and was restarted)"
+RESTARTED_NOTE = "(the MCP server {server!r} had stopped and was restarted: {reason})"
 # Structured content whose JSON is longer than the result's character limit is kept cut, as this marker object.
 STRUCTURED_CUT_KEY = "mcpft_truncated"
 STRUCTURED_CUT_NOTICE = "[structured content truncated to the first {n} of its {total} characters of JSON]"
@@ -103,6 +127,8 @@ class ServerSpec:
     headers: Mapping[str, str] = field(default_factory=dict, repr=False)  # may hold tokens: never printed
     inline_snapshots: bool = False
     disabled_tools: frozenset[str] = frozenset()
+    init_timeout: float | None = None  # seconds for initialize + tools/list; None: the hub's default
+    call_timeout: float | None = None  # seconds a call may go without an answer or progress; None: the caller's
 
     @property
     def transport(self) -> str:
@@ -119,6 +145,10 @@ class ServerSpec:
             entry["headers"] = dict(self.headers)
         entry["inlineSnapshots"] = self.inline_snapshots
         entry["disabledTools"] = sorted(self.disabled_tools)
+        if self.init_timeout is not None:
+            entry["initTimeout"] = self.init_timeout
+        if self.call_timeout is not None:
+            entry["callTimeout"] = self.call_timeout
         return entry
 
 
@@ -169,6 +199,8 @@ def _parse_server(source: str, name: Any, entry: Any) -> ServerSpec | None:
     common = {
         "inline_snapshots": _field(entry, "inlineSnapshots", bool, where, None),
         "disabled_tools": _string_list(entry, "disabledTools", where),
+        "init_timeout": _seconds(entry, "initTimeout", where),
+        "call_timeout": _seconds(entry, "callTimeout", where),
     }
     if has_url:
         url = _field(entry, "url", str, where, "")
@@ -188,7 +220,8 @@ def _parse_server(source: str, name: Any, entry: Any) -> ServerSpec | None:
     return _with_defaults(spec, **common)
 
 
-def _with_defaults(spec: ServerSpec, inline_snapshots: bool | None, disabled_tools: list[str] | None) -> ServerSpec:
+def _with_defaults(spec: ServerSpec, inline_snapshots: bool | None, disabled_tools: list[str] | None,
+                   **timeouts: float | None) -> ServerSpec:
     """Fill what the config left out; a Playwright MCP server gets inlined snapshots and no unsafe tools."""
     playwright = is_playwright_server(spec)
     if disabled_tools is None:
@@ -197,6 +230,7 @@ def _with_defaults(spec: ServerSpec, inline_snapshots: bool | None, disabled_too
         spec,
         inline_snapshots=playwright if inline_snapshots is None else inline_snapshots,
         disabled_tools=frozenset(disabled_tools),
+        **timeouts,
     )
 
 
@@ -209,6 +243,15 @@ def _field(entry: Mapping[str, Any], key: str, kind: type, where: str, default: 
     if value is not default and not isinstance(value, kind):
         raise MCPConfigError(f'{where}: field "{key}" must be a {kind.__name__}, got {type(value).__name__}')
     return value
+
+
+def _seconds(entry: Mapping[str, Any], key: str, where: str) -> float | None:
+    value = entry.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise MCPConfigError(f'{where}: field "{key}" must be a number of seconds above 0, got {value!r}')
+    return float(value)
 
 
 def _string_list(entry: Mapping[str, Any], key: str, where: str) -> list[str] | None:
@@ -378,8 +421,10 @@ class _FileSaver:
         self.folder = folder
         self.count = 0
 
-    def save(self, kind: str, data_b64: str, mime_type: str) -> Path:
+    def save(self, kind: str, data_b64: str, mime_type: str, redactor: Redactor | None = None) -> Path:
         data = base64.b64decode(data_b64, validate=True)
+        if redactor and is_textual(mime_type):  # a text file holding a secret is redacted like the result's text
+            data = redactor.bytes(data)
         ext = mimetypes.guess_extension(mime_type or "") or ".bin"
         self.folder.mkdir(parents=True, exist_ok=True)
         while True:
@@ -391,16 +436,19 @@ class _FileSaver:
 
 
 def convert_result(result: mcp_types.CallToolResult, *, saver: _FileSaver, max_chars: int,
-                   snapshot_dir: Path | None = None) -> ToolResult:
-    """Turn an MCP tool result into what the model sees; binary parts become files with a placeholder."""
+                   snapshot_dir: Path | None = None, redactor: Redactor | None = None) -> ToolResult:
+    """Turn an MCP tool result into what the model sees; binary parts become files with a placeholder. The server's
+    secrets (`redactor`) are replaced in the text, also in what was inlined from a snapshot file, and in text files."""
     parts: list[str] = []
     images: list[Path] = []
     raw = result.model_dump(mode="json", by_alias=True, exclude_none=True)
     for block, raw_block in zip(result.content, raw.get("content", [])):
-        parts.append(_block_text(block, raw_block, saver, images))
+        parts.append(_block_text(block, raw_block, saver, images, redactor))
     text = strip_ansi("\n".join(part for part in parts if part))
     if snapshot_dir is not None:
         text = inline_snapshot_links(text, snapshot_dir)
+    if redactor:
+        text = redactor.text(text)
     structured = result.structured_content
     if not text and structured is not None:
         text = json.dumps(structured, ensure_ascii=False)
@@ -440,6 +488,9 @@ def block_records(raw_blocks: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _block_record(raw_block: dict[str, Any]) -> dict[str, Any]:
+    unsupported = (raw_block.get("_meta") or {}).get(UNSUPPORTED_BLOCK_KEY)
+    if isinstance(unsupported, dict):  # a placeholder for a block the SDK could not read: record what it was
+        return {"type": unsupported.get("type"), "unsupported": True}
     resource = raw_block.get("resource") if isinstance(raw_block.get("resource"), dict) else {}
     fields = {"type": raw_block.get("type"), "mime_type": raw_block.get("mimeType", resource.get("mimeType")),
               "uri": raw_block.get("uri", resource.get("uri")), "name": raw_block.get("name"),
@@ -447,12 +498,13 @@ def _block_record(raw_block: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in fields.items() if value is not None}
 
 
-def _block_text(block: Any, raw_block: dict[str, Any], saver: _FileSaver, images: list[Path]) -> str:
+def _block_text(block: Any, raw_block: dict[str, Any], saver: _FileSaver, images: list[Path],
+                redactor: Redactor | None = None) -> str:
     if isinstance(block, mcp_types.TextContent):
         return block.text
     if isinstance(block, (mcp_types.ImageContent, mcp_types.AudioContent)):
         kind = "image" if isinstance(block, mcp_types.ImageContent) else "audio"
-        placeholder, path = _save_binary(saver, kind, block.data, block.mime_type, raw_block, "data")
+        placeholder, path = _save_binary(saver, kind, block.data, block.mime_type, raw_block, "data", redactor)
         if path is not None and kind == "image":
             images.append(path)
         return placeholder
@@ -460,17 +512,18 @@ def _block_text(block: Any, raw_block: dict[str, Any], saver: _FileSaver, images
         resource = block.resource
         if isinstance(resource, mcp_types.TextResourceContents):
             return resource.text
-        return _save_binary(saver, "resource", resource.blob, resource.mime_type or "", raw_block["resource"], "blob")[0]
+        return _save_binary(saver, "resource", resource.blob, resource.mime_type or "", raw_block["resource"], "blob",
+                            redactor)[0]
     if isinstance(block, mcp_types.ResourceLink):
         return f"[resource link: {block.name} {block.uri}]"
     return json.dumps(raw_block, ensure_ascii=False)  # a content type newer than this code: show it as JSON
 
 
 def _save_binary(saver: _FileSaver, kind: str, data_b64: str, mime_type: str, raw_holder: dict[str, Any],
-                 key: str) -> tuple[str, Path | None]:
+                 key: str, redactor: Redactor | None = None) -> tuple[str, Path | None]:
     """Save base64 content to a file; return the placeholder the model sees and the file's path."""
     try:
-        path = saver.save(kind, data_b64, mime_type)
+        path = saver.save(kind, data_b64, mime_type, redactor)
     except (binascii.Error, ValueError):
         return f"[{kind}: undecodable {mime_type} data]", None
     raw_holder[key] = f"<saved as {path.name}>"  # the bytes live in the file, not the trace
@@ -501,7 +554,180 @@ def parse_arguments(arguments: Mapping[str, Any] | str | None) -> dict[str, Any]
     return dict(arguments)
 
 
+# ------------------------------------------------------------------------------------------ secrets, odd content
+
+SECRET_MIN_CHARS = 6  # shorter values would replace ordinary words in results
+# An env var so named always holds a secret; others do unless their value is plainly a setting.
+_SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASS|AUTH|CRED|PRIVATE|COOKIE|SESSION|SIGNATURE", re.IGNORECASE)
+# Values that are settings, not secrets (redacting "production" or a folder's path would garble every result).
+_PLAIN_SETTING = re.compile(r"-?\d+(\.\d+)?|true|false|yes|no|on|off|[a-z]+|[~/].*|[A-Za-z]:\\.*|https?://[^@\s]*",
+                            re.IGNORECASE)
+_AUTH_SCHEME = re.compile(r"(?:Bearer|Basic|Token|Bot|ApiKey)\s+(?P<credential>\S+)", re.IGNORECASE)
+_TEXTUAL_TYPES = ("application/json", "application/xml", "application/yaml", "application/x-yaml",
+                  "application/javascript", "application/x-ndjson", "application/csv")
+
+
+@dataclass(frozen=True)
+class Redactor:
+    """Replaces the secrets a server's config hands it (`env` and `headers` values) by `[redacted:env NAME]` or
+    `[redacted:header NAME]`, so that a server echoing its credentials never puts them in a trace, a tool file or a
+    log. An env value counts as a secret when its name says so (KEY, TOKEN, SECRET, PASS, AUTH, ...) or when it is
+    not plainly a setting (a number, a boolean, one lowercase word, a path, a URL without credentials); a header
+    value always does, and so does the credential after its scheme (`Bearer abc...`). Values shorter than
+    SECRET_MIN_CHARS are left alone."""
+
+    secrets: tuple[tuple[str, str], ...] = ()  # (value, replacement), longest value first
+
+    @classmethod
+    def for_spec(cls, spec: ServerSpec) -> Redactor:
+        found: dict[str, str] = {}
+        for name, value in spec.env.items():
+            if len(value) >= SECRET_MIN_CHARS and (_SECRET_NAME.search(name) or not _PLAIN_SETTING.fullmatch(value)):
+                found.setdefault(value, f"[redacted:env {name}]")
+        for name, value in spec.headers.items():
+            scheme = _AUTH_SCHEME.fullmatch(value.strip())
+            for secret in (value, scheme["credential"] if scheme else ""):
+                if len(secret) >= SECRET_MIN_CHARS:
+                    found.setdefault(secret, f"[redacted:header {name}]")
+        return cls(tuple(sorted(found.items(), key=lambda item: -len(item[0]))))  # a longer secret may hold a shorter
+
+    def __bool__(self) -> bool:
+        return bool(self.secrets)
+
+    def text(self, text: str) -> str:
+        for secret, replacement in self.secrets:
+            if secret in text:
+                text = text.replace(secret, replacement)
+        return text
+
+    def value(self, value: Any) -> Any:
+        """Every string inside a JSON value redacted (dict keys too)."""
+        if isinstance(value, str):
+            return self.text(value)
+        if isinstance(value, dict):
+            return {self.text(key): self.value(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [self.value(item) for item in value]
+        return value
+
+    def bytes(self, data: bytes) -> bytes:
+        """Bytes that are mostly text (a log line, a text file): redacted, with any undecodable bytes kept as they
+        were."""
+        text = data.decode("utf-8", errors="surrogateescape")
+        return self.text(text).encode("utf-8", errors="surrogateescape")
+
+
+def is_textual(mime_type: str) -> bool:
+    mime_type = (mime_type or "").split(";")[0].strip().lower()
+    return mime_type.startswith("text/") or mime_type in _TEXTUAL_TYPES or mime_type.endswith(("+json", "+xml"))
+
+
+KNOWN_BLOCK_TYPES = frozenset({"text", "image", "audio", "resource", "resource_link"})
+UNSUPPORTED_BLOCK_KEY = "mcpft/unsupported"  # in a placeholder block's `_meta`: what the replaced block was
+_CONTENT_BLOCK: TypeAdapter[Any] = TypeAdapter(mcp_types.ContentBlock)
+
+
+def tolerate_content(result: dict[str, Any]) -> dict[str, Any]:
+    """A tools/call result with each content block the SDK cannot read (a type newer than it, a malformed block)
+    replaced by a text placeholder naming it. The SDK would otherwise reject the whole result, valid text included,
+    and the model would be shown a validation dump."""
+    content = result.get("content")
+    if not isinstance(content, list):
+        return result
+    kept = [block if _readable_block(block) else _placeholder_block(block) for block in content]
+    return result if all(a is b for a, b in zip(kept, content)) else {**result, "content": kept}
+
+
+def _readable_block(block: Any) -> bool:
+    try:
+        _CONTENT_BLOCK.validate_python(block, by_name=False)
+    except ValidationError:
+        return False
+    return True
+
+
+def _placeholder_block(block: Any) -> dict[str, Any]:
+    kind = block.get("type") if isinstance(block, dict) else None
+    if kind in KNOWN_BLOCK_TYPES:
+        text = f"[invalid {kind!r} content: it lacks a field or has one of the wrong type]"
+    else:
+        text = f"[unsupported content type {kind!r}]"
+    return {"type": "text", "text": text, "_meta": {UNSUPPORTED_BLOCK_KEY: {"type": kind}}}
+
+
+def _clean_message(item: SessionMessage, redactor: Redactor) -> SessionMessage:
+    """What a server sent, before the SDK reads it: tool results it would reject made readable, secrets redacted."""
+    message = item.message
+    if isinstance(message, mcp_types.JSONRPCResponse):
+        result = redactor.value(message.result) if redactor else message.result
+        message = message.model_copy(update={"result": tolerate_content(result)})
+    elif not redactor:
+        return item
+    elif isinstance(message, mcp_types.JSONRPCNotification) and message.params is not None:
+        message = message.model_copy(update={"params": redactor.value(message.params)})
+    elif isinstance(message, mcp_types.JSONRPCError):
+        error = message.error
+        message = message.model_copy(update={"error": error.model_copy(
+            update={"message": redactor.text(error.message), "data": redactor.value(error.data)})})
+    else:
+        return item
+    return SessionMessage(message, metadata=item.metadata)
+
+
+def describe_stream_fault(exc: BaseException) -> str:
+    """What a server wrote that is no JSON-RPC message, in one line (the SDK's error quotes the line)."""
+    if "\ufffd" in str(exc):  # the transport decodes with errors="replace", so bytes that are not UTF-8 show so
+        return "it wrote bytes to stdout that are not UTF-8, which is no JSON-RPC message; that line was skipped"
+    if isinstance(exc, ValidationError) and exc.errors():
+        detail = exc.errors()[0]["msg"]
+    else:
+        detail = (str(exc).splitlines() or [type(exc).__name__])[0]
+    return f"it wrote a line that is no JSON-RPC message ({detail[:200]}); that line was skipped"
+
+
+def _copy_stderr(read_fd: int, log_path: Path, redactor: Redactor) -> None:
+    """A server's stderr, line by line, into its log with its secrets redacted (runs on a thread of its own)."""
+    with os.fdopen(read_fd, "rb") as source, open(log_path, "ab") as log_file:
+        for line in source:
+            log_file.write(redactor.bytes(line) if redactor else line)
+            log_file.flush()
+
+
 # -------------------------------------------------------------------------------------------------------- hub
+
+PING_TIMEOUT = 5.0  # seconds a live stdio server gets to answer the ping before a call
+PROCESS_EXITED = "its process had exited"
+# How servers say they no longer know a session id (the Python SDK: 404 "Session not found"; the TypeScript SDK's
+# examples: 400 "Bad Request: No valid session ID provided"; the SDK client's own stand-in: "Session terminated").
+_SESSION_LOST = re.compile(r"session (?:id )?(?:not found|terminated|expired|unknown)|no valid session|"
+                           r"(?:unknown|invalid) session", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class ToolProgress:
+    """A progress notification from a running tool call."""
+
+    tool: str  # the exposed name the model called
+    server: str
+    progress: float
+    total: float | None
+    message: str | None
+
+
+# on_progress(ToolProgress) -> None, or an awaitable; called on the hub's event loop.
+ProgressCallback = Callable[[ToolProgress], Any]
+
+
+class ServerStartError(MCPServerError):
+    """One server did not start; `reason` says why, without the server's name."""
+
+    def __init__(self, server: str, reason: str):
+        super().__init__(f"MCP server {server!r} did not start: {reason}")
+        self.server, self.reason = server, reason
+
+
+class _SessionLost(Exception):
+    """An HTTP server rejected a request because it no longer knows the session: the request never ran."""
 
 
 @dataclass(eq=False)
@@ -509,10 +735,14 @@ class _Link:
     """One server's live connection, owned by its own task (the SDK's transports are task-bound)."""
 
     spec: ServerSpec
+    redactor: Redactor
     session: ClientSession | None = None
     tools: list[mcp_types.Tool] = field(default_factory=list)
     snapshot_dir: Path | None = None
     dead: str | None = None  # why calls can no longer reach the server
+    faults: list[str] = field(default_factory=list)  # what the server garbled since the last call, told with its result
+    reloading: anyio.Event | None = None  # set while its tools are listed again after tools/list_changed
+    stderr_copier: threading.Thread | None = None
     stop: anyio.Event = field(default_factory=anyio.Event)
     done: anyio.Event = field(default_factory=anyio.Event)
 
@@ -521,12 +751,17 @@ class ToolHub:
     """Live connections to several MCP servers, their tools as one OpenAI function list, and calls to them.
 
     Use as `async with ToolHub(specs, output_dir) as hub:`. Binary results (screenshots) and each stdio
-    server's stderr log go under `output_dir`.
+    server's stderr log go under `output_dir`. A server that does not start is left out and named in `failed`
+    (server -> reason); only when none starts does entering the hub raise MCPServerError.
+
+    `connect_timeout` bounds initialize + tools/list and `default_timeout` a call's silence (no answer, no
+    progress), unless the server's config sets `initTimeout` / `callTimeout`. `on_progress` hears every progress
+    notification of every call (`call` also takes one of its own).
     """
 
     def __init__(self, servers: Mapping[str, ServerSpec] | Iterable[ServerSpec], output_dir: str | os.PathLike[str],
                  *, max_chars: int = DEFAULT_MAX_CHARS, default_timeout: float = 60.0,
-                 connect_timeout: float = 60.0):
+                 connect_timeout: float = 60.0, on_progress: ProgressCallback | None = None):
         specs = list(servers.values()) if isinstance(servers, Mapping) else list(servers)
         names = [spec.name for spec in specs]
         if len(set(names)) != len(names):
@@ -536,15 +771,21 @@ class ToolHub:
         self.max_chars = max_chars
         self.default_timeout = default_timeout
         self.connect_timeout = connect_timeout
+        self.on_progress = on_progress
+        self.failed: dict[str, str] = {}  # server -> why it is not running (did not start, or could not restart)
+        self.tools_version = 0  # grows whenever the exposed tool list changes
         self._saver = _FileSaver(self.output_dir)
         self._links: dict[str, _Link] = {}
+        self._listed: dict[str, list[mcp_types.Tool]] = {}  # each server's last tool list, kept while it is down
         self._tools: dict[str, HubTool] = {}
+        self._tools_changed: anyio.Event | None = None
         self._tasks: anyio.abc.TaskGroup | None = None
 
     # -- lifecycle
 
     async def __aenter__(self) -> ToolHub:
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._tools_changed = anyio.Event()
         self._tasks = anyio.create_task_group()
         await self._tasks.__aenter__()
         try:
@@ -565,35 +806,45 @@ class ToolHub:
             await tasks.__aexit__(None, None, None)  # every server task has returned by now
 
     async def _connect_all(self) -> None:
-        failures: dict[str, BaseException] = {}
+        """Start every server at once; the ones that fail are named in `failed` and the others serve."""
 
         async def connect(spec: ServerSpec) -> None:
             try:
-                self._links[spec.name] = await self._start(spec)
+                self._adopt(await self._start(spec))
+            except ServerStartError as exc:
+                self.failed[spec.name] = exc.reason
             except Exception as exc:
-                failures[spec.name] = exc
+                self.failed[spec.name] = describe_error(exc)
 
         async with anyio.create_task_group() as group:
             for spec in self._specs.values():
                 group.start_soon(connect, spec)
-        if failures:
-            raise MCPServerError("; ".join(str(exc) for exc in failures.values())) from next(iter(failures.values()))
+        if self.failed and not self._links:  # nothing to work with: say why, all of it
+            raise MCPServerError("; ".join(f"MCP server {name!r} did not start: {reason}"
+                                           for name, reason in self.failed.items()))
+        for name, reason in self.failed.items():
+            log.info("MCP server %r did not start and is left out: %s", name, reason)
         self._refresh_tools()
 
     async def _start(self, spec: ServerSpec) -> _Link:
         assert self._tasks is not None, "use the hub inside `async with`"
         return await self._tasks.start(self._serve, spec)
 
+    def _adopt(self, link: _Link) -> None:
+        self._links[link.spec.name] = link
+        self._listed[link.spec.name] = link.tools
+        self.failed.pop(link.spec.name, None)
+
     async def _serve(self, spec: ServerSpec, *, task_status: anyio.abc.TaskStatus[_Link]) -> None:
-        link = _Link(spec)
+        link = _Link(spec, Redactor.for_spec(spec))
         stderr_log = self.output_dir / "logs" / f"{openai_name(spec.name)}.stderr.log"
         log_start = stderr_log.stat().st_size if stderr_log.exists() else 0  # the log is kept across restarts
         started = False
         try:
-            async with self._session(spec, stderr_log) as session:
-                with anyio.fail_after(self.connect_timeout):
+            async with self._session(link, stderr_log) as session:
+                with anyio.fail_after(spec.init_timeout or self.connect_timeout):
                     await session.initialize()
-                    link.tools = [t for t in await list_all_tools(session) if t.name not in spec.disabled_tools]
+                    link.tools = await self._list_tools(link, session)
                 link.session = session
                 if spec.inline_snapshots and spec.transport == "stdio":  # only a local server's files are ours to read
                     link.snapshot_dir = Path(spec.cwd or os.getcwd())
@@ -602,48 +853,139 @@ class ToolHub:
                 await link.stop.wait()
         except Exception as exc:
             if not started:
-                raise MCPServerError(f"MCP server {spec.name!r} did not start: {describe_error(exc)}"
-                                     f"{_stderr_tail(stderr_log, log_start)}") from exc
+                await _finish_log(link)
+                raise ServerStartError(spec.name, f"{describe_error(exc)}{_stderr_tail(stderr_log, log_start)}") \
+                    from exc
             log.warning("MCP server %r closed with an error: %s", spec.name, describe_error(exc))
         finally:
             link.dead = link.dead or "the connection is closed"
+            await _finish_log(link)
             link.done.set()
 
     @asynccontextmanager
-    async def _session(self, spec: ServerSpec, stderr_log: Path) -> AsyncIterator[ClientSession]:
+    async def _session(self, link: _Link, stderr_log: Path) -> AsyncIterator[ClientSession]:
+        spec = link.spec
         async with AsyncExitStack() as stack:
             if spec.transport == "stdio":
-                stderr_log.parent.mkdir(parents=True, exist_ok=True)
-                errlog: IO[str] = stack.enter_context(open(stderr_log, "a", encoding="utf-8"))
+                errlog = stack.enter_context(self._stderr_pipe(link, stderr_log))
+                # "replace": bytes that are not UTF-8 would otherwise kill the SDK's reader silently, and every later
+                # call would wait out its timeout; replaced, the line fails to parse and is reported (faults).
                 params = StdioServerParameters(command=spec.command, args=list(spec.args), env=dict(spec.env) or None,
-                                               cwd=spec.cwd)
+                                               cwd=spec.cwd, encoding_error_handler="replace")
                 read, write = await stack.enter_async_context(stdio_client(params, errlog=errlog))
             else:
                 http = await stack.enter_async_context(create_mcp_http_client(headers=dict(spec.headers) or None))
                 read, write = await stack.enter_async_context(streamable_http_client(spec.url, http_client=http))
-            yield await stack.enter_async_context(ClientSession(read, write))
+            relayed = await stack.enter_async_context(self._relayed(link, read))
+            yield await stack.enter_async_context(
+                ClientSession(relayed, write, message_handler=functools.partial(self._on_message, link)))
+
+    @contextmanager
+    def _stderr_pipe(self, link: _Link, stderr_log: Path) -> Iterator[IO[str]]:
+        """The server's stderr: a pipe whose lines a thread copies into the log, redacted."""
+        stderr_log.parent.mkdir(parents=True, exist_ok=True)
+        read_fd, write_fd = os.pipe()
+        link.stderr_copier = threading.Thread(target=_copy_stderr, args=(read_fd, stderr_log, link.redactor),
+                                              name=f"mcpft-stderr-{link.spec.name}", daemon=True)
+        link.stderr_copier.start()
+        with os.fdopen(write_fd, "w", encoding="utf-8") as write_end:  # closed here once the server is stopped
+            yield write_end
+
+    @asynccontextmanager
+    async def _relayed(self, link: _Link, source: Any) -> AsyncIterator[Any]:
+        """The transport's messages as the session should read them (see `_relay`)."""
+        send, receive = anyio.create_memory_object_stream[SessionMessage | Exception](0)
+        async with anyio.create_task_group() as group:
+            group.start_soon(self._relay, link, source, send)
+            try:
+                yield receive
+            finally:
+                group.cancel_scope.cancel()
+
+    async def _relay(self, link: _Link, source: Any, sink: Any) -> None:
+        """Pass the server's messages on, cleaned (`_clean_message`); note what it garbled, and when its output ends
+        (a stdio server that exited while idle is known dead before the next call)."""
+        async with sink:
+            try:
+                async for item in source:
+                    if isinstance(item, SessionMessage):
+                        item = _clean_message(item, link.redactor)
+                    else:  # the transport could not read a line: noted before the answer it came with goes on
+                        fault = describe_stream_fault(item)
+                        log.warning("MCP server %r: %s", link.spec.name, fault)
+                        if len(link.faults) < 10:
+                            link.faults.append(fault)
+                    await sink.send(item)
+            except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+                return  # the session is closing
+        if link.spec.transport == "stdio":
+            link.dead = link.dead or PROCESS_EXITED
+
+    async def _on_message(self, link: _Link, message: Any) -> None:
+        if isinstance(message, mcp_types.ToolListChangedNotification):
+            await self._reload_tools(link)
+
+    async def _reload_tools(self, link: _Link) -> None:
+        """tools/list again after the server said its tools changed; the next model step sees the new list."""
+        done = link.reloading = anyio.Event()
+        try:
+            link.tools = await self._list_tools(link, link.session)
+        except Exception as exc:
+            log.warning("MCP server %r said its tools changed, but listing them failed: %s", link.spec.name,
+                        describe_error(exc))
+        else:
+            if self._links.get(link.spec.name) is link:
+                self._listed[link.spec.name] = link.tools
+                self._refresh_tools()
+        finally:
+            done.set()
+
+    @staticmethod
+    async def _list_tools(link: _Link, session: ClientSession) -> list[mcp_types.Tool]:
+        return [tool for tool in await list_all_tools(session) if tool.name not in link.spec.disabled_tools]
 
     async def _stop(self, link: _Link) -> None:
         link.stop.set()
         await link.done.wait()
 
     async def restart(self, server: str) -> None:
-        """Close the server's connection (killing a stdio server) and start it again; raises MCPServerError."""
+        """Close the server's connection (killing a stdio server) and start it again; raises MCPServerError (and
+        names the server in `failed`) when it does not come back. Its tools stay offered meanwhile, so that a call
+        tries again."""
         if server not in self._specs:
             raise ValueError(f"no MCP server named {server!r}; servers: {sorted(self._specs)}")
         old = self._links.pop(server, None)
         if old is not None:
             with anyio.CancelScope(shield=True):
                 await self._stop(old)
-        self._links[server] = await self._start(self._specs[server])
+        try:
+            link = await self._start(self._specs[server])
+        except ServerStartError as exc:
+            self.failed[server] = exc.reason
+            raise
+        self._adopt(link)
         self._refresh_tools()
 
     def _refresh_tools(self) -> None:
-        listings = {name: self._links[name].tools for name in self._specs if name in self._links}
-        self._tools = {tool.name: tool for tool in expose_tools(listings)}
+        listings = {name: self._listed[name] for name in self._specs if name in self._listed}
+        tools = {tool.name: tool for tool in expose_tools(listings)}
+        if tools == self._tools:
+            return
+        self._tools = tools
+        self.tools_version += 1
+        if self._tools_changed is not None:
+            self._tools_changed.set()
+            self._tools_changed = anyio.Event()
         if self.renamed:
             log.warning("MCP tools renamed for the model (clashing or invalid names): %s",
                         ", ".join(f"{server}/{tool} -> {name}" for name, (server, tool) in self.renamed.items()))
+
+    async def wait_tools_changed(self, after_version: int) -> int:
+        """Wait until the tool list is newer than `after_version` (e.g. after tools/list_changed); the new version."""
+        while self.tools_version <= after_version:
+            assert self._tools_changed is not None, "use the hub inside `async with`"
+            await self._tools_changed.wait()
+        return self.tools_version
 
     # -- what the model sees
 
@@ -666,8 +1008,14 @@ class ToolHub:
     # -- calls
 
     async def call(self, name: str, arguments: Mapping[str, Any] | str | None = None,
-                   timeout: float | None = None) -> ToolResult:
-        """Call a tool by its exposed name. Never raises for a tool's failure: that is an error result."""
+                   timeout: float | None = None, on_progress: ProgressCallback | None = None) -> ToolResult:
+        """Call a tool by its exposed name. Never raises for a tool's failure: that is an error result.
+
+        `timeout`: seconds the call may go without an answer or a progress notification (the server's
+        `callTimeout` wins, then this, then `default_timeout`). A server found dead before the call (a stdio
+        process that exited, a ping unanswered, an HTTP session the server forgot) is restarted and the call made,
+        with a note to the model that state may be gone; a call that was sent and lost is never sent twice, except
+        when an HTTP server rejected it for its session, which proves it never ran."""
         tool = self._tools.get(name)
         if tool is None:
             return error_result(f"unknown tool {name!r}. Available tools: {', '.join(self._tools)}")
@@ -675,47 +1023,112 @@ class ToolHub:
             args = parse_arguments(arguments)
         except ValueError as exc:
             return error_result(f"cannot call {name}: {exc}")
+        spec = self._specs[tool.server]
+        timeout = spec.call_timeout or (self.default_timeout if timeout is None else timeout)
+        notes = []
         try:
-            restarted = await self._ensure_running(tool.server)
+            notes.append(await self._ready(tool.server, timeout))
+            try:
+                result = await self._call_live(self._links[tool.server], tool, args, timeout, on_progress)
+            except _SessionLost as lost:  # it never ran: open a new session and send it once more
+                await self.restart(tool.server)
+                notes.append(f"(the MCP server {tool.server!r} no longer knew this client's session ({lost}); "
+                             "a new session was opened)")
+                result = await self._call_live(self._links[tool.server], tool, args, timeout, on_progress, retry=False)
         except MCPServerError as exc:
             return error_result(f"the MCP server {tool.server!r} behind {name} had stopped and could not be "
-                                f"restarted: {describe_error(exc)}")
-        result = await self._call_live(self._links[tool.server], tool, args,
-                                       self.default_timeout if timeout is None else timeout)
-        if restarted:  # the model should know its earlier state (a page, a login) may be gone
-            result.text = f"{RESTARTED_NOTE.format(server=tool.server)}\n{result.text}"
+                                f"restarted: {exc.reason if isinstance(exc, ServerStartError) else exc}")
+        link = self._links[tool.server]
+        notes += [f"(note: the MCP server {tool.server!r} misbehaved: {fault})" for fault in link.faults]
+        link.faults.clear()
+        if link.reloading is not None:  # tools this call unlocked are offered at the very next step
+            with anyio.move_on_after(min(timeout, PING_TIMEOUT)):
+                await link.reloading.wait()
+        notes = [note for note in notes if note]
+        if notes:  # the model should know its earlier state (a page, a login) may be gone
+            result.text = "\n".join([*notes, result.text])
         return result
 
-    async def _ensure_running(self, server: str) -> bool:
-        """Restart the server if it has stopped (crashed, connection closed); True when it was restarted."""
+    async def _ready(self, server: str, timeout: float) -> str | None:
+        """Make sure the server can take a call, restarting it when it has stopped; the note for the model when it
+        was restarted, else None. Raises MCPServerError when it does not come back."""
         link = self._links.get(server)
-        if link is not None and link.dead is None:
-            return False
+        reason = "an earlier restart had failed" if link is None else link.dead
+        if reason is None and link.spec.transport == "stdio":
+            reason = await _probe(link, min(timeout, PING_TIMEOUT))
+        if reason is None:
+            return None
         await self.restart(server)
-        return True
+        return RESTARTED_NOTE.format(server=server, reason=reason)
 
-    async def _call_live(self, link: _Link, tool: HubTool, args: dict[str, Any], timeout: float) -> ToolResult:
-        try:
-            result = await link.session.call_tool(tool.tool, args, read_timeout_seconds=timeout)
-        except MCPError as exc:
-            return self._call_failure(link, tool.name, timeout, exc)
-        except Exception as exc:  # e.g. structured content that breaks the tool's own output schema
-            return error_result(f"{tool.name} failed: {describe_error(exc)}")
-        return convert_result(result, saver=self._saver, max_chars=self.max_chars, snapshot_dir=link.snapshot_dir)
+    async def _call_live(self, link: _Link, tool: HubTool, args: dict[str, Any], timeout: float,
+                         on_progress: ProgressCallback | None, retry: bool = True) -> ToolResult:
+        """One tools/call with a progress token; the timeout counts from the last sign of life (the request, or a
+        progress notification), so a long call that reports progress is never cut off."""
+        report = on_progress or self.on_progress
+        progressed = False
 
-    def _call_failure(self, link: _Link, name: str, timeout: float, exc: MCPError) -> ToolResult:
+        async def heard(progress: float, total: float | None, message: str | None) -> None:
+            nonlocal progressed
+            progressed = True
+            idle.deadline = anyio.current_time() + timeout
+            if report is not None:
+                outcome = report(ToolProgress(tool.name, link.spec.name, progress, total, message))
+                if inspect.isawaitable(outcome):
+                    await outcome
+
+        with anyio.CancelScope(deadline=anyio.current_time() + timeout) as idle:
+            try:
+                result = await link.session.call_tool(tool.tool, args, progress_callback=heard)
+            except MCPError as exc:
+                return self._call_failure(link, tool.name, exc, retry)
+            except Exception as exc:  # e.g. structured content that breaks the tool's own output schema
+                return error_result(f"{tool.name} failed: {describe_error(exc)}")
+            return convert_result(result, saver=self._saver, max_chars=self.max_chars, snapshot_dir=link.snapshot_dir,
+                                  redactor=link.redactor)
+        silence = "since its last progress report" if progressed else ""
+        return error_result(f"{tool.name} did not answer within {timeout:g} s{' ' + silence if silence else ''}; "
+                            "the call was cancelled")
+
+    def _call_failure(self, link: _Link, name: str, exc: MCPError, retry: bool) -> ToolResult:
         server = link.spec.name
-        if exc.code == mcp_types.REQUEST_TIMEOUT:
-            return error_result(f"{name} did not answer within {timeout:g} s; the call was cancelled")
         if exc.code == mcp_types.CONNECTION_CLOSED:
             link.dead = f"its connection closed during a call to {name}; it may have crashed"
             return error_result(f"the MCP server {server!r} stopped responding ({link.dead}). "
                                 "It will be restarted at the next call to one of its tools")
+        if link.spec.transport == "http" and _SESSION_LOST.search(exc.message or ""):
+            link.dead = f"it no longer knew this client's session ({strip_ansi(exc.message)})"
+            if retry:
+                raise _SessionLost(strip_ansi(exc.message))
         return error_result(f"{name} failed: {describe_error(exc)}")
 
     def is_running(self, server: str) -> bool:
         link = self._links.get(server)
         return link is not None and link.dead is None
+
+
+async def _finish_log(link: _Link, seconds: float = 2.0) -> None:
+    """Wait (bounded) until a stopped server's stderr is all in its log, so the log is complete once the server is
+    closed (a process that left children holding its stderr is not waited for longer)."""
+    if link.stderr_copier is not None:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(link.stderr_copier.join, seconds, abandon_on_cancel=True)
+
+
+async def _probe(link: _Link, seconds: float) -> str | None:
+    """Why a stdio server cannot take a call (its process exited, a ping went unanswered), or None: a ping costs
+    under a millisecond, and tells a server that died while idle (restart it, then call) from one that dies during
+    the call (never sent twice)."""
+    try:
+        with anyio.fail_after(seconds):
+            await link.session.send_ping()
+    except TimeoutError:
+        return f"it did not answer a ping within {seconds:g} s"
+    except MCPError as exc:
+        if exc.code == mcp_types.CONNECTION_CLOSED:
+            return link.dead or PROCESS_EXITED
+        # any other answer (e.g. a server without ping) is still an answer
+    return link.dead
 
 
 async def list_all_tools(session: ClientSession, max_pages: int = 1000) -> list[mcp_types.Tool]:

@@ -153,6 +153,11 @@ class AgentSession:
     def tools(self) -> list[HubTool]:
         return self._hub.tools if self._hub else []
 
+    @property
+    def failed_servers(self) -> dict[str, str]:
+        """Servers of the config that did not start (or could not be restarted): name -> why."""
+        return dict(self._hub.failed) if self._hub else {}
+
     # -- the conversation --------------------------------------------------------------------------------------
 
     def _reset_conversation(self, conversation: Conversation | None) -> None:

@@ -63,6 +63,8 @@ async def agent_session(args, approve):
             stack.callback(stop_server)
         hub = await open_hub(stack, specs, Path(store.path).parent / "tool-files", args.truncate)
         settings = {"truncate": args.truncate, "max_steps": args.max_steps, "temperature": args.temperature}
+        if hub.failed:  # the trace records which tools were missing, and why
+            settings["mcp_failed"] = dict(hub.failed)
         trace_id = open_trace(store, model=endpoint.model, base_url=endpoint.base_url, tools=hub.openai_tools(),
                               settings=settings, train_system=not args.exclude_system_prompt, tags=args.tag,
                               source="cli")
@@ -96,13 +98,17 @@ def mcp_specs(args) -> dict:
 
 
 async def open_hub(stack: AsyncExitStack, specs: dict, folder: Path, max_chars: int):
-    """The MCP servers started (tool output files under `folder`), closed with `stack`."""
+    """The MCP servers started (tool output files under `folder`), closed with `stack`. A server that does not
+    start is named on stderr and left out; only when none starts is that an error."""
     from mcpft.agent.mcp import MCPServerError, ToolHub
 
     try:
-        return await stack.enter_async_context(ToolHub(specs, folder, max_chars=max_chars))
+        hub = await stack.enter_async_context(ToolHub(specs, folder, max_chars=max_chars, on_progress=print_progress))
     except MCPServerError as e:
         raise CliError(str(e)) from None
+    for name, reason in hub.failed.items():
+        print(f"mcpft: MCP server {name!r} did not start and is left out: {reason}", file=sys.stderr)
+    return hub
 
 
 def default_browser_config(headless: bool) -> dict:
@@ -132,6 +138,12 @@ def print_delta(kind: str, text: str):
     """Thinking dimmed, answer plain, both on stderr (stdout belongs to --json)."""
     sys.stderr.write(f"\x1b[2m{text}\x1b[0m" if kind == "reasoning" and sys.stderr.isatty() else text)
     sys.stderr.flush()
+
+
+def print_progress(progress) -> None:
+    """A long tool call's progress notifications, on stderr."""
+    done = f"{progress.progress:g}/{progress.total:g}" if progress.total else f"{progress.progress:g}"
+    print(f"\n[{progress.tool}: {done}{' ' + progress.message if progress.message else ''}]", file=sys.stderr)
 
 
 async def ask_each(calls: list[dict]) -> list[bool]:
@@ -170,12 +182,12 @@ def cmd_run(args):
 
     async def one_task():
         async with agent_session(args, None if args.auto_approve else ask_each) as (agent, trace_id):
-            return trace_id, await agent.send(args.task)
+            return trace_id, await agent.send(args.task), dict(agent.tools.failed)
 
-    trace_id, result = asyncio.run(one_task())
+    trace_id, result, failed = asyncio.run(one_task())
     summary = {"trace_id": trace_id, "answer": result.answer, "stop_reason": result.stop_reason,
                "steps": result.steps, "tool_calls": result.tool_calls, "tool_errors": result.tool_errors,
-               "rejected": result.rejected, "error": result.error}
+               "rejected": result.rejected, "error": result.error, "mcp_failed": failed}
     emit(args, summary, f"\ntrace {trace_id}\n{result.answer or result.error or '(no answer: ' + result.stop_reason + ')'}")
     return 0 if result.stop_reason == "answer" else 1
 

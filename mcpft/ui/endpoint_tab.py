@@ -74,6 +74,19 @@ def close_session(session: AgentSession | None) -> None:
         threading.Thread(target=session.close, name="mcpft-close-session", daemon=True).start()
 
 
+def mcp_status_text(session: AgentSession | None) -> str:
+    """Which MCP servers are connected, and why any is not (a server that did not start leaves the others working)."""
+    if session is None or not session.connected:
+        return ""
+    failed = session.failed_servers
+    running = [name for name in session.specs if name not in failed]
+    lines = [f"**Connected: {len(running)} of {len(session.specs)} MCP servers** "
+             f"({', '.join(f'`{name}`' for name in running) or 'none'})."]
+    lines += [f"- `{name}` did not start: " + "; ".join(line.strip() for line in reason.splitlines() if line.strip())
+              for name, reason in failed.items()]
+    return "\n".join(lines)
+
+
 def tool_rows(session: AgentSession | None) -> list[list[str]]:
     if session is None:
         return []
@@ -147,6 +160,7 @@ def build(ctx: AppContext, shared: Shared) -> None:
         shared.mcp_json = gr.Code(mcp_config_text(ctx.mcp_config), language="json", label="mcpServers JSON",
                                   interactive=True, max_lines=20)
         connect_button = gr.Button("Connect")
+        mcp_status = gr.Markdown(elem_id="mcp-status")
         tools_table = gr.Dataframe(headers=TOOL_COLUMNS, value=[], label="Tools", interactive=False, wrap=True,
                                    elem_id="tools-table")
         shared.session = gr.State(None, time_to_live=SESSION_TTL_S, delete_callback=close_session)
@@ -185,7 +199,7 @@ def build(ctx: AppContext, shared: Shared) -> None:
 
     def connect(session, owner, mcp_json):
         session = connect_session(ctx, session, owner, mcp_json)
-        return session, tool_rows(session)
+        return session, tool_rows(session), mcp_status_text(session)
 
     shared.preset.change(preset_changed, [shared.preset], [shared.base_url, shared.model])
     test_button.click(test_connection, [shared.preset, shared.base_url, shared.model, shared.api_key, deep_test],
@@ -195,4 +209,5 @@ def build(ctx: AppContext, shared: Shared) -> None:
           show_progress="hidden")
     start_button.click(start_embedded, [embedded_model], [embedded_status, status_timer])
     stop_button.click(stop_embedded, None, [embedded_status])
-    connect_button.click(connect, [shared.session, shared.owner, shared.mcp_json], [shared.session, tools_table])
+    connect_button.click(connect, [shared.session, shared.owner, shared.mcp_json],
+                         [shared.session, tools_table, mcp_status])
