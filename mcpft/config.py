@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -12,13 +13,31 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SPACE_YAML = REPO_ROOT / "space.yaml"
 
 
+PERSISTENT_ROOT = Path("/data")  # where a Hugging Face Space mounts its persistent storage, when it has some
+
+
 def data_dir() -> Path:
-    """`$MCPFT_HOME`, else `/data/mcpft` on a Space with persistent storage, else `~/.local/share/mcpft`."""
+    """`$MCPFT_HOME`, else `/data/mcpft` on a Space with persistent storage, else `~/.local/share/mcpft`.
+
+    `/data` counts only when it is writable: a Space without persistent storage may still have an empty `/data`
+    owned by root, and the app runs as another user there."""
     if os.environ.get("MCPFT_HOME"):
         return Path(os.environ["MCPFT_HOME"]).expanduser()
-    if Path("/data").is_dir():
-        return Path("/data/mcpft")
+    if is_writable_dir(PERSISTENT_ROOT):
+        return PERSISTENT_ROOT / "mcpft"
     return Path.home() / ".local" / "share" / "mcpft"
+
+
+def is_writable_dir(path: Path) -> bool:
+    """Whether a file can be created in `path`, tried for real: permission bits say nothing for root, a read-only
+    mount or an immutable folder."""
+    if not path.is_dir():
+        return False
+    try:
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".mcpft-write-test-"):
+            return True
+    except OSError:
+        return False
 
 
 def default_db_path() -> Path:

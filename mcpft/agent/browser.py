@@ -70,19 +70,39 @@ def _is_executable(path: str) -> bool:
     return os.path.isfile(path) and os.access(path, os.X_OK)
 
 
-def find_playwright_cli() -> Path:
-    """`@playwright/mcp`'s cli.js in $MCPFT_NODE_MODULES or the node_modules beside the package (repo root)."""
+class PlaywrightNotInstalled(BrowserSetupError):
+    """`@playwright/mcp` is not in any node_modules we look in (the app can install it: mcpft.agent.node_install)."""
+
+
+INSTALLED_STAMP = ".installed"  # written once `npm ci` finished (by `make` and by the app's own install)
+
+
+def find_playwright_cli(data_dir: str | os.PathLike[str] | None = None) -> Path:
+    """`@playwright/mcp`'s cli.js: in $MCPFT_NODE_MODULES, else the node_modules beside the package (repo root),
+    else the one the app installed in `data_dir/node` (where the app dir is read-only)."""
     override = os.environ.get("MCPFT_NODE_MODULES")
-    node_modules = Path(override) if override else REPO_ROOT / "node_modules"
-    cli = node_modules / PLAYWRIGHT_CLI
-    if not cli.is_file():
-        where = "MCPFT_NODE_MODULES" if override else "the repository"
-        raise BrowserSetupError(
-            f"Playwright MCP is not installed: {cli} is missing (node_modules from {where}). "
-            f"Run `make` (or `npm ci` in {REPO_ROOT}) to install it, or set MCPFT_NODE_MODULES to a "
-            "node_modules folder that has @playwright/mcp."
-        )
-    return cli
+    if override:
+        cli = Path(override) / PLAYWRIGHT_CLI
+        if cli.is_file():
+            return cli
+        raise PlaywrightNotInstalled(
+            f"Playwright MCP is not installed: {cli} is missing (node_modules from MCPFT_NODE_MODULES). Run `make` "
+            f"(or `npm ci` in {REPO_ROOT}) and unset MCPFT_NODE_MODULES, or set it to a node_modules folder that "
+            "has @playwright/mcp.")
+    candidates = [REPO_ROOT / "node_modules"]
+    if data_dir is not None:
+        candidates.append(Path(data_dir) / "node" / "node_modules")
+    for node_modules in candidates:
+        cli = node_modules / PLAYWRIGHT_CLI
+        # Our own installs count once finished: a killed `npm ci` may leave cli.js without its dependencies.
+        finished = node_modules == REPO_ROOT / "node_modules" or (node_modules / INSTALLED_STAMP).exists()
+        if cli.is_file() and finished:
+            return cli
+    raise PlaywrightNotInstalled(
+        f"Playwright MCP is not installed: {candidates[0] / PLAYWRIGHT_CLI} is missing. Run `make` (or `npm ci` in "
+        f"{REPO_ROOT}) to install it, or set MCPFT_NODE_MODULES to a node_modules folder that has @playwright/mcp; "
+        "the app installs it by itself at start when npm is there."
+    )
 
 
 def find_node() -> str:
@@ -107,13 +127,15 @@ def playwright_config(output_dir: Path, *, headless: bool, offline: bool, extra_
 
 def playwright_server(output_dir: str | os.PathLike[str], headless: bool = True, offline: bool = False,
                       extra_args: Sequence[str] = (), *, allow_unsafe_tools: bool = False,
-                      name: str = "playwright") -> ServerSpec:
+                      name: str = "playwright", cli: str | os.PathLike[str] | None = None) -> ServerSpec:
     """Write the Playwright MCP config under `output_dir` and return the stdio spec that runs it.
 
     Headless unless `headless=False` and a display exists. `offline=True` keeps Chromium off the network
-    (tests only). Unsafe tools (`browser_run_code_unsafe`) stay hidden unless `allow_unsafe_tools`.
+    (tests only). Unsafe tools (`browser_run_code_unsafe`) stay hidden unless `allow_unsafe_tools`. `cli`: where
+    `@playwright/mcp`'s cli.js is or will be (an install under way); default: found where it was installed.
     """
-    node, cli = find_node(), find_playwright_cli()  # fail before writing anything
+    node = find_node()  # fail before writing anything
+    cli = Path(cli) if cli is not None else find_playwright_cli()
     output_dir = Path(output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     if not headless and not has_display():
@@ -139,11 +161,15 @@ def has_display() -> bool:
     return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
 
 
-def default_mcp_config(data_dir: str | os.PathLike[str], headless: bool = True) -> dict[str, Any]:
+def default_mcp_config(data_dir: str | os.PathLike[str], headless: bool = True,
+                       cli: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """The `{"mcpServers": {...}}` config with the browser, its files under `data_dir/browser`. A visible browser
-    (`headless=False`) is something the user asked for, so no display is an error here, not a quiet fallback."""
+    (`headless=False`) is something the user asked for, so no display is an error here, not a quiet fallback.
+    `cli`: as for `playwright_server` (the app passes the path an install under way will fill)."""
     if not headless and not has_display():
         raise BrowserSetupError("a visible browser was asked for, but there is no display (neither DISPLAY nor "
                                 "WAYLAND_DISPLAY is set): run headless, or inside a desktop session or `xvfb-run`")
-    spec = playwright_server(Path(data_dir) / "browser", headless=headless)
+    find_node()  # the first thing missing is the one to report
+    cli = cli if cli is not None else find_playwright_cli(data_dir)
+    spec = playwright_server(Path(data_dir) / "browser", headless=headless, cli=cli)
     return {"mcpServers": {spec.name: spec.to_config()}}

@@ -10,12 +10,19 @@ import gradio as gr
 
 from mcpft.ui import agent_tab, curate_tab, endpoint_tab, evaluate_tab, train_tab
 from mcpft.ui.owner import resolve_owner
+from mcpft.ui.space_info import space_banner, visitor_text, wrap_gpu_work
 from mcpft.ui.state import AppContext, Shared, make_context
 
 
 def build_app(ctx: AppContext) -> gr.Blocks:
     with gr.Blocks(title="mcpft") as demo:
         gr.Markdown("## mcpft · agent traces → curated data → LoRA fine-tune → before/after")
+        if ctx.on_space:  # who the visitor is (OAuth), the hardware, where data is kept
+            with gr.Row(equal_height=True):
+                visitor_note = gr.Markdown(elem_id="visitor-note", scale=4)
+                gr.LoginButton(scale=1)
+            gr.Markdown(space_banner(ctx), elem_id="space-note")
+            demo.load(visitor_text, None, [visitor_note], show_progress="hidden")
         shared = Shared(demo=demo, owner=gr.State(""))
         browser_id = gr.BrowserState(None, storage_key="mcpft-visitor", secret=ctx.browser_secret)
         with gr.Tabs():
@@ -25,6 +32,7 @@ def build_app(ctx: AppContext) -> gr.Blocks:
             train_tab.build(ctx, shared)
             evaluate_tab.build(ctx, shared)
         demo.load(resolve_owner, [browser_id], [browser_id, shared.owner])
+    wrap_gpu_work(demo, ctx)  # ZeroGPU only
     # Visitors' agent turns and edits run side by side; training and evaluation set their own limit of one.
     demo.queue(default_concurrency_limit=None)
     return demo

@@ -34,6 +34,7 @@ class AppContext:
     compare_endpoint: EmbeddedEndpoint | None = None  # base + adapter for Evaluate's side-by-side chat
     compare_lock: threading.Lock = field(default_factory=threading.Lock)
     demo_site: object = None  # mcpft.demo's local shop + docs site (its tasks are offered in the Agent tab)
+    browser_install: object = None  # mcpft.agent.node_install.BrowserInstall when the app installs the browser itself
 
     def close(self) -> None:
         """Stop what the app started: the embedded endpoints, the demo site, the store."""
@@ -66,24 +67,39 @@ def make_context(data_dir: Path | None = None, model: str | None = None, setting
         from mcpft.demo.world import TEACHER, TeacherBackend
 
         extra_backends = {TEACHER: TeacherBackend()}  # the demo's scripted teacher, served as a model
+    install = None
     if mcp_config is None:
-        mcp_config, config_error = _default_mcp_config(settings, data_dir)
+        mcp_config, config_error, install = _default_mcp_config(settings, data_dir)
     return AppContext(
         store=Store(data_dir / "mcpft.db"), data_dir=data_dir, settings=settings,
         embedded=EmbeddedEndpoint(data_dir, extra_backends), default_model=model or default_base_model(settings),
         mcp_config=mcp_config, mcp_config_error=config_error, on_space=bool(os.environ.get("SPACE_ID")),
-        browser_secret=_browser_secret(data_dir))
+        browser_secret=_browser_secret(data_dir), browser_install=install)
 
 
-def _default_mcp_config(settings: dict, data_dir: Path) -> tuple[dict, str]:
+def _default_mcp_config(settings: dict, data_dir: Path) -> tuple[dict, str, object]:
+    """(the default MCP config, why the browser is unavailable, the browser install the app started or None).
+
+    Where nobody ran `make` (a Space), `@playwright/mcp` is missing: the app installs it in the background and the
+    config already names the cli.js that install will write, so the page shows it at once."""
     if settings.get("mcp_servers"):
-        return settings["mcp_servers"], ""
-    from mcpft.agent.browser import BrowserSetupError, default_mcp_config
+        return settings["mcp_servers"], "", None
+    from mcpft.agent.browser import REPO_ROOT, BrowserSetupError, PlaywrightNotInstalled, default_mcp_config
+    from mcpft.agent.node_install import BrowserInstall
 
     try:
-        return default_mcp_config(data_dir), ""
+        return default_mcp_config(data_dir), "", None
+    except PlaywrightNotInstalled:
+        pass
+    except BrowserSetupError as error:  # no Node or no Chromium: an npm install would not help
+        return {"mcpServers": {}}, str(error), None
+    install = BrowserInstall(REPO_ROOT, data_dir)
+    try:
+        config = default_mcp_config(data_dir, cli=install.cli)
     except BrowserSetupError as error:
-        return {"mcpServers": {}}, str(error)
+        return {"mcpServers": {}}, str(error), None
+    install.start()
+    return config, "", install
 
 
 def _browser_secret(data_dir: Path) -> str:
