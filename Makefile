@@ -10,8 +10,8 @@ PYTEST_ARGS ?=
 
 setup: $(STAMP) $(NODE_STAMP) chromium
 
-# torch first, from the locally served CPU wheel; then everything else under constraints that keep that torch.
-$(STAMP): requirements-core.txt requirements-dev.txt requirements-model.txt constraints.txt pyproject.toml
+# torch first, from the locally served CPU wheel; then everything else at requirements.txt's versions (constraints.txt).
+$(STAMP): requirements.txt requirements-core.txt requirements-dev.txt requirements-model.txt constraints.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -c constraints.txt -r requirements-dev.txt
