@@ -701,6 +701,9 @@ PROCESS_EXITED = "its process had exited"
 # examples: 400 "Bad Request: No valid session ID provided"; the SDK client's own stand-in: "Session terminated").
 _SESSION_LOST = re.compile(r"session (?:id )?(?:not found|terminated|expired|unknown)|no valid session|"
                            r"(?:unknown|invalid) session", re.IGNORECASE)
+# What the SDK says for an HTTP error whose body it cannot read, such as the TypeScript examples' 400 (its JSON-RPC
+# error has no id): the reason is lost, so a ping on the same session tells whether the session is the problem.
+_SDK_HTTP_FALLBACK = "Server returned an error response"
 
 
 @dataclass(frozen=True)
@@ -922,7 +925,8 @@ class ToolHub:
             link.dead = link.dead or PROCESS_EXITED
 
     async def _on_message(self, link: _Link, message: Any) -> None:
-        if isinstance(message, mcp_types.ToolListChangedNotification):
+        # While the server starts (no session yet), the first tools/list is still to come and sees the change.
+        if isinstance(message, mcp_types.ToolListChangedNotification) and link.session is not None:
             await self._reload_tools(link)
 
     async def _reload_tools(self, link: _Link) -> None:
@@ -1081,7 +1085,11 @@ class ToolHub:
             try:
                 result = await link.session.call_tool(tool.tool, args, progress_callback=heard)
             except MCPError as exc:
-                return self._call_failure(link, tool.name, exc, retry)
+                if link.spec.transport == "http" and (lost := await _lost_session(link, exc)):
+                    link.dead = f"it no longer knew this client's session ({lost})"
+                    if retry:
+                        raise _SessionLost(lost) from exc
+                return self._call_failure(link, tool.name, exc)
             except Exception as exc:  # e.g. structured content that breaks the tool's own output schema
                 return error_result(f"{tool.name} failed: {describe_error(exc)}")
             return convert_result(result, saver=self._saver, max_chars=self.max_chars, snapshot_dir=link.snapshot_dir,
@@ -1090,21 +1098,36 @@ class ToolHub:
         return error_result(f"{tool.name} did not answer within {timeout:g} s{' ' + silence if silence else ''}; "
                             "the call was cancelled")
 
-    def _call_failure(self, link: _Link, name: str, exc: MCPError, retry: bool) -> ToolResult:
+    def _call_failure(self, link: _Link, name: str, exc: MCPError) -> ToolResult:
         server = link.spec.name
         if exc.code == mcp_types.CONNECTION_CLOSED:
             link.dead = f"its connection closed during a call to {name}; it may have crashed"
             return error_result(f"the MCP server {server!r} stopped responding ({link.dead}). "
                                 "It will be restarted at the next call to one of its tools")
-        if link.spec.transport == "http" and _SESSION_LOST.search(exc.message or ""):
-            link.dead = f"it no longer knew this client's session ({strip_ansi(exc.message)})"
-            if retry:
-                raise _SessionLost(strip_ansi(exc.message))
         return error_result(f"{name} failed: {describe_error(exc)}")
 
     def is_running(self, server: str) -> bool:
         link = self._links.get(server)
         return link is not None and link.dead is None
+
+
+async def _lost_session(link: _Link, exc: MCPError) -> str | None:
+    """Why an HTTP server rejected a request for its session (so the request never ran), or None when the error is
+    something else: the server says so, or the SDK could not read its error and a ping on the session fails too."""
+    message = strip_ansi(exc.message or "")
+    if _SESSION_LOST.search(message):
+        return message
+    if message != _SDK_HTTP_FALLBACK:
+        return None
+    try:
+        with anyio.fail_after(PING_TIMEOUT):
+            await link.session.send_ping()
+    except MCPError as ping_error:
+        if ping_error.message == _SDK_HTTP_FALLBACK or _SESSION_LOST.search(ping_error.message or ""):
+            return "it answered requests on this session with HTTP errors, a ping too; did the server restart?"
+    except TimeoutError:
+        pass
+    return None
 
 
 async def _finish_log(link: _Link, seconds: float = 2.0) -> None:
