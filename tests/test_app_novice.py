@@ -9,6 +9,8 @@ MCP server, a real store; Chromium drives it through Playwright. The tests share
 from __future__ import annotations
 
 import json
+import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,7 @@ from mcpft.demo.world import TEACHER, TeacherBackend
 from mcpft.serve import Generation, GenerationRequest
 from mcpft.ui import launch, make_context
 from tests.scripted import ScriptedBackend
-from tests.test_app import CHROMIUM, MCP_CONFIG, WAIT_MS, free_port, open_tab
+from tests.test_app import CHROMIUM, MCP_CONFIG, TINY_SERVER, WAIT_MS, free_port, open_tab
 from tests.test_app_leave import EndlessBackend
 
 GIVE_UP = "Sorry, I could not finish this task."
@@ -235,3 +237,64 @@ def test_export_leaves_the_heldout_set_out_and_rows_keep_their_tags(app, page):
     page.locator("#export-heldout input").check()
     rows = export(page)
     assert {tuple(row["tags"]) for row in rows if row["trace_id"] == held.id} == {("heldout", "shop")}
+
+
+# -- Endpoint -----------------------------------------------------------------------------------------------------
+
+
+def test_the_servers_are_a_list_and_their_tools_show_at_start(app, page):
+    """A page just opened: the servers' list and the tools are there without pressing anything; the JSON waits
+    behind "Advanced"."""
+    _, url = app
+    fresh = page.context.browser.new_page(viewport={"width": 1400, "height": 1000})
+    try:
+        fresh.goto(url)
+        servers = fresh.locator("#mcp-servers")
+        expect(servers).to_contain_text("tiny")
+        expect(servers).to_contain_text("connected")
+        expect(servers).to_contain_text("echo")
+        expect(fresh.locator("#tools-table")).to_contain_text("echo")
+        expect(fresh.locator("#mcp-json")).to_be_hidden()
+        expect(fresh.locator("body")).not_to_contain_text("console")
+    finally:
+        fresh.close()
+
+
+def test_add_server_then_reset_to_default(page):
+    open_tab(page, "Endpoint")
+    page.get_by_role("button", name="Add server").first.click()  # the section's header, before its button
+    page.get_by_label("A command on this machine").check()
+    page.locator("#server-name textarea").fill("second")
+    page.locator("#server-command textarea").fill(
+        f"{sys.executable} {TINY_SERVER} two")
+    page.locator("#add-server-button").click()
+    servers = page.locator("#mcp-servers")
+    expect(servers.get_by_role("row").filter(has_text="second")).to_contain_text("connected")
+    expect(page.locator("#tools-table")).to_contain_text("second")
+    page.get_by_text("Advanced: the servers as JSON").click()
+    page.locator("#mcp-reset").click()
+    expect(servers.get_by_role("row").filter(has_text="second")).to_have_count(0)
+    expect(servers).to_contain_text("connected")
+
+
+def test_testing_the_teacher_says_it_is_fine(page):
+    choose(page, "#endpoint-model", TEACHER)
+    page.get_by_role("button", name="Test connection").click()
+    report = page.locator("#probe-report")
+    expect(report).to_contain_text("Connected")
+    expect(report).to_contain_text(f"{TEACHER}: fine. It answers the demo site's tasks only")
+    expect(report).not_to_contain_text("Problem")
+    expect(report).not_to_contain_text("400")
+
+
+def test_a_connection_test_says_what_it_is_doing(page):
+    with socket.socket() as silent:  # a server that accepts and never answers: the test is seen under way
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        page.get_by_label("Local vLLM").check()
+        page.locator("#base-url textarea").fill(f"http://127.0.0.1:{silent.getsockname()[1]}/v1")
+        choose(page, "#endpoint-model", "some-model")
+        page.get_by_role("button", name="Test connection").click()
+        expect(page.locator("#probe-report")).to_contain_text("listing its models, then asking `some-model`"
+                                                              .replace("`", ""))
+    page.get_by_label("Embedded (in this app)").check()

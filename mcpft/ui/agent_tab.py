@@ -14,7 +14,7 @@ from mcpft.agent.session import AgentSession, Conversation, SessionError, Sessio
 from mcpft.demo.world import TEACHER
 from mcpft.serve import DEFAULT_MAX_TOKENS
 from mcpft.trace import validate
-from mcpft.ui.endpoint_tab import connect_session, endpoint_from_fields, wait_for_embedded
+from mcpft.ui.endpoint_tab import endpoint_from_fields, page_session, wait_for_embedded
 from mcpft.ui.owner import require_owner
 from mcpft.ui.state import AppContext, Shared
 
@@ -234,7 +234,7 @@ def build(ctx: AppContext, shared: Shared) -> None:
                             max_steps=int(steps or 20), truncate=int(truncate or 16000))
 
     def send(text, session, owner, preset, base_url, model, api_key, mcp_json, system, exclude, truncate, steps,
-             tokens, auto):
+             tokens, auto, request: gr.Request):
         require_owner(owner)
         if not (text or "").strip():
             raise gr.Error("Type a message first.")
@@ -243,7 +243,7 @@ def build(ctx: AppContext, shared: Shared) -> None:
             wait_for_embedded(ctx, preset)
         if session is None or not session.connected:
             yield gr.update(), gr.update(), gr.update(), "Starting the MCP servers…", session, text
-        session = connect_session(ctx, session, owner, mcp_json)
+        session = page_session(ctx, session, owner, mcp_json, request.session_hash)
         view = session.view()
         if view.running:
             raise gr.Error("The agent is still working on the last message: wait, or press Stop.")

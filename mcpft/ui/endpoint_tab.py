@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import weakref
 
 import gradio as gr
 
@@ -13,6 +14,7 @@ from mcpft.agent.endpoint import PRESETS, Endpoint, probe
 from mcpft.agent.mcp import MCPConfigError, MCPServerError
 from mcpft.agent.session import AgentSession
 from mcpft.models import model_name
+from mcpft.ui import mcp_servers
 from mcpft.ui.owner import owner_slug, require_owner
 from mcpft.ui.state import SESSION_TTL_S, AppContext, Shared, mcp_config_text
 
@@ -50,6 +52,27 @@ def parse_mcp_json(text: str) -> dict:
     except json.JSONDecodeError as error:
         raise gr.Error(f"The MCP servers JSON is invalid at line {error.lineno}, column {error.colno}: "
                        f"{error.msg}") from None
+
+
+# The session each open page connected (Gradio's session hash -> session), so that a message sent while the page's
+# start-up connection is still under way waits for it and uses it, instead of starting the servers twice.
+_PAGE_SESSIONS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_PAGE_LOCKS: dict[str, threading.Lock] = {}
+_PAGE_LOCKS_GUARD = threading.Lock()
+
+
+def page_session(ctx: AppContext, session: AgentSession | None, owner: str, mcp_json: str,
+                 page: str | None) -> AgentSession:
+    """`connect_session`, one at a time per page, reusing the session the page connected at start."""
+    if not page:
+        return connect_session(ctx, session, owner, mcp_json)
+    with _PAGE_LOCKS_GUARD:
+        lock = _PAGE_LOCKS.setdefault(page, threading.Lock())
+    with lock:
+        session = session if session is not None else _PAGE_SESSIONS.get(page)
+        session = connect_session(ctx, session, owner, mcp_json)
+        _PAGE_SESSIONS[page] = session
+        return session
 
 
 def connect_session(ctx: AppContext, session: AgentSession | None, owner: str, mcp_json: str) -> AgentSession:
@@ -101,8 +124,8 @@ def embedded_status_text(ctx: AppContext) -> str:
         served = ", ".join(f"`{m}`" for m in status.models)
         return f"**Embedded endpoint: ready** at `{status.base_url}`, serving {served}"
     if status.state == "loading":
-        return (f"**Embedded endpoint: loading `{name}`…** (the first start converts the packaged model; see the "
-                "console)")
+        return (f"**Embedded endpoint: loading `{name}`…** (the first start converts the packaged model once: "
+                "a few minutes)")
     if status.state == "failed":
         return f"**Embedded endpoint: failed** to load `{name}`: {status.error}"
     return "**Embedded endpoint: stopped**"
@@ -126,8 +149,10 @@ def probe_text(report) -> str:
 
 def build(ctx: AppContext, shared: Shared) -> None:
     with gr.Tab("Endpoint", id="endpoint"):
-        gr.Markdown("Where the agent's model runs, and which MCP tools it may use. The API key stays in this "
-                    "browser tab: it is sent with each request that needs it and never stored or logged.")
+        gr.Markdown("**Endpoint** sets where the agent's model runs and which tools (MCP servers) it may use; the "
+                    "defaults work as they are.", elem_id="endpoint-purpose")
+        gr.Markdown("The API key stays in this browser tab: it is sent with each request that needs it and never "
+                    "stored or logged.")
         with gr.Row():
             shared.preset = gr.Radio(PRESET_CHOICES, value="embedded", label="Preset", scale=2)
             shared.base_url = gr.Textbox(label="Base URL", scale=3, elem_id="base-url")
@@ -157,8 +182,25 @@ def build(ctx: AppContext, shared: Shared) -> None:
         gr.Markdown("### MCP servers")
         if ctx.mcp_config_error:
             gr.Markdown(f"**The default browser is unavailable:** {ctx.mcp_config_error}")
-        shared.mcp_json = gr.Code(mcp_config_text(ctx.mcp_config), language="json", label="mcpServers JSON",
-                                  interactive=True, max_lines=20)
+        servers_table = gr.Dataframe(headers=mcp_servers.SERVER_COLUMNS, label="Servers", interactive=False,
+                                     wrap=True, elem_id="mcp-servers",
+                                     value=mcp_servers.server_rows(ctx.mcp_config, None))
+        with gr.Accordion("Add server", open=False, elem_id="add-server"):
+            with gr.Row():
+                server_kind = gr.Radio(mcp_servers.KINDS, value="preset", label="Kind", scale=2)
+                server_name = gr.Textbox(label="Name (optional)", scale=1, elem_id="server-name")
+            server_preset = gr.Dropdown(mcp_servers.preset_choices(), value=None, label="Well-known server (fetched "
+                                        "with npx / uvx on first use: needs the internet once)",
+                                        elem_id="server-preset")
+            server_command = gr.Textbox(label="Command that starts it", visible=False, elem_id="server-command",
+                                        placeholder="npx -y @modelcontextprotocol/server-memory")
+            server_url = gr.Textbox(label="URL", visible=False, elem_id="server-url",
+                                    placeholder="https://example.com/mcp")
+            add_button = gr.Button("Add server", elem_id="add-server-button")
+        with gr.Accordion("Advanced: the servers as JSON (mcpServers)", open=False, elem_id="mcp-advanced"):
+            shared.mcp_json = gr.Code(mcp_config_text(ctx.mcp_config), language="json", label="mcpServers JSON",
+                                      interactive=True, max_lines=20, elem_id="mcp-json")
+            reset_button = gr.Button("Reset to default", size="sm", elem_id="mcp-reset")
         connect_button = gr.Button("Connect")
         mcp_status = gr.Markdown(elem_id="mcp-status")
         tools_table = gr.Dataframe(headers=TOOL_COLUMNS, value=[], label="Tools", interactive=False, wrap=True,
@@ -173,12 +215,27 @@ def build(ctx: AppContext, shared: Shared) -> None:
         return gr.update(value=PRESETS[preset].base_url, interactive=True), gr.update(choices=[], value=None)
 
     def test_connection(preset, base_url, model, api_key, deep):
+        """Say what the test does while it runs, then what it found; a scripted model (the teacher) is listed as
+        fine and not asked a question, which it could only refuse."""
+        if preset == "embedded" and ctx.embedded.status.state == "loading":
+            yield "Waiting for the embedded model to load…", gr.update()
         wait_for_embedded(ctx, preset)
         endpoint = endpoint_from_fields(ctx, preset, base_url, model or "?", api_key)
+        scripted = set(ctx.embedded.extra_backends) if preset == "embedded" else set()
+        main_model = next((m for m in ctx.embedded.status.models if m not in scripted), None)
+        if endpoint.model in scripted:
+            models = ctx.embedded.status.models
+            notes = mcp_servers.model_notes(models, main_model, scripted)
+            yield "\n".join([f"### Connected: `{endpoint.base_url}` (in this app)", "", *notes]), gr.update()
+            return
+        yield (f"Testing `{endpoint.base_url}`: listing its models, then asking `{endpoint.model}` for "
+               + ("a short answer and a tool call (up to a minute on a CPU)…" if deep else "one token…")), gr.update()
         report = asyncio.run(probe(endpoint, timeout=120, deep=deep))
         models = report.models or ([endpoint.model] if endpoint.model != "?" else [])
         value = endpoint.model if endpoint.model in models else (models[0] if models else None)
-        return probe_text(report), gr.update(choices=models, value=value)
+        notes = mcp_servers.model_notes(report.models, main_model, scripted)
+        yield probe_text(report) + ("\n\nThe models:\n" + "\n".join(notes) if notes else ""), \
+            gr.update(choices=models, value=value)
 
     def refresh_status(preset):
         """The embedded endpoint's status; once it is ready, the embedded preset's fields follow it (once: the
@@ -197,9 +254,37 @@ def build(ctx: AppContext, shared: Shared) -> None:
         ctx.embedded.stop()
         return embedded_status_text(ctx)
 
-    def connect(session, owner, mcp_json):
-        session = connect_session(ctx, session, owner, mcp_json)
-        return session, tool_rows(session), mcp_status_text(session)
+    def connect(session, owner, mcp_json, request: gr.Request):
+        session = page_session(ctx, session, owner, mcp_json, request.session_hash)
+        return session, tool_rows(session), mcp_status_text(session), servers_of(session, mcp_json)
+
+    def servers_of(session, mcp_json, error=""):
+        try:
+            config = json.loads(mcp_json or "")
+        except ValueError:
+            return gr.update()
+        return mcp_servers.server_rows(config, session, error)
+
+    def connect_at_start(session, owner, mcp_json, request: gr.Request):
+        """Connect the servers as the page opens, so the list and the tools show what the agent will have; a
+        failure is shown in the list, never as an error at start."""
+        if not owner:
+            return session, gr.update(), gr.update(), gr.update()
+        try:
+            return connect(session, owner, mcp_json, request)
+        except gr.Error as error:
+            return session, [], gr.update(), servers_of(None, mcp_json, str(error.message))
+
+    def add(mcp_json, kind, name, command, url, preset):
+        try:
+            config = mcp_servers.add_server(parse_mcp_json(mcp_json), kind, name, command, url, preset, ctx.data_dir)
+        except ValueError as error:
+            raise gr.Error(str(error)) from None
+        return mcp_config_text(config)
+
+    def kind_changed(kind):
+        return (gr.update(visible=kind == "preset"), gr.update(visible=kind == "command"),
+                gr.update(visible=kind == "url"))
 
     shared.preset.change(preset_changed, [shared.preset], [shared.base_url, shared.model])
     test_button.click(test_connection, [shared.preset, shared.base_url, shared.model, shared.api_key, deep_test],
@@ -209,5 +294,13 @@ def build(ctx: AppContext, shared: Shared) -> None:
           show_progress="hidden")
     start_button.click(start_embedded, [embedded_model], [embedded_status, status_timer])
     stop_button.click(stop_embedded, None, [embedded_status])
-    connect_button.click(connect, [shared.session, shared.owner, shared.mcp_json],
-                         [shared.session, tools_table, mcp_status])
+    connect_outputs = [shared.session, tools_table, mcp_status, servers_table]
+    connect_button.click(connect, [shared.session, shared.owner, shared.mcp_json], connect_outputs)
+    shared.owner.change(connect_at_start, [shared.session, shared.owner, shared.mcp_json], connect_outputs,
+                        show_progress="hidden")
+    server_kind.change(kind_changed, [server_kind], [server_preset, server_command, server_url])
+    add_args = [shared.mcp_json, server_kind, server_name, server_command, server_url, server_preset]
+    add_button.click(add, add_args, [shared.mcp_json]).success(
+        connect, [shared.session, shared.owner, shared.mcp_json], connect_outputs)
+    reset_button.click(lambda: mcp_config_text(ctx.mcp_config), None, [shared.mcp_json]).success(
+        connect, [shared.session, shared.owner, shared.mcp_json], connect_outputs)
