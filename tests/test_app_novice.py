@@ -298,3 +298,18 @@ def test_a_connection_test_says_what_it_is_doing(page):
         expect(page.locator("#probe-report")).to_contain_text("listing its models, then asking `some-model`"
                                                               .replace("`", ""))
     page.get_by_label("Embedded (in this app)").check()
+
+
+# -- First-run guide ----------------------------------------------------------------------------------------------
+
+
+def test_the_first_page_says_what_to_do_and_each_step_opens_its_tab(page):
+    guide = page.locator("#guide")
+    for step in ("1. Collect", "2. Curate", "3. Train", "4. Compare"):
+        expect(guide).to_contain_text(step)
+    for button, shown in (("#guide-curate", "#curate-purpose"), ("#guide-agent", "#agent-purpose")):
+        page.locator(button).click()
+        expect(page.locator(shown)).to_be_visible()
+    expect(page.locator("#agent-purpose")).to_contain_text("collects traces")
+    open_tab(page, "Endpoint")
+    expect(page.locator("#endpoint-purpose")).to_be_visible()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gradio as gr
 
 from mcpft.ui import agent_tab, curate_tab, endpoint_tab, evaluate_tab, train_tab
+from mcpft.ui.guide import build_guide, wire_guide
 from mcpft.ui.owner import resolve_owner
 from mcpft.ui.space_info import space_banner, visitor_text, wrap_gpu_work
 from mcpft.ui.state import AppContext, Shared, make_context
@@ -25,12 +26,14 @@ def build_app(ctx: AppContext) -> gr.Blocks:
             demo.load(visitor_text, None, [visitor_note], show_progress="hidden")
         shared = Shared(demo=demo, owner=gr.State(""))
         browser_id = gr.BrowserState(None, storage_key="mcpft-visitor", secret=ctx.browser_secret)
-        with gr.Tabs():
+        guide_buttons = build_guide()
+        with gr.Tabs() as tabs:
             endpoint_tab.build(ctx, shared)
             agent_tab.build(ctx, shared)
             curate_tab.build(ctx, shared)
             train_tab.build(ctx, shared)
             evaluate_tab.build(ctx, shared)
+        wire_guide(guide_buttons, tabs)
         demo.load(resolve_owner, [browser_id], [browser_id, shared.owner])
     wrap_gpu_work(demo, ctx)  # ZeroGPU only
     # Visitors' agent turns and edits run side by side; training and evaluation set their own limit of one.
