@@ -21,6 +21,7 @@ from mcpft.ui.state import SESSION_TTL_S, AppContext, Shared, mcp_config_text
 PRESET_CHOICES = [("Embedded (in this app)", "embedded"), ("Local vLLM", "vllm"), ("OpenAI", "openai"),
                   ("Hugging Face router", "hf")]
 EMBEDDED_WAIT_S = 900  # the packaged model's first conversion takes a while on a small CPU
+BROWSER_INSTALL_WAIT_S = 660  # npm's own limit (mcpft.agent.node_install) and a little
 TOOL_COLUMNS = ["server", "tool", "description"]
 
 
@@ -79,6 +80,7 @@ def connect_session(ctx: AppContext, session: AgentSession | None, owner: str, m
     """The visitor's agent session on this MCP config: the running one if its config is unchanged, else a new one."""
     require_owner(owner)
     config = parse_mcp_json(mcp_json)
+    wait_for_browser_install(ctx, config)
     if session is not None and session.connected and session.config == config:
         return session
     if session is not None:
@@ -89,6 +91,29 @@ def connect_session(ctx: AppContext, session: AgentSession | None, owner: str, m
     except (MCPConfigError, MCPServerError) as error:
         raise gr.Error(str(error)) from None
     return fresh
+
+
+def wait_for_browser_install(ctx: AppContext, config: dict) -> None:
+    """A config that runs the browser the app is installing waits for that install; a failed one says why."""
+    install = ctx.browser_install
+    if install is None or str(install.cli) not in json.dumps(config):
+        return
+    status = install.wait(timeout=BROWSER_INSTALL_WAIT_S)
+    if status.state != "ready":
+        raise gr.Error(status.message.replace("**", ""), duration=None)
+
+
+def browser_install_text(ctx: AppContext) -> str:
+    """The app's own install of the browser's npm package, as a status line ("" when there is none)."""
+    install = ctx.browser_install
+    if install is None:
+        return ""
+    status = install.status
+    if status.state == "installing":
+        return f"**Browser: installing…** ({status.seconds:.0f} s) {status.message}"
+    if status.state == "ready":
+        return f"**Browser: ready** (installed in {status.seconds:.0f} s). {status.message}"
+    return f"**Browser: unavailable.** {status.message}"
 
 
 def close_session(session: AgentSession | None) -> None:
@@ -182,6 +207,9 @@ def build(ctx: AppContext, shared: Shared) -> None:
         gr.Markdown("### MCP servers")
         if ctx.mcp_config_error:
             gr.Markdown(f"**The default browser is unavailable:** {ctx.mcp_config_error}")
+        install_status = gr.Markdown(browser_install_text(ctx), elem_id="browser-install",
+                                     visible=ctx.browser_install is not None)
+        install_timer = gr.Timer(1.0, active=ctx.browser_install is not None)  # on while the app installs it
         servers_table = gr.Dataframe(headers=mcp_servers.SERVER_COLUMNS, label="Servers", interactive=False,
                                      wrap=True, elem_id="mcp-servers",
                                      value=mcp_servers.server_rows(ctx.mcp_config, None))
@@ -291,6 +319,13 @@ def build(ctx: AppContext, shared: Shared) -> None:
                       [probe_report, shared.model])
     status_outputs = [embedded_status, status_timer, shared.base_url, shared.model]
     gr.on([shared.demo.load, status_timer.tick], refresh_status, [shared.preset], status_outputs,
+          show_progress="hidden")
+
+    def refresh_install():
+        installing = ctx.browser_install is not None and ctx.browser_install.status.state == "installing"
+        return browser_install_text(ctx), gr.Timer(active=installing)
+
+    gr.on([shared.demo.load, install_timer.tick], refresh_install, None, [install_status, install_timer],
           show_progress="hidden")
     start_button.click(start_embedded, [embedded_model], [embedded_status, status_timer])
     stop_button.click(stop_embedded, None, [embedded_status])
