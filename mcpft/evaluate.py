@@ -54,6 +54,10 @@ URL_WITH_HOST = re.compile(r"[a-z][a-z0-9+.-]*://[^\s/?#]+\S*", re.IGNORECASE)
 DEFAULT_PORTS = {"http": 80, "https": 443}
 RATES = ("valid_call_rate", "tool_name_accuracy", "argument_accuracy", "irrelevance_accuracy", "answer_accuracy",
          "pass_rate")
+RATE_WORDS = {  # each rate as a person who never read BFCL's paper would name it
+    "valid_call_rate": "Tool calls written correctly", "tool_name_accuracy": "Right tool chosen",
+    "argument_accuracy": "Right arguments", "irrelevance_accuracy": "No tool call where none was needed",
+    "answer_accuracy": "Right final answer", "pass_rate": "Steps passed"}
 
 
 class EvaluationError(Exception):

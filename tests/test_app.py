@@ -217,7 +217,9 @@ def test_evaluate_shows_the_side_by_side_table(page):
     page.locator("#eval-start").click()
     table = page.locator("#side-by-side")
     expect(table).to_contain_text("please do not", timeout=180_000)
-    expect(page.locator("#eval-metrics")).to_contain_text("pass_rate")
+    expect(page.locator("#eval-metrics")).to_contain_text("Steps passed")
+    expect(page.locator("#eval-bars")).to_contain_text("Right arguments")
+    expect(table).to_contain_text("Expected: ")
     status = page.locator("#eval-status")  # the verdict in words, counts first, and the sample called small
     expect(status).to_contain_text(re.compile(r"Fine-tuned passed \d+ of \d+ held-out steps \(base \d+ of \d+\)"))
     expect(status).to_contain_text("That is a small sample")

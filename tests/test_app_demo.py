@@ -37,6 +37,7 @@ def test_the_demo_button_runs_collect_train_compare_and_says_the_result(app):
         page.set_default_timeout(WAIT_MS)
         page.goto(url)
         open_tab(page, "Evaluate")
+        expect(page.locator("#demo-status")).to_contain_text("No demo run yet.")  # the page knows its visitor
         page.locator("#demo-run").click()
         status = page.locator("#demo-status")
         expect(status).to_contain_text("Collect teacher traces in the browser")

@@ -8,7 +8,6 @@ the running run, or the visitor's last finished one, again.
 
 from __future__ import annotations
 
-import html
 import json
 import threading
 import time
@@ -19,11 +18,13 @@ import gradio as gr
 
 from mcpft.demo.payoff import (REPORT_FILE, STAGE_NAMES, STAGES, PayoffError, PayoffRecipe, plain_metrics,
                                run_payoff, task_sentence)
+from mcpft.ui.charts import CSS, Attempt, bars_html, side_by_side_html
 from mcpft.ui.owner import owner_slug, require_owner
 from mcpft.ui.state import AppContext, Shared
 
 HEARTBEAT_S = 1.0  # the status line's clock moves at least this often, also while a stage prepares
 SMALL_SAMPLE = 20
+NO_RUN_YET = "No demo run yet."
 SITE = "the demo site"  # a task's prompt names the site's address, which changes with every task
 
 
@@ -126,65 +127,25 @@ def result_markdown(report: dict) -> str:
     return "\n\n".join(lines)
 
 
-def _percent(value: float | None) -> str:
-    return "–" if value is None else f"{100 * value:.0f}%"
-
-
-def bars_html(report: dict) -> str:
-    """One group per measure: the base's bar beside the fine-tuned one's, each with its figure."""
-    groups = []
-    for name, base, tuned in plain_metrics(report):
-        bars = "".join(
-            f'<div class="mcpft-bar-row"><span class="mcpft-bar-label">{label}</span>'
-            f'<span class="mcpft-bar {kind}" style="width:{0 if value is None else 100 * value:.0f}%"></span>'
-            f'<span class="mcpft-bar-value">{_percent(value)}</span></div>'
-            for label, kind, value in (("base", "base", base), ("fine-tuned", "tuned", tuned)))
-        groups.append(f'<div class="mcpft-bar-group"><div class="mcpft-bar-name">{html.escape(name)}</div>{bars}</div>')
-    return f'<div class="mcpft-bars">{"".join(groups)}</div>'
-
-
-def _verdict(side: dict | None) -> str:
+def _attempt(side: dict | None) -> Attempt:
     if not side:
-        return '<span class="mcpft-fail">not run</span>'
-    answer = html.escape(side.get("answer") or "(no answer)")
-    mark = '<span class="mcpft-pass">✓ passed</span>' if side["success"] else \
-        f'<span class="mcpft-fail">✗ failed</span> <small>({html.escape(side.get("reason") or "")})</small>'
-    return f"{mark}<br>{answer}<br><small>{side.get('steps', 0)} step(s)</small>"
+        return Attempt(None, "")
+    steps = f"{side.get('steps', 0)} step(s)"
+    return Attempt(side["success"], side.get("answer") or "",
+                   steps if side["success"] else f"{side.get('reason') or 'failed'}; {steps}")
 
 
 def tasks_html(report: dict) -> str:
-    """Each task once: its prompt and a right answer, then each model's answer and verdict (wraps, no sideways
-    scrolling)."""
-    rows = "".join(
-        f"<tr><td><b>{html.escape(task['prompt'].replace('{base_url}', SITE))}</b><br><small>Expected: {html.escape(task['expected'])}"
-        f"</small></td><td>{_verdict(task.get('base'))}</td><td>{_verdict(task.get('tuned'))}</td></tr>"
-        for task in report.get("tasks", []))
-    return ('<table class="mcpft-tasks"><colgroup><col style="width:40%"><col style="width:30%"><col style="width:30%">'
-            "</colgroup><thead><tr><th>Held-out task</th><th>Base model</th><th>Fine-tuned model</th></tr></thead>"
-            f"<tbody>{rows}</tbody></table>")
-
-
-CSS = """
-.mcpft-bars {display: flex; flex-wrap: wrap; gap: 1.5em;}
-.mcpft-bar-group {flex: 1 1 16em;}
-.mcpft-bar-name {font-weight: 600; margin-bottom: .3em;}
-.mcpft-bar-row {display: flex; align-items: center; gap: .5em; margin: .2em 0;}
-.mcpft-bar-label {width: 6.5em; font-size: .9em;}
-.mcpft-bar {display: inline-block; height: 1.1em; min-width: 2px; max-width: 60%; border-radius: 3px;}
-.mcpft-bar.base {background: #9ca3af;}
-.mcpft-bar.tuned {background: #f97316;}
-.mcpft-tasks {width: 100%; table-layout: fixed; border-collapse: collapse;}
-.mcpft-tasks td, .mcpft-tasks th {border-top: 1px solid #e5e7eb; padding: .4em; vertical-align: top;
-                                  overflow-wrap: anywhere; text-align: left;}
-.mcpft-pass {color: #15803d; font-weight: 600;}
-.mcpft-fail {color: #b91c1c; font-weight: 600;}
-"""
+    """Each task once: its prompt and a right answer, then each model's answer and verdict."""
+    return side_by_side_html("Held-out task", [
+        (task["prompt"].replace("{base_url}", SITE), task["expected"], _attempt(task.get("base")),
+         _attempt(task.get("tuned"))) for task in report.get("tasks", [])])
 
 
 def finished_outputs(report: dict | None) -> tuple:
     if report is None:
         return "", "", ""
-    return result_markdown(report), bars_html(report), tasks_html(report)
+    return result_markdown(report), bars_html(plain_metrics(report)), tasks_html(report)
 
 
 def build(ctx: AppContext, shared: Shared, tab) -> None:
@@ -211,14 +172,14 @@ def build(ctx: AppContext, shared: Shared, tab) -> None:
                *finished_outputs(job.report))
 
     def show(owner):
-        if not owner:
-            return "", *finished_outputs(None)
+        if not owner:  # the page is still loading: its owner's own event follows
+            return gr.update(), gr.update(), gr.update(), gr.update()
         job = jobs.running(owner)
         if job is not None:
             return (status_markdown(job) + "\n\nStill running: press the button to follow it live.",
                     *finished_outputs(None))
         report = jobs.last_report(owner)
-        return ("Your last demo run:" if report else ""), *finished_outputs(report)
+        return ("Your last demo run:" if report else NO_RUN_YET), *finished_outputs(report)
 
     button.click(run, [shared.owner], [status, result, bars, tasks], concurrency_limit=None)
     gr.on([tab.select, shared.owner.change], show, [shared.owner], [status, result, bars, tasks],

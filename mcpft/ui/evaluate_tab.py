@@ -3,22 +3,23 @@ before/after metrics and chart, the side-by-side table, and a live chat sending 
 
 from __future__ import annotations
 
+import json
 import queue
 import threading
 
 import gradio as gr
-import pandas as pd
 
 from mcpft.agent.endpoint import CompletionSettings, Endpoint
 from mcpft.agent.mcp import MCPConfigError, MCPServerError
 from mcpft.agent.session import AgentSession, Conversation, EmbeddedEndpoint, wait_any
 from mcpft.dataset import rows_from_traces
 from mcpft.evaluate import (
-    RATES, EvaluationError, compare, comparison_sentence, evaluate_rows, local_generator, steps_from_rows)
+    RATE_WORDS, RATES, EvaluationError, compare, comparison_sentence, evaluate_rows, local_generator, steps_from_rows)
 from mcpft.models import ModelError
 from mcpft.train import read_run_record, update_run_record
 from mcpft.ui import demo_panel
 from mcpft.ui.agent_tab import chat_messages
+from mcpft.ui.charts import CSS, Attempt, bars_html, side_by_side_html
 from mcpft.ui.endpoint_tab import close_session, parse_mcp_json
 from mcpft.ui.owner import owner_slug, require_owner
 from mcpft.selection import HELDOUT_TAG
@@ -26,7 +27,7 @@ from mcpft.ui.state import SESSION_TTL_S, AppContext, Shared
 from mcpft.ui.train_tab import list_runs, owned_run
 
 METRIC_COLUMNS = ["metric", "base", "fine-tuned", "change"]
-SIDE_COLUMNS = ["prompt", "base answer", "fine-tuned answer", "base verdict", "fine-tuned verdict", "change"]
+NOTHING_YET = "<p>Each held-out step shows here once both models are scored.</p>"
 POLL_S = 30.0
 ANSWER_CHARS = 600
 
@@ -59,18 +60,13 @@ def _percent(value) -> str:
 
 def metrics_rows(comparison: dict) -> list[list]:
     totals = comparison["totals"]
-    return [[name, _percent(totals["base"][name]), _percent(totals["tuned"][name]),
+    return [[RATE_WORDS[name], _percent(totals["base"][name]), _percent(totals["tuned"][name]),
              "–" if totals["delta"][name] is None else f"{100 * totals['delta'][name]:+.1f} pts"] for name in RATES]
 
 
-def bars_frame(comparison: dict) -> pd.DataFrame:
-    """One bar per metric and model, side by side (a bar per `metric · model`; the plot would stack a shared x)."""
+def measures(comparison: dict) -> list[tuple[str, float | None, float | None]]:
     totals = comparison["totals"]
-    points = [(f"{name} · {label}", label, 100 * totals[side][name]) for name in RATES
-              for label, side in (("base", "base"), ("fine-tuned", "tuned")) if totals[side][name] is not None]
-    return pd.DataFrame({"bar": pd.Series([p[0] for p in points], dtype="object"),
-                         "model": pd.Series([p[1] for p in points], dtype="object"),
-                         "percent": pd.Series([p[2] for p in points], dtype="float64")})
+    return [(RATE_WORDS[name], totals["base"][name], totals["tuned"][name]) for name in RATES]
 
 
 def _answer(side: dict) -> str:
@@ -78,17 +74,26 @@ def _answer(side: dict) -> str:
     return text if len(text) <= ANSWER_CHARS else text[:ANSWER_CHARS - 1] + "…"
 
 
-def side_rows(comparison: dict) -> list[list]:
-    return [[step["prompt"], _answer(step["base"]), _answer(step["tuned"]),
-             "; ".join([step["base"]["verdict"], *step["base"]["reasons"]]),
-             "; ".join([step["tuned"]["verdict"], *step["tuned"]["reasons"]]), step["change"]]
-            for step in comparison["steps"]]
+def _expected(reference: dict) -> str:
+    calls = [f"{call['name']}({json.dumps(call['arguments'], ensure_ascii=False)})"
+             for call in reference.get("tool_calls") or []]
+    return "call " + ", ".join(calls) if calls else f"answer: {reference.get('content') or '(no text)'}"
+
+
+def _attempt(side: dict) -> Attempt:
+    passed = side["verdict"] == "pass"
+    return Attempt(passed, _answer(side), "" if passed else "; ".join([side["verdict"], *side["reasons"]]))
+
+
+def side_html(comparison: dict) -> str:
+    return side_by_side_html("Held-out step", [(step["prompt"], _expected(step["reference"]), _attempt(step["base"]),
+                                                _attempt(step["tuned"])) for step in comparison["steps"]])
 
 
 def comparison_outputs(comparison: dict | None) -> tuple:
     if not comparison:
-        return [], None, []  # None, not an empty frame: a plot first drawn empty never draws its bars later
-    return metrics_rows(comparison), bars_frame(comparison), side_rows(comparison)
+        return [], "", NOTHING_YET
+    return metrics_rows(comparison), bars_html(measures(comparison)), side_html(comparison)
 
 
 def compare_endpoint(ctx: AppContext, base: str | None, adapter: str) -> EmbeddedEndpoint:
@@ -126,11 +131,8 @@ def build(ctx: AppContext, shared: Shared) -> None:
         with gr.Row():
             metrics = gr.Dataframe(headers=METRIC_COLUMNS, value=[], interactive=False, label="Metrics",
                                    elem_id="eval-metrics")
-            bars = gr.BarPlot(None, x="bar", y="percent",
-                              color="model", title="Before / after", y_lim=[0, 100], height=300, x_label_angle=-30,
-                              elem_id="eval-bars")
-        side_by_side = gr.Dataframe(headers=SIDE_COLUMNS, value=[], interactive=False, wrap=True, max_height=500,
-                                    label="Side by side", elem_id="side-by-side")
+            bars = gr.HTML(elem_id="eval-bars", css_template=CSS)
+        side_by_side = gr.HTML(NOTHING_YET, elem_id="side-by-side", css_template=CSS, max_height=600)
         gr.Markdown("### Live side-by-side chat\nOne prompt to both models through the agent (tool calls "
                     "auto-approved; recorded as traces tagged `side-by-side`, excluded from training).")
         with gr.Row():
