@@ -23,6 +23,9 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
+from mcpft.demo.world import DEMO_TOOLS
+from mcpft.store import Store
+
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
 BOOT_TIMEOUT_S = 120
@@ -160,6 +163,12 @@ def test_a_fresh_copy_boots_as_a_space_and_answers_a_demo_task(tmp_path):
         connect_browser_tools(page)
         status = run_demo_task(page)
         assert status.startswith("Trace") and "Answered" in status, status
+        with Store(tmp_path / "data" / "mcpft" / "mcpft.db") as store:
+            (trace,) = store.traces()
+        # A demo task in the app runs as `demo collect` records it: the demo's tools only, pages compacted.
+        assert sorted(t["function"]["name"] for t in trace.tools) == sorted(DEMO_TOOLS)
+        pages = [m["content"] for m in trace.messages if m["role"] == "tool"]
+        assert pages and not any("[cursor=pointer]" in text for text in pages)
         print(f"\nboot (python app.py until up): {boot_s:.1f} s; npm install: {npm_s:.0f} s")
     assert (app_dir / "node_modules" / "@playwright" / "mcp" / "cli.js").is_file()  # beside the app: writable
 

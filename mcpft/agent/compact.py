@@ -10,11 +10,17 @@ parts of a Playwright MCP result tell a model nothing it can act on:
 
 `PageCompactor` keeps what one task has shown, so it is made (or `reset`) per task. What it returns is exactly what
 the model sees, and the trace stores that, so traces stay faithful to the model's view.
+
+`ToolView` is a tool hub as a small model sees it: only some tools offered (the demo's four browser tools instead of
+Playwright MCP's ~25, ~5k tokens of schemas fewer in every prompt) and pages compacted. The demo's collection, its
+evaluation and the app's demo tasks all run through one, so what a model trains on is what it is tested on.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
+from collections.abc import Iterable
 
 _RAN_CODE = re.compile(r"^### Ran Playwright code\n```\w*\n.*?\n```(?:\n|\Z)", re.MULTILINE | re.DOTALL)
 _CURSOR = " [cursor=pointer]"
@@ -52,6 +58,28 @@ class PageCompactor:
                 kept.extend(lines[i:end])
             i = end
         return kept
+
+
+class ToolView:
+    """`hub` (a `ToolHub`) with only `names` offered and callable (None: all), its pages compacted when `compact`.
+    Call `new_task()` between tasks: what counts as shown before is per task."""
+
+    def __init__(self, hub, names: Iterable[str] | None = None, compact: bool = True):
+        self.hub, self.names = hub, None if names is None else frozenset(names)
+        self.compact = PageCompactor() if compact else None
+
+    def new_task(self) -> None:
+        if self.compact is not None:
+            self.compact.reset()
+
+    def openai_tools(self) -> list[dict]:
+        return [t for t in self.hub.openai_tools() if self.names is None or t["function"]["name"] in self.names]
+
+    async def call(self, name: str, arguments, timeout: float | None = None, **options):
+        if self.names is not None and name not in self.names:  # the hub's own unknown-tool error, naming the tools
+            return await self.hub.call(f"<not offered: {name}>", arguments, timeout)
+        result = await self.hub.call(name, arguments, timeout, **options)
+        return result if self.compact is None else dataclasses.replace(result, text=self.compact(result.text))
 
 
 def _block_end(lines: list[str], start: int, indent: int) -> int:

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mcpft.agent.compact import ToolView
 from mcpft.agent.endpoint import CompletionSettings, Endpoint
 from mcpft.agent.loop import Agent, AgentConfig, TurnResult, endpoint_generate
 from mcpft.agent.mcp import DEFAULT_MAX_CHARS, HubTool, ToolHub, load_mcp_config
@@ -38,6 +39,8 @@ class Conversation:
     truncate: int = DEFAULT_MAX_CHARS  # characters of a tool result the model sees
     tags: tuple[str, ...] = ()
     included: bool = True  # False: recorded, but excluded from training from the start (e.g. comparison chats)
+    tool_names: tuple[str, ...] | None = None  # offer only these tools (None: all the servers'), e.g. the demo's
+    compact_pages: bool = False  # browser pages compacted for a small model (mcpft.agent.compact)
 
 
 @dataclass
@@ -219,12 +222,14 @@ class AgentSession:
     def _make_agent(self) -> Agent:
         conversation = self._conversation
         self._hub.max_chars = conversation.truncate
-        record = self._recorder(conversation)
-        return Agent(endpoint_generate(conversation.endpoint, conversation.completion), self._hub, sink=record,
+        tools = self._hub if conversation.tool_names is None and not conversation.compact_pages else \
+            ToolView(self._hub, conversation.tool_names, compact=conversation.compact_pages)
+        record = self._recorder(conversation, tools)
+        return Agent(endpoint_generate(conversation.endpoint, conversation.completion), tools, sink=record,
                      approve=self._approve, on_delta=self._on_delta, system_prompt=conversation.system_prompt,
                      config=AgentConfig(max_steps=conversation.max_steps))
 
-    def _recorder(self, conversation: Conversation):
+    def _recorder(self, conversation: Conversation, tools):
         """The agent's sink: the store (a new trace; never the API key) and the session's own copy."""
         store_sink = None
         if self.store is not None:
@@ -232,7 +237,7 @@ class AgentSession:
                         "temperature": conversation.completion.temperature,
                         "max_tokens": conversation.completion.max_tokens}
             trace_id = open_trace(self.store, model=conversation.endpoint.model,
-                                  base_url=conversation.endpoint.base_url, tools=self._hub.openai_tools(),
+                                  base_url=conversation.endpoint.base_url, tools=tools.openai_tools(),
                                   settings=settings, train_system=conversation.train_system,
                                   tags=list(conversation.tags), owner=self.owner, source=self.source)
             if not conversation.included:

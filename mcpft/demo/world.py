@@ -4,7 +4,6 @@ as a model) and the Playwright browser are started here and stopped after."""
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import time
@@ -19,13 +18,13 @@ from openai.pagination import AsyncPage
 from mcpft.agent.browser import playwright_server
 from mcpft.agent.endpoint import (CompletionSettings, Endpoint, EndpointError, NotOpenAIReply, client, complete,
                                   describe_error)
-from mcpft.agent.compact import PageCompactor
+from mcpft.agent.compact import ToolView
 from mcpft.agent.loop import Agent, AgentConfig, TurnResult, endpoint_generate
 from mcpft.agent.mcp import ToolHub
 from mcpft.demo.site import Site, serve_site
 from mcpft.demo.snapshot import tabs
 from mcpft.demo.tasks import Task, load_tasks
-from mcpft.demo.teacher import TeacherError, next_step
+from mcpft.demo.teacher import TeacherError, next_step, recognise
 from mcpft.recording import open_trace, sink_for
 from mcpft.serve import Generation, GenerationRequest, RequestError, create_app, serve_in_thread
 from mcpft.store import Store
@@ -42,25 +41,12 @@ EVAL_SETTINGS = CompletionSettings(temperature=0.0, max_tokens=384)
 DEMO_TOOLS = ("browser_navigate", "browser_click", "browser_fill_form", "browser_snapshot")
 
 
-class ToolSubset:
-    """The hub as the model sees it in the demo: only `names` are offered or callable, and pages come compacted
-    (`mcpft.agent.compact`). Call `new_task()` before each task: what counts as "shown before" is per task."""
-
-    def __init__(self, hub: ToolHub, names: tuple[str, ...] = DEMO_TOOLS):
-        self.hub, self.names = hub, set(names)
-        self.compact = PageCompactor()
-
-    def new_task(self) -> None:
-        self.compact.reset()
-
-    def openai_tools(self) -> list[dict]:
-        return [t for t in self.hub.openai_tools() if t["function"]["name"] in self.names]
-
-    async def call(self, name: str, arguments, timeout: float | None = None):
-        if name not in self.names:
-            return await self.hub.call(f"<not offered: {name}>", arguments, timeout)  # the hub's unknown-tool error
-        result = await self.hub.call(name, arguments, timeout)
-        return dataclasses.replace(result, text=self.compact(result.text))
+def demo_task_in(text: str) -> Task | None:
+    """The demo task whose prompt `text` is (with any site address), or None."""
+    try:
+        return recognise(text)[0]
+    except TeacherError:
+        return None
 
 
 class TeacherBackend:
@@ -81,7 +67,7 @@ class World:
 
     site: Site
     hub: ToolHub  # all the browser's tools (resetting uses browser_tabs)
-    tools: ToolSubset  # what the model is offered
+    tools: ToolView  # what the model is offered: the demo tools, pages compacted
 
     async def reset(self):
         """Before each task: the site on a new free port, and one new blank tab (no history to go back to) in place
@@ -108,7 +94,7 @@ async def running_world(browser_dir: Path, headless: bool = True):
     # The demo site is on 127.0.0.1: keep Chromium off every other host (no lookups of Google's either).
     spec = playwright_server(browser_dir, headless=headless, offline=True)
     async with ToolHub([spec], browser_dir / "files") as hub:
-        world = World(serve_site(), hub, ToolSubset(hub))
+        world = World(serve_site(), hub, ToolView(hub, DEMO_TOOLS))
         try:
             yield world
         finally:

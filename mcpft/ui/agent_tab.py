@@ -3,6 +3,7 @@ Every step is in the store the moment it happens (the session records through `r
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -11,7 +12,7 @@ import gradio as gr
 from mcpft.agent.endpoint import CompletionSettings
 from mcpft.agent.loop import NOT_RUN, REJECTED, call_title, describe_call
 from mcpft.agent.session import AgentSession, Conversation, SessionError, SessionView
-from mcpft.demo.world import TEACHER
+from mcpft.demo.world import DEMO_TOOLS, TEACHER, demo_task_in
 from mcpft.serve import DEFAULT_MAX_TOKENS
 from mcpft.trace import validate
 from mcpft.ui.endpoint_tab import endpoint_from_fields, page_session, wait_for_embedded
@@ -170,11 +171,28 @@ def settled(session: AgentSession, timeout: float) -> SessionView:
     return view
 
 
-def other_endpoint(view: SessionView, conversation: Conversation) -> bool:
-    """Whether the fields now name another model or server than the conversation's (which its trace recorded)."""
-    current = view.conversation.endpoint if view.conversation else None
-    wanted = conversation.endpoint
-    return current is None or (current.base_url, current.model) != (wanted.base_url, wanted.model)
+DEMO_TOOLS_NOTE = (f"A demo task offers the model only the demo's browser tools ({', '.join(DEMO_TOOLS)}), with "
+                   "compact pages, as `demo collect` records it.")
+
+
+def other_setup(view: SessionView, conversation: Conversation) -> bool:
+    """Whether the fields now name another model or server, or the message needs another tool set, than the
+    conversation's (its trace recorded one of each)."""
+    current = view.conversation
+    return current is None or _setup(current) != _setup(conversation)
+
+
+def _setup(conversation: Conversation) -> tuple:
+    return (conversation.endpoint.base_url, conversation.endpoint.model, conversation.tool_names,
+            conversation.compact_pages)
+
+
+def for_message(conversation: Conversation, text: str) -> Conversation:
+    """A demo task runs as `demo collect` records it and `demo payoff` tests it: the demo's browser tools only,
+    pages compacted. So what the app records of a demo task trains a model for what evaluation asks."""
+    if demo_task_in(text) is None:
+        return conversation
+    return dataclasses.replace(conversation, tool_names=DEMO_TOOLS, compact_pages=True)
 
 
 def demo_task_choices(base_url: str) -> list[tuple[str, str]]:
@@ -248,7 +266,8 @@ def build(ctx: AppContext, shared: Shared) -> None:
         if view.running:
             raise gr.Error("The agent is still working on the last message: wait, or press Stop.")
         conversation = conversation_from(preset, base_url, model, api_key, system, exclude, truncate, steps, tokens)
-        if view.trace_id is None or other_endpoint(view, conversation):  # a trace records one model
+        conversation = for_message(conversation, text)
+        if view.trace_id is None or other_setup(view, conversation):  # a trace records one model and tool set
             session.new_conversation(conversation)
         session.auto_approve = bool(auto)
         try:
@@ -299,10 +318,10 @@ def build(ctx: AppContext, shared: Shared) -> None:
         if TEACHER in served:
             return (prompt, gr.update(choices=served, value=TEACHER), TEACHER,
                     f"Model set to `{TEACHER}`: it answers the demo tasks (a script, not a model that learns). "
-                    "Pick another model next to Send to try yours on the task.")
+                    "Pick another model next to Send to try yours on the task. " + DEMO_TOOLS_NOTE)
         return (prompt, gr.update(), gr.update(),
                 f"The chosen model `{model or '?'}` may fail this task: the `{TEACHER}` model of the Embedded "
-                "endpoint (Endpoint tab) is the one that solves the demo tasks.")
+                "endpoint (Endpoint tab) is the one that solves the demo tasks. " + DEMO_TOOLS_NOTE)
 
     def model_choices(preset, model):
         """The Agent's model list follows the Endpoint tab's model field (the one the conversation uses)."""
