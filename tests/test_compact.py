@@ -2,6 +2,7 @@
 results from the real browser on the demo site, through the demo's tool subset (which compacts per task)."""
 
 import asyncio
+import json
 
 from mcpft.agent.compact import DONE, SHOWN_BEFORE, PageCompactor
 from mcpft.demo.snapshot import read_page
@@ -46,3 +47,21 @@ def test_pages_of_one_task_compact_and_a_new_task_starts_afresh(tmp_path):
     listing = read_page(second)
     assert [link.name for link in listing.links(r"^/products/[a-z]")] and all(
         link.ref for link in listing.links(r"^/products/[a-z]"))
+
+
+def test_the_view_offers_only_its_tools_with_their_parameters_undescribed(tmp_path):
+    from mcpft.demo.world import DEMO_TOOLS
+
+    async def listings():
+        async with running_world(tmp_path) as world:
+            return world.hub.openai_tools(), world.tools.openai_tools()
+
+    full, offered = asyncio.run(listings())
+    assert sorted(t["function"]["name"] for t in offered) == sorted(DEMO_TOOLS) and len(full) > len(offered)
+    by_name = {t["function"]["name"]: t["function"] for t in full}
+    for tool in offered:
+        function, original = tool["function"], by_name[tool["function"]["name"]]
+        assert function["description"] == original["description"]
+        assert "description" not in json.dumps(function["parameters"])
+        assert function["parameters"]["properties"].keys() == original["parameters"]["properties"].keys()
+        assert function["parameters"].get("required") == original["parameters"].get("required")

@@ -12,7 +12,9 @@ parts of a Playwright MCP result tell a model nothing it can act on:
 the model sees, and the trace stores that, so traces stay faithful to the model's view.
 
 `ToolView` is a tool hub as a small model sees it: only some tools offered (the demo's four browser tools instead of
-Playwright MCP's ~25, ~5k tokens of schemas fewer in every prompt) and pages compacted. The demo's collection, its
+Playwright MCP's ~25, ~5k tokens of schemas fewer in every prompt), pages compacted, and the parameters' own
+descriptions left out of the schemas (a tool keeps its description; the names, types and enums of its parameters say
+how to call it: ~300 tokens fewer for the demo's four). The demo's collection, its
 evaluation and the app's demo tasks all run through one, so what a model trains on is what it is tested on.
 """
 
@@ -73,13 +75,32 @@ class ToolView:
             self.compact.reset()
 
     def openai_tools(self) -> list[dict]:
-        return [t for t in self.hub.openai_tools() if self.names is None or t["function"]["name"] in self.names]
+        tools = [t for t in self.hub.openai_tools() if self.names is None or t["function"]["name"] in self.names]
+        if self.compact is None:
+            return tools
+        return [{**tool, "function": {**tool["function"], "parameters": _without_descriptions(
+            tool["function"].get("parameters", {}))}} for tool in tools]
 
     async def call(self, name: str, arguments, timeout: float | None = None, **options):
         if self.names is not None and name not in self.names:  # the hub's own unknown-tool error, naming the tools
             return await self.hub.call(f"<not offered: {name}>", arguments, timeout)
         result = await self.hub.call(name, arguments, timeout, **options)
         return result if self.compact is None else dataclasses.replace(result, text=self.compact(result.text))
+
+
+def _without_descriptions(schema):
+    """The JSON schema without `description` keywords (a property *named* "description" is kept)."""
+    if isinstance(schema, list):
+        return [_without_descriptions(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    kept = {}
+    for key, value in schema.items():
+        if key == "properties" and isinstance(value, dict):
+            kept[key] = {name: _without_descriptions(sub) for name, sub in value.items()}
+        elif key != "description":
+            kept[key] = _without_descriptions(value)
+    return kept
 
 
 def _block_end(lines: list[str], start: int, indent: int) -> int:
