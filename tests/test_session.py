@@ -123,3 +123,24 @@ def test_bad_requests_are_refused_with_a_reason(session, embedded):
         session.send("again")
     session.new_conversation(conversation(embedded))  # stops the waiting turn first
     assert not session.view().running and session.view().messages == []
+
+
+def test_a_long_calls_progress_shows_in_the_view_while_it_runs(store, tmp_path, tiny_model_dir):
+    """A server's progress notifications reach what the app shows (the Agent tab's status line reads them)."""
+    from tests.test_mcp_faults import fault_config
+
+    server = EmbeddedEndpoint(tmp_path / "data", extra_backends={"staller": ScriptedBackend(calls=1, tool="stall")})
+    server.start(str(tiny_model_dir))
+    try:
+        with AgentSession(fault_config(callTimeout=60), tmp_path / "tools", store=store, owner="alice") as session:
+            session.connect()
+            session.auto_approve = True
+            session.new_conversation(Conversation(endpoint=Endpoint(server.status.base_url, "staller"),
+                                                  completion=CompletionSettings(max_tokens=64)))
+            session.send("take your time")
+            view = until(session, lambda v: bool(v.tool_progress))
+            assert view.running and view.tool_progress == "stall: 0"
+            session.stop()
+            assert until(session, lambda v: not v.running).tool_progress == ""
+    finally:
+        server.stop()

@@ -717,6 +717,11 @@ class ToolProgress:
     total: float | None
     message: str | None
 
+    def text(self) -> str:
+        """As a person reads it: `slow: 3/4 step 3`."""
+        done = f"{self.progress:g}/{self.total:g}" if self.total else f"{self.progress:g}"
+        return f"{self.tool}: {done}" + (f" {self.message}" if self.message else "")
+
 
 # on_progress(ToolProgress) -> None, or an awaitable; called on the hub's event loop.
 ProgressCallback = Callable[[ToolProgress], Any]

@@ -20,7 +20,7 @@ from pathlib import Path
 from mcpft.agent.compact import ToolView
 from mcpft.agent.endpoint import CompletionSettings, Endpoint
 from mcpft.agent.loop import Agent, AgentConfig, TurnResult, endpoint_generate
-from mcpft.agent.mcp import DEFAULT_MAX_CHARS, HubTool, ToolHub, load_mcp_config
+from mcpft.agent.mcp import DEFAULT_MAX_CHARS, HubTool, ToolHub, ToolProgress, load_mcp_config
 from mcpft.recording import open_trace, sink_for
 from mcpft.store import Store
 
@@ -56,6 +56,7 @@ class SessionView:
     conversation: Conversation | None
     result: TurnResult | None  # the last finished turn
     error: str  # why the last turn could not run at all ("" when it ran)
+    tool_progress: str = ""  # the latest progress report of the tool call running now ("" when none)
 
 
 class SessionError(RuntimeError):
@@ -107,7 +108,8 @@ class AgentSession:
 
         async def hold():
             try:
-                async with ToolHub(self.specs, self.tool_dir, connect_timeout=self.connect_timeout) as hub:
+                async with ToolHub(self.specs, self.tool_dir, connect_timeout=self.connect_timeout,
+                                   on_progress=self._on_tool_progress) as hub:
                     opened.set_result(hub)
                     await self._closing.wait()
             except BaseException as error:
@@ -169,7 +171,7 @@ class AgentSession:
             self._agent: Agent | None = None
             self._trace_id: str | None = None
             self._messages: list[dict] = []
-            self._streaming = {"reasoning": "", "content": ""}
+            self._streaming, self._tool_progress = {"reasoning": "", "content": ""}, ""
             self._pending: list[dict] = []
             self._decision: asyncio.Future | None = None
             self._running = False
@@ -216,7 +218,7 @@ class AgentSession:
         finally:
             with self._cond:  # a stop cancels the approval wait without awaiting it: clear what it left
                 self._running, self._pending, self._decision = False, [], None
-                self._streaming = {"reasoning": "", "content": ""}
+                self._streaming, self._tool_progress = {"reasoning": "", "content": ""}, ""
                 self._bump()
 
     def _make_agent(self) -> Agent:
@@ -251,10 +253,15 @@ class AgentSession:
                 store_sink(message)
             with self._cond:
                 self._messages.append(message)
-                self._streaming = {"reasoning": "", "content": ""}
+                self._streaming, self._tool_progress = {"reasoning": "", "content": ""}, ""
                 self._bump()
 
         return record
+
+    def _on_tool_progress(self, progress: ToolProgress) -> None:
+        with self._cond:
+            self._tool_progress = progress.text()
+            self._bump()
 
     def _on_delta(self, kind: str, text: str) -> None:
         with self._cond:
@@ -303,7 +310,8 @@ class AgentSession:
         with self._cond:
             return SessionView(version=self._version, messages=list(self._messages), streaming=dict(self._streaming),
                                pending=list(self._pending), running=self._running, trace_id=self._trace_id,
-                               conversation=self._conversation, result=self._result, error=self._error)
+                               conversation=self._conversation, result=self._result, error=self._error,
+                               tool_progress=self._tool_progress)
 
     def wait(self, after_version: int, timeout: float | None = None) -> SessionView:
         """The view once its version is past `after_version`, or as it is when `timeout` seconds have passed."""

@@ -142,8 +142,7 @@ def print_delta(kind: str, text: str):
 
 def print_progress(progress) -> None:
     """A long tool call's progress notifications, on stderr."""
-    done = f"{progress.progress:g}/{progress.total:g}" if progress.total else f"{progress.progress:g}"
-    print(f"\n[{progress.tool}: {done}{' ' + progress.message if progress.message else ''}]", file=sys.stderr)
+    print(f"\n[{progress.text()}]", file=sys.stderr)
 
 
 async def ask_each(calls: list[dict]) -> list[bool]:

@@ -93,7 +93,7 @@ def status_text(view: SessionView) -> str:
     if view.pending:
         parts.append(f"**{len(view.pending)} tool call(s) wait for your approval**")
     elif view.running:
-        parts.append("working…")
+        parts.append(f"working… ({view.tool_progress})" if view.tool_progress else "working…")
     elif view.result is not None:
         parts.append(outcome_text(view))
     if view.error:
