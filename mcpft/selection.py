@@ -140,7 +140,7 @@ def store_rows(store, tags: list[str] | None, include_flagged: bool, owner: str 
         raise SelectionError(
             f"no training rows: {len(selected)} trace(s) selected{where}, {held_out} tagged {heldout_tag!r} (held "
             f"out, never trained on), {excluded} excluded, {flagged} flagged"
-            + ("" if include_flagged else " (include_flagged / --include-flagged keeps flagged ones)"))
+            + ("" if include_flagged else " (flagged traces are left out unless you ask to include them)"))
     source = {"kind": "store", "tags": list(tags or []), "include_flagged": include_flagged,
               "traces": len({r["trace_id"] for r in rows}), "heldout_traces_left_out": held_out}
     return rows, source

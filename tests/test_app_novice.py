@@ -307,7 +307,8 @@ def test_the_first_page_says_what_to_do_and_each_step_opens_its_tab(page):
     guide = page.locator("#guide")
     for step in ("1. Collect", "2. Curate", "3. Train", "4. Compare"):
         expect(guide).to_contain_text(step)
-    for button, shown in (("#guide-curate", "#curate-purpose"), ("#guide-agent", "#agent-purpose")):
+    for button, shown in (("#guide-curate", "#curate-purpose"), ("#guide-train", "#train-purpose"),
+                          ("#guide-evaluate", "#evaluate-purpose"), ("#guide-agent", "#agent-purpose")):
         page.locator(button).click()
         expect(page.locator(shown)).to_be_visible()
     expect(page.locator("#agent-purpose")).to_contain_text("collects traces")

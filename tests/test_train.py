@@ -197,7 +197,7 @@ def test_empty_and_flagged_selections_are_refused(store, tmp_path, tiny_model_di
     from mcpft.ingest import import_file
 
     import_file(store, path)
-    with pytest.raises(SelectionError, match="1 flagged.*--include-flagged"):
+    with pytest.raises(SelectionError, match="1 flagged.*left out unless you ask to include them"):
         select_rows(None, store)
     assert select_rows(None, store, include_flagged=True)[0]
     with pytest.raises(TrainError, match="no training rows"):

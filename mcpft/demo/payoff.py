@@ -38,13 +38,13 @@ class PayoffError(Exception):
 class PayoffRecipe:
     """What `demo payoff` runs: how much data, how it trains, how the held-out tasks are run."""
 
-    train_traces: int = 16
+    train_traces: int = 36
     heldout_tasks: int = 13  # one per held-out template
-    epochs: float = 1.0
-    learning_rate: float = 5e-4
+    epochs: float = 3.0
+    learning_rate: float = 1e-3
     gradient_accumulation_steps: int = 1
     lora_r: int = 16
-    agent_max_steps: int = 8
+    agent_max_steps: int = 6
     max_new_tokens: int = 192  # per agent step: a teacher's step is ~100 tokens
 
     def __post_init__(self):

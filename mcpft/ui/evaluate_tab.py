@@ -27,6 +27,8 @@ from mcpft.ui.state import SESSION_TTL_S, AppContext, Shared
 from mcpft.ui.train_tab import list_runs, owned_run
 
 METRIC_COLUMNS = ["metric", "base", "fine-tuned", "change"]
+PURPOSE = ("**Evaluate** shows whether training paid off: the base and the fine-tuned model on tasks or steps "
+           "neither trained on, side by side.")
 NOTHING_YET = "<p>Each held-out step shows here once both models are scored.</p>"
 POLL_S = 30.0
 ANSWER_CHARS = 600
@@ -113,6 +115,7 @@ def compare_endpoint(ctx: AppContext, base: str | None, adapter: str) -> Embedde
 
 def build(ctx: AppContext, shared: Shared) -> None:
     with gr.Tab("Evaluate", id="evaluate") as tab:
+        gr.Markdown(PURPOSE, elem_id="evaluate-purpose")
         demo_panel.build(ctx, shared, tab)
         gr.Markdown("### Step scores of your own traces\n"
                     "Scores every step of the held-out traces as the Berkeley Function-Calling Leaderboard does "

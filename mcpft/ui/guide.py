@@ -10,7 +10,8 @@ STEPS = [
      "own model, and approve its tool calls.", "agent", "Open Agent"),
     ("**2. Curate** them: keep the good ones, tag a few `heldout` to test on later.", "curate", "Open Curate"),
     ("**3. Train** a small model on the kept traces (LoRA; minutes on a CPU for a few steps).", "train", "Open Train"),
-    ("**4. Compare** the base and the fine-tuned model on the held-out traces.", "evaluate", "Open Evaluate"),
+    ("**4. Compare** the base and the fine-tuned model on the held-out traces. Or see the whole loop first: *Run the "
+     "demo* on the Evaluate tab collects, trains and compares in one click.", "evaluate", "Open Evaluate"),
 ]
 
 

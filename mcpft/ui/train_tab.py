@@ -23,6 +23,8 @@ from mcpft.train import (BACKENDS, CPU_MAX_LENGTH, GPU_MAX_LENGTH, MERGE_DTYPES,
 from mcpft.ui.owner import owner_slug, require_owner
 from mcpft.ui.state import AppContext, Shared
 
+PURPOSE = ("**Train** teaches a small model from your kept traces (LoRA fine-tuning): check what will train, start, "
+           "and watch the loss fall.")
 HEARTBEAT_S = 1.0  # the progress line's clock moves this often, also while the run prepares
 MERGED_SUFFIX = "-merged"
 
@@ -181,6 +183,7 @@ def build(ctx: AppContext, shared: Shared) -> None:
                                                                   if isinstance(ctx.settings.get("base_model"), dict)
                                                                   else [])]) if spec]
     with gr.Tab("Train", id="train") as tab:
+        gr.Markdown(PURPOSE, elem_id="train-purpose")
         device = gr.Markdown("**Device:** (checked when you open this tab)", elem_id="train-device")
         if settings_error:
             gr.Markdown(f"**space.yaml's training defaults are not used:** {settings_error}")
