@@ -10,6 +10,7 @@ import os
 import re
 import socket
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -34,30 +35,49 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@contextmanager
+def served(ctx):
+    """The app of `ctx` on a free port (the model already started, or not needed): its URL; closed after."""
+    if not Path(CHROMIUM).exists():
+        ctx.close()
+        pytest.skip(f"no Chromium at {CHROMIUM} (make test installs Debian's chromium)")
+    demo, url = launch(ctx, port=free_port(), start_model=False)
+    try:
+        yield url
+    finally:
+        demo.close()
+        ctx.close()
+
+
+@contextmanager
+def chromium_page(url: str, timeout_ms: int = WAIT_MS):
+    """A page of a headless Chromium at `url`, as a visitor opens it."""
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(timeout_ms)
+            page.goto(url)
+            yield page
+        finally:
+            browser.close()
+
+
 @pytest.fixture(scope="module")
 def app(tmp_path_factory, tiny_model_dir):
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"no Chromium at {CHROMIUM} (make test installs Debian's chromium)")
     ctx = make_context(data_dir=tmp_path_factory.mktemp("home"), model=str(tiny_model_dir),
                        extra_backends={"scripted": ScriptedBackend(calls=1)}, mcp_config=MCP_CONFIG)
     ctx.embedded.start(str(tiny_model_dir))
-    demo, url = launch(ctx, port=free_port(), start_model=False)
-    yield ctx, url
-    demo.close()
-    ctx.close()
+    with served(ctx) as url:
+        yield ctx, url
 
 
 @pytest.fixture(scope="module")
 def page(app):
     _, url = app
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.set_default_timeout(WAIT_MS)
-        page.goto(url)
+    with chromium_page(url) as page:
         expect(page.locator("#embedded-status")).to_contain_text("ready")
         yield page
-        browser.close()
 
 
 def open_tab(page, name: str):

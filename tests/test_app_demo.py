@@ -3,39 +3,30 @@ real browser, training a tiny model, the held-out task with both models), shows 
 verdict in words, bars and the task side by side; a reloaded page shows the last run again."""
 
 import re
-from pathlib import Path
 
 import pytest
-from playwright.sync_api import expect, sync_playwright
+from playwright.sync_api import expect
 
 from mcpft.config import load_settings
-from mcpft.ui import launch, make_context
-from tests.test_app import CHROMIUM, free_port, open_tab, screenshot
+from mcpft.ui import make_context
+from tests.test_app import chromium_page, open_tab, screenshot, served
 
 WAIT_MS = 240_000
 
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory, tiny_model_dir):
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"no Chromium at {CHROMIUM} (make test installs Debian's chromium)")
     settings = {**load_settings(), "demo": {"train_traces": 2, "heldout_tasks": 1, "epochs": 1,
                                             "agent_max_steps": 2, "max_new_tokens": 8}}
     ctx = make_context(data_dir=tmp_path_factory.mktemp("home"), model=str(tiny_model_dir), settings=settings,
                        mcp_config={"mcpServers": {}})
-    demo, url = launch(ctx, port=free_port(), start_model=False)
-    yield ctx, url
-    demo.close()
-    ctx.close()
+    with served(ctx) as url:
+        yield ctx, url
 
 
 def test_the_demo_button_runs_collect_train_compare_and_says_the_result(app):
     ctx, url = app
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.set_default_timeout(WAIT_MS)
-        page.goto(url)
+    with chromium_page(url, timeout_ms=WAIT_MS) as page:
         open_tab(page, "Evaluate")
         expect(page.locator("#demo-status")).to_contain_text("No demo run yet.")  # the page knows its visitor
         page.locator("#demo-run").click()
@@ -59,6 +50,5 @@ def test_the_demo_button_runs_collect_train_compare_and_says_the_result(app):
         open_tab(page, "Evaluate")
         expect(page.locator("#demo-result")).to_contain_text(sentence.splitlines()[0])
         expect(page.locator("#demo-tasks")).to_contain_text("Expected: The fifth product")
-        browser.close()
     (run,) = (ctx.data_dir / "payoff").glob("*/*/payoff.json")
     assert (run.parent / "adapter" / "adapter_config.json").is_file()

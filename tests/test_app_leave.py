@@ -2,14 +2,13 @@
 running on unseen until the step limit (Gradio keeps a closed page's state for an hour)."""
 
 import threading
-from pathlib import Path
 
 import pytest
-from playwright.sync_api import expect, sync_playwright
+from playwright.sync_api import expect
 
 from mcpft.serve import Generation, GenerationRequest
-from mcpft.ui import launch, make_context
-from tests.test_app import CHROMIUM, MCP_CONFIG, WAIT_MS, free_port
+from mcpft.ui import make_context
+from tests.test_app import MCP_CONFIG, chromium_page, served
 
 
 class EndlessBackend:
@@ -31,25 +30,17 @@ class EndlessBackend:
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory, tiny_model_dir):
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"no Chromium at {CHROMIUM} (make test installs Debian's chromium)")
     backend = EndlessBackend()
     ctx = make_context(data_dir=tmp_path_factory.mktemp("home"), model=str(tiny_model_dir),
                        extra_backends={"endless": backend}, mcp_config=MCP_CONFIG)
     ctx.embedded.start(str(tiny_model_dir))
-    demo, url = launch(ctx, port=free_port(), start_model=False)
-    yield backend, url
-    demo.close()
-    ctx.close()
+    with served(ctx) as url:
+        yield backend, url
 
 
 def test_closing_the_page_mid_turn_stops_the_generation(app):
     backend, url = app
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        page = browser.new_page()
-        page.set_default_timeout(WAIT_MS)
-        page.goto(url)
+    with chromium_page(url) as page:
         expect(page.locator("#embedded-status")).to_contain_text("ready")
         model = page.locator("#endpoint-model input")
         model.fill("endless")
@@ -61,4 +52,3 @@ def test_closing_the_page_mid_turn_stops_the_generation(app):
         page.close()
         assert not backend.cancelled.is_set()
         assert backend.cancelled.wait(timeout=60), "the model went on generating after the page was closed"
-        browser.close()

@@ -14,14 +14,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import expect, sync_playwright
+from playwright.sync_api import expect
 
 from mcpft.agent.loop import NOT_RUN
 from mcpft.demo.world import TEACHER, TeacherBackend
 from mcpft.serve import Generation, GenerationRequest
-from mcpft.ui import launch, make_context
+from mcpft.ui import make_context
 from tests.scripted import ScriptedBackend
-from tests.test_app import CHROMIUM, MCP_CONFIG, TINY_SERVER, WAIT_MS, free_port, open_tab
+from tests.test_app import MCP_CONFIG, TINY_SERVER, chromium_page, open_tab, served
 from tests.test_app_leave import EndlessBackend
 
 GIVE_UP = "Sorry, I could not finish this task."
@@ -39,29 +39,20 @@ class SayingBackend:
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory, tiny_model_dir):
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"no Chromium at {CHROMIUM} (make test installs Debian's chromium)")
     backends = {"scripted": ScriptedBackend(calls=1), "looper": ScriptedBackend(calls=99),
                 "quitter": SayingBackend(GIVE_UP), "endless": EndlessBackend(), TEACHER: TeacherBackend()}
     ctx = make_context(data_dir=tmp_path_factory.mktemp("home"), model=str(tiny_model_dir), extra_backends=backends,
                        mcp_config=MCP_CONFIG)
     ctx.embedded.start(str(tiny_model_dir))
-    demo, url = launch(ctx, port=free_port(), start_model=False)
-    yield ctx, url
-    demo.close()
-    ctx.close()
+    with served(ctx) as url:
+        yield ctx, url
 
 
 @pytest.fixture(scope="module")
 def page(app):
     _, url = app
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.set_default_timeout(WAIT_MS)
-        page.goto(url)
+    with chromium_page(url) as page:
         yield page
-        browser.close()
 
 
 def traces_of(ctx, user_message: str):

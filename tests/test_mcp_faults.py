@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 import uuid
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
 import anyio
@@ -30,6 +30,7 @@ from mcpft.agent.loop import Agent, endpoint_generate
 from mcpft.agent.mcp import MCPConfigError, MCPServerError, ServerSpec, ToolHub, ToolProgress, load_mcp_config
 from mcpft.agent.session import AgentSession
 from mcpft.recording import open_trace, sink_for
+from tests.listening import listening
 from tests.scripted_endpoint import ScriptedEndpoint, answer, calls
 
 pytestmark = pytest.mark.anyio
@@ -58,28 +59,10 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-@contextmanager
 def tiny_over_http(instance: str, port: int):
     """tests/tiny_mcp_server.py serving streamable HTTP on 127.0.0.1:port until the block ends."""
-    process = subprocess.Popen([sys.executable, TINY_SERVER, instance, "--http", str(port)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 20
-        while True:  # until it accepts connections; waiting on the process ends the wait at once if it dies
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                try:
-                    process.wait(timeout=0.05)
-                    raise AssertionError(f"the HTTP MCP server {instance} exited before it listened")
-                except subprocess.TimeoutExpired:
-                    if time.monotonic() > deadline:
-                        raise AssertionError(f"the HTTP MCP server {instance} did not start") from None
-        yield
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
+    return listening([sys.executable, TINY_SERVER, instance, "--http", str(port)], port,
+                     f"the HTTP MCP server {instance}")
 
 
 def run_turn(store, url: str, model: str, config: dict, tool_dir: Path):

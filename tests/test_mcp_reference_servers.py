@@ -9,15 +9,14 @@ import os
 import re
 import signal
 import socket
-import subprocess
-import sys
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 
 from mcpft.agent.mcp import ServerSpec, ToolHub, ToolProgress, load_mcp_config
+from tests.listening import listening
 from tests.test_mcp import child_pid
 
 pytestmark = pytest.mark.anyio
@@ -114,30 +113,11 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-@contextmanager
 def everything_over_http(port: int):
     """server-everything's streamable HTTP transport on 127.0.0.1:port (it would listen on every interface: the
     preloaded localhost_only.cjs keeps it on 127.0.0.1) until the block ends."""
-    process = subprocess.Popen(["node", "--require", str(LOCALHOST_ONLY), str(EVERYTHING), "streamableHttp"],
-                               env={**os.environ, "PORT": str(port)}, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 20
-        while True:  # until it accepts connections; waiting on the process ends the wait at once if it dies
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                try:
-                    process.wait(timeout=0.05)
-                    raise AssertionError("server-everything (streamableHttp) exited before it listened")
-                except subprocess.TimeoutExpired:
-                    if time.monotonic() > deadline:
-                        raise AssertionError("server-everything (streamableHttp) did not start") from None
-        yield
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
+    return listening(["node", "--require", str(LOCALHOST_ONLY), str(EVERYTHING), "streamableHttp"], port,
+                     "server-everything (streamableHttp)", env={**os.environ, "PORT": str(port)})
 
 
 async def test_everything_over_streamable_http_and_restarted_while_idle(tmp_path):
