@@ -52,6 +52,8 @@ def app(tmp_path_factory, tiny_model_dir):
 def page(app):
     _, url = app
     with chromium_page(url) as page:
+        # The page knows its visitor once the servers connect at start: a Send before that would be refused.
+        expect(page.locator("#tools-table")).to_contain_text("echo")
         yield page
 
 
