@@ -38,9 +38,9 @@ class PayoffError(Exception):
 class PayoffRecipe:
     """What `demo payoff` runs: how much data, how it trains, how the held-out tasks are run."""
 
-    train_traces: int = 36
+    train_traces: int = 72
     heldout_tasks: int = 13  # one per held-out template
-    epochs: float = 3.0
+    epochs: float = 1.5
     learning_rate: float = 1e-3
     gradient_accumulation_steps: int = 1
     lora_r: int = 16
