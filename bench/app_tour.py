@@ -78,10 +78,11 @@ class Tour:
         self.page.locator("#agent-send").click()
         status, approved = self.page.locator("#agent-status"), 0
         while True:
-            expect(status).to_contain_text(re.compile("wait for your approval|answer:|error"), timeout=120_000)
-            if "answer:" in status.inner_text() or "error" in status.inner_text():
+            expect(status).to_contain_text(re.compile("wait for your approval|Answered|error|Step limit|gave up"),
+                                           timeout=120_000)
+            if "wait for your approval" not in status.inner_text():
                 break
-            if approved == 1:
+            if approved == 0:
                 self.shot("agent-approval")
             self.page.locator("#run-approved").click()
             approved += 1
@@ -146,9 +147,11 @@ class Tour:
         expect(self.page.locator("#heldout-note")).to_contain_text("trace(s)")
         self.page.locator("#eval-max-new input").fill(str(max_new_tokens))
         self.page.locator("#eval-start").click()
-        expect(self.page.locator("#eval-metrics")).to_contain_text("pass_rate", timeout=1_800_000)
+        expect(self.page.locator("#eval-metrics")).to_contain_text("Steps passed", timeout=1_800_000)
         self.page.locator("#eval-metrics").scroll_into_view_if_needed()
         self.shot("evaluate")
+        self.page.locator("#side-by-side").scroll_into_view_if_needed()
+        self.shot("evaluate-side-by-side")
 
 
 def main():
@@ -174,6 +177,7 @@ def main():
             first_page_s = time.perf_counter() - STARTED
             print(f"first page: {first_page_s:.1f} s after the process started (model loading in the background)")
             tour = Tour(page, args.screenshots)
+            tour.shot("start")  # the first page: the four-step guide above the tabs
             try:
                 run_tour(tour, args)
             except Exception:

@@ -167,6 +167,7 @@ def test_a_fresh_copy_boots_as_a_space_and_answers_a_demo_task(tmp_path):
             (trace,) = store.traces()
         # A demo task in the app runs as `demo collect` records it: the demo's tools only, pages compacted.
         assert sorted(t["function"]["name"] for t in trace.tools) == sorted(DEMO_TOOLS)
+        assert {"demo", "heldout"} <= set(trace.tags)  # a held-out task's trace is for Evaluate, never for Train
         pages = [m["content"] for m in trace.messages if m["role"] == "tool"]
         assert pages and not any("[cursor=pointer]" in text for text in pages)
         print(f"\nboot (python app.py until up): {boot_s:.1f} s; npm install: {npm_s:.0f} s")

@@ -12,7 +12,7 @@ import gradio as gr
 from mcpft.agent.endpoint import CompletionSettings
 from mcpft.agent.loop import NOT_RUN, REJECTED, call_title, describe_call
 from mcpft.agent.session import AgentSession, Conversation, SessionError, SessionView
-from mcpft.demo.world import DEMO_TOOLS, TEACHER, demo_task_in
+from mcpft.demo.world import DEMO_TAG, DEMO_TOOLS, TEACHER, demo_task_in
 from mcpft.serve import DEFAULT_MAX_TOKENS
 from mcpft.trace import validate
 from mcpft.ui.endpoint_tab import endpoint_from_fields, page_session, wait_for_embedded
@@ -176,23 +176,27 @@ DEMO_TOOLS_NOTE = (f"A demo task offers the model only the demo's browser tools 
 
 
 def other_setup(view: SessionView, conversation: Conversation) -> bool:
-    """Whether the fields now name another model or server, or the message needs another tool set, than the
-    conversation's (its trace recorded one of each)."""
+    """Whether the fields now name another model or server, or the message needs another tool set or tags (another
+    demo task), than the conversation's (its trace recorded one of each)."""
     current = view.conversation
     return current is None or _setup(current) != _setup(conversation)
 
 
 def _setup(conversation: Conversation) -> tuple:
     return (conversation.endpoint.base_url, conversation.endpoint.model, conversation.tool_names,
-            conversation.compact_pages)
+            conversation.compact_pages, conversation.tags)
 
 
 def for_message(conversation: Conversation, text: str) -> Conversation:
     """A demo task runs as `demo collect` records it and `demo payoff` tests it: the demo's browser tools only,
-    pages compacted. So what the app records of a demo task trains a model for what evaluation asks."""
-    if demo_task_in(text) is None:
+    pages compacted, the trace tagged `demo`, its split (`train` or `heldout`: Train leaves held-out traces out and
+    Evaluate scores them) and its template. So what the app records of a demo task trains a model for what
+    evaluation asks."""
+    task = demo_task_in(text)
+    if task is None:
         return conversation
-    return dataclasses.replace(conversation, tool_names=DEMO_TOOLS, compact_pages=True)
+    tags = tuple(dict.fromkeys([*conversation.tags, DEMO_TAG, task.split, task.template]))
+    return dataclasses.replace(conversation, tool_names=DEMO_TOOLS, compact_pages=True, tags=tags)
 
 
 def demo_task_choices(base_url: str) -> list[tuple[str, str]]:
