@@ -63,13 +63,19 @@ def chromium_page(url: str, timeout_ms: int = WAIT_MS):
             browser.close()
 
 
-@pytest.fixture(scope="module")
-def app(tmp_path_factory, tiny_model_dir):
-    ctx = make_context(data_dir=tmp_path_factory.mktemp("home"), model=str(tiny_model_dir),
-                       extra_backends={"scripted": ScriptedBackend(calls=1)}, mcp_config=MCP_CONFIG)
-    ctx.embedded.start(str(tiny_model_dir))
+@contextmanager
+def tiny_app(home: Path, model_dir: Path, backends: dict):
+    """The app on the tiny model with `backends` beside it and the tiny MCP server: (its context, its URL)."""
+    ctx = make_context(data_dir=home, model=str(model_dir), extra_backends=backends, mcp_config=MCP_CONFIG)
+    ctx.embedded.start(str(model_dir))
     with served(ctx) as url:
         yield ctx, url
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, tiny_model_dir):
+    with tiny_app(tmp_path_factory.mktemp("home"), tiny_model_dir, {"scripted": ScriptedBackend(calls=1)}) as app:
+        yield app
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,7 @@ import pytest
 from playwright.sync_api import expect
 
 from mcpft.serve import Generation, GenerationRequest
-from mcpft.ui import make_context
-from tests.test_app import MCP_CONFIG, chromium_page, served
+from tests.test_app import chromium_page, tiny_app
 
 
 class EndlessBackend:
@@ -31,10 +30,7 @@ class EndlessBackend:
 @pytest.fixture(scope="module")
 def app(tmp_path_factory, tiny_model_dir):
     backend = EndlessBackend()
-    ctx = make_context(data_dir=tmp_path_factory.mktemp("home"), model=str(tiny_model_dir),
-                       extra_backends={"endless": backend}, mcp_config=MCP_CONFIG)
-    ctx.embedded.start(str(tiny_model_dir))
-    with served(ctx) as url:
+    with tiny_app(tmp_path_factory.mktemp("home"), tiny_model_dir, {"endless": backend}) as (_, url):
         yield backend, url
 
 

@@ -19,9 +19,8 @@ from playwright.sync_api import expect
 from mcpft.agent.loop import NOT_RUN
 from mcpft.demo.world import TEACHER, TeacherBackend
 from mcpft.serve import Generation, GenerationRequest
-from mcpft.ui import make_context
 from tests.scripted import ScriptedBackend
-from tests.test_app import MCP_CONFIG, TINY_SERVER, chromium_page, open_tab, served
+from tests.test_app import TINY_SERVER, chromium_page, open_tab, tiny_app
 from tests.test_app_leave import EndlessBackend
 
 GIVE_UP = "Sorry, I could not finish this task."
@@ -41,11 +40,8 @@ class SayingBackend:
 def app(tmp_path_factory, tiny_model_dir):
     backends = {"scripted": ScriptedBackend(calls=1), "looper": ScriptedBackend(calls=99),
                 "quitter": SayingBackend(GIVE_UP), "endless": EndlessBackend(), TEACHER: TeacherBackend()}
-    ctx = make_context(data_dir=tmp_path_factory.mktemp("home"), model=str(tiny_model_dir), extra_backends=backends,
-                       mcp_config=MCP_CONFIG)
-    ctx.embedded.start(str(tiny_model_dir))
-    with served(ctx) as url:
-        yield ctx, url
+    with tiny_app(tmp_path_factory.mktemp("home"), tiny_model_dir, backends) as app:
+        yield app
 
 
 @pytest.fixture(scope="module")
