@@ -24,6 +24,8 @@ import dataclasses
 import re
 from collections.abc import Iterable
 
+from mcpft.agent.mcp import without_keywords
+
 _RAN_CODE = re.compile(r"^### Ran Playwright code\n```\w*\n.*?\n```(?:\n|\Z)", re.MULTILINE | re.DOTALL)
 _CURSOR = " [cursor=pointer]"
 _LANDMARK = re.compile(r"^(?P<indent> *)- (?P<role>banner|navigation|contentinfo)\b.*$")
@@ -78,29 +80,14 @@ class ToolView:
         tools = [t for t in self.hub.openai_tools() if self.names is None or t["function"]["name"] in self.names]
         if self.compact is None:
             return tools
-        return [{**tool, "function": {**tool["function"], "parameters": _without_descriptions(
-            tool["function"].get("parameters", {}))}} for tool in tools]
+        return [{**tool, "function": {**tool["function"], "parameters": without_keywords(
+            tool["function"].get("parameters", {}), {"description"})}} for tool in tools]
 
     async def call(self, name: str, arguments, timeout: float | None = None, **options):
         if self.names is not None and name not in self.names:  # the hub's own unknown-tool error, naming the tools
             return await self.hub.call(f"<not offered: {name}>", arguments, timeout)
         result = await self.hub.call(name, arguments, timeout, **options)
         return result if self.compact is None else dataclasses.replace(result, text=self.compact(result.text))
-
-
-def _without_descriptions(schema):
-    """The JSON schema without `description` keywords (a property *named* "description" is kept)."""
-    if isinstance(schema, list):
-        return [_without_descriptions(item) for item in schema]
-    if not isinstance(schema, dict):
-        return schema
-    kept = {}
-    for key, value in schema.items():
-        if key == "properties" and isinstance(value, dict):
-            kept[key] = {name: _without_descriptions(sub) for name, sub in value.items()}
-        elif key != "description":
-            kept[key] = _without_descriptions(value)
-    return kept
 
 
 def _block_end(lines: list[str], start: int, indent: int) -> int:

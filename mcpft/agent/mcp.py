@@ -277,7 +277,7 @@ def openai_parameters(schema: Any) -> dict[str, Any]:
     """An MCP input schema as OpenAI function `parameters`: an object root, rejected keywords dropped."""
     if not isinstance(schema, Mapping) or not schema:
         return {"type": "object", "properties": {}}
-    cleaned = _clean_schema(schema)
+    cleaned = without_keywords(schema, DROPPED_SCHEMA_KEYWORDS)
     root_type = cleaned.get("type")
     if root_type == "object" or (isinstance(root_type, list) and "object" in root_type):
         cleaned["type"] = "object"
@@ -289,19 +289,21 @@ def openai_parameters(schema: Any) -> dict[str, Any]:
     return cleaned
 
 
-def _clean_schema(node: Any) -> Any:
+def without_keywords(node: Any, keywords: frozenset[str] | set[str]) -> Any:
+    """The JSON schema `node` without `keywords` wherever they occur as schema keywords (a *property* so named is
+    kept)."""
     if not isinstance(node, Mapping):
         return node
     cleaned: dict[str, Any] = {}
     for key, value in node.items():
-        if key in DROPPED_SCHEMA_KEYWORDS:
+        if key in keywords:
             continue
         if key in _SUBSCHEMA_ONE:
-            value = _clean_schema(value)
+            value = without_keywords(value, keywords)
         elif key in _SUBSCHEMA_LIST and isinstance(value, list):
-            value = [_clean_schema(item) for item in value]
+            value = [without_keywords(item, keywords) for item in value]
         elif key in _SUBSCHEMA_MAP and isinstance(value, Mapping):
-            value = {name: _clean_schema(sub) for name, sub in value.items()}
+            value = {name: without_keywords(sub, keywords) for name, sub in value.items()}
         cleaned[key] = value
     return cleaned
 
