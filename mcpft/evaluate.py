@@ -302,13 +302,13 @@ class LocalGenerator:
     `mcpft.inference.Engine`: steps are scored in order, so each step of a trace prefills only what it adds to the
     one before. A reply ends at the end-of-turn token or once its Hermes tool calls are complete."""
 
-    def __init__(self, model, tokenizer, name: str, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS):
+    def __init__(self, model, tokenizer, name: str, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, engine=None):
         from mcpft.inference import Engine, end_of_turn_ids
 
         self.model, self.tokenizer, self.name, self.max_new_tokens = model, tokenizer, name, max_new_tokens
         self.context_length = getattr(model.config, "max_position_embeddings", None)
         self.eos_ids = end_of_turn_ids(model, tokenizer)
-        self.engine = Engine(model)
+        self.engine = engine or Engine(model)
 
     def _prompt(self, step: Step) -> str:
         return self.tokenizer.apply_chat_template(step.prefix, tools=step.tools, add_generation_prompt=True,

@@ -33,6 +33,7 @@ FAST_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
 CACHE_STEP = 512  # the KV cache grows in multiples of this many positions
 PREFILL_CHUNK = 256  # prompts are prefilled in chunks aligned to multiples of this (see Engine._prefill)
 DTYPE_ENV = "MCPFT_INFERENCE_DTYPE"  # "float32" / "bfloat16" / "float16": overrides the choice below
+DECODE_WEIGHTS_ENV = "MCPFT_DECODE_WEIGHTS"  # "int8" / "same": overrides the choice in `decode_weights`
 
 
 def inference_dtype(model) -> torch.dtype:
@@ -47,6 +48,17 @@ def inference_dtype(model) -> torch.dtype:
     if device.type != "cpu":
         return next(model.parameters()).dtype
     return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+
+
+def decode_weights(dtype: torch.dtype, device: torch.device) -> str:
+    """How decoding reads the weights: `$MCPFT_DECODE_WEIGHTS`, else "int8" where the engine computes in bf16 on a
+    CPU (a decoded token reads every weight once, and int8 halves the bytes: see `_Int8Rows`), "same" elsewhere (the
+    int8 kernel is slow with fp32 inputs, and a GPU is not bound the same way)."""
+    if choice := os.environ.get(DECODE_WEIGHTS_ENV):
+        if choice not in ("int8", "same"):
+            raise ValueError(f"{DECODE_WEIGHTS_ENV}={choice!r} is not one of 'int8' or 'same'")
+        return choice
+    return "int8" if device.type == "cpu" and dtype == torch.bfloat16 else "same"
 
 
 @dataclass
@@ -110,6 +122,25 @@ def end_of_turn_ids(model, tokenizer) -> set[int]:
     return ids
 
 
+LOOP_PERIOD = 64  # the longest repeated block `looping` looks for, in tokens
+LOOP_REPEATS, LOOP_MIN_TOKENS = 4, 64  # a block repeated this many times, over at least this many tokens
+
+
+def looping(tokens: list[int]) -> bool:
+    """Whether `tokens` end in a runaway loop: one block of at most LOOP_PERIOD tokens repeated back to back at least
+    LOOP_REPEATS times and over at least LOOP_MIN_TOKENS tokens. A small model stuck this way (`"Trelis.com",` line
+    after line) writes the same until `max_tokens`; no answer or tool call gets better from what follows."""
+    for period in range(1, LOOP_PERIOD + 1):
+        span = max(LOOP_REPEATS * period, LOOP_MIN_TOKENS)
+        if span > len(tokens):
+            break
+        if tokens[-1] == tokens[-1 - period]:
+            tail = tokens[-span:]
+            if tail[period:] == tail[:-period]:
+                return True
+    return False
+
+
 def common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
     for x, y in zip(a, b):
@@ -161,6 +192,24 @@ def fast_path_problem(model) -> str | None:
     return None
 
 
+class _Int8Rows:
+    """A weight quantized to int8 per output row (symmetric: the row's largest magnitude is 127), used for decoding.
+
+    A decoded token is a matrix-vector product per weight, bound by the bytes read: int8 reads half of bf16's, and
+    PyTorch's weight-only int8 kernel runs SmolLM2's weights in ~11 ms against ~25 ms in bf16 on 2 cores. Prefill
+    keeps the bf16 weights: there the int8 kernel is 3x slower than bf16's matrix product.
+    """
+
+    def __init__(self, weight: torch.Tensor):
+        scales = weight.float().abs().amax(1).clamp(min=1e-12) / 127
+        self.values = torch.round(weight.float() / scales[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+        self.scales = scales.to(weight.dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        rows = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.values, self.scales)
+        return rows.view(*x.shape[:-1], -1)
+
+
 @dataclass
 class _Layer:
     norm1: torch.Tensor
@@ -172,12 +221,19 @@ class _Layer:
     norm2: torch.Tensor
     gate_up: torch.Tensor
     down: torch.Tensor
+    decode: dict[str, _Int8Rows] | None = None  # int8 copies of qkv, out, gate_up and down for one-token steps
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, int8: _Int8Rows | None, bias: torch.Tensor | None = None):
+    if int8 is None:
+        return F.linear(x, weight, bias)
+    return int8(x) if bias is None else int8(x) + bias
 
 
 class _LlamaWeights:
     """The tensors of one model state (base, or base + adapter), fused for fewer, larger matrix products."""
 
-    def __init__(self, model, adapter: bool, dtype: torch.dtype):
+    def __init__(self, model, adapter: bool, dtype: torch.dtype, int8_decode: bool = False):
         base = _peft_base(model)
         config, inner = base.config, base.model
         self.eps = config.rms_norm_eps
@@ -204,6 +260,11 @@ class _LlamaWeights:
                 gate_up=torch.cat([_weight(mlp.gate_proj, adapter, dtype),
                                    _weight(mlp.up_proj, adapter, dtype)]).contiguous(),
                 down=_weight(mlp.down_proj, adapter, dtype).contiguous()))
+        self.head_int8 = None
+        if int8_decode:  # quantized after the adapter is folded in: the adapter's change is kept
+            for layer in self.layers:
+                layer.decode = {name: _Int8Rows(getattr(layer, name)) for name in ("qkv", "out", "gate_up", "down")}
+            self.head_int8 = _Int8Rows(self.head)
 
 
 class _LlamaCache:
@@ -243,14 +304,15 @@ class _LlamaRunner:
     """The Llama-family forward pass: `forward(ids, cache, start)` writes positions start.. and returns the last
     position's logits."""
 
-    def __init__(self, model, dtype):
+    def __init__(self, model, dtype, decode: str | None = None):
         self.model, self.dtype = model, dtype
         self.device = next(model.parameters()).device
+        self.int8_decode = (decode or decode_weights(dtype, self.device)) == "int8"
         self._weights: dict[bool, _LlamaWeights] = {}
 
     def weights(self, adapter: bool) -> _LlamaWeights:
         if adapter not in self._weights:
-            self._weights[adapter] = _LlamaWeights(self.model, adapter, self.dtype)
+            self._weights[adapter] = _LlamaWeights(self.model, adapter, self.dtype, self.int8_decode)
         return self._weights[adapter]
 
     def new_cache(self, adapter: bool) -> _LlamaCache:
@@ -263,7 +325,8 @@ class _LlamaRunner:
         cache.reserve(length)
 
     @torch.inference_mode()
-    def forward(self, ids: list[int], cache: _LlamaCache, start: int, adapter: bool) -> torch.Tensor:
+    def forward(self, ids: list[int], cache: _LlamaCache, start: int, adapter: bool,
+                decoding: bool = False) -> torch.Tensor:
         w = self.weights(adapter)
         count, end = len(ids), start + len(ids)
         cache.reserve(end)
@@ -277,8 +340,10 @@ class _LlamaRunner:
             mask = torch.ones(count, end, dtype=torch.bool, device=self.device).tril(diagonal=start)
         heads, kv_heads, dim = w.heads, w.kv_heads, w.head_dim
         for i, layer in enumerate(w.layers):
+            # A prefilled position's keys and values are reused later, so only decoding reads the int8 weights.
+            int8 = layer.decode if decoding and layer.decode else {}
             h = _rms(x, layer.norm1, w.eps)
-            q, k, v = F.linear(h, layer.qkv, layer.qkv_bias).split([heads * dim, kv_heads * dim, kv_heads * dim], -1)
+            q, k, v = _linear(h, layer.qkv, int8.get("qkv"), layer.qkv_bias).split([heads * dim, kv_heads * dim, kv_heads * dim], -1)
             q, k = q.view(1, count, heads, dim), k.view(1, count, kv_heads, dim)
             if layer.q_norm is not None:
                 q, k = _rms(q, layer.q_norm, w.eps), _rms(k, layer.k_norm, w.eps)
@@ -293,16 +358,16 @@ class _LlamaRunner:
             else:
                 attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
                                                           enable_gqa=True)
-            x = x + F.linear(attended.transpose(1, 2).reshape(1, count, heads * dim), layer.out)
-            gate, up = F.linear(_rms(x, layer.norm2, w.eps), layer.gate_up).chunk(2, -1)
-            x = x + F.linear(F.silu(gate) * up, layer.down)
-        return F.linear(_rms(x[0, -1], w.norm, w.eps), w.head)
+            x = x + _linear(attended.transpose(1, 2).reshape(1, count, heads * dim), layer.out, int8.get("out"))
+            gate, up = _linear(_rms(x, layer.norm2, w.eps), layer.gate_up, int8.get("gate_up")).chunk(2, -1)
+            x = x + _linear(F.silu(gate) * up, layer.down, int8.get("down"))
+        return _linear(_rms(x[0, -1], w.norm, w.eps), w.head, w.head_int8 if decoding else None)
 
 
 class _TransformersRunner:
     """Any causal LM through its own forward and a `DynamicCache`, cropped to the reused prefix."""
 
-    def __init__(self, model, dtype):
+    def __init__(self, model, dtype, decode: str | None = None):
         self.model = model
         self.device = next(model.parameters()).device
 
@@ -319,7 +384,7 @@ class _TransformersRunner:
             cache.crop(-surplus)  # transformers 5: a negative count removes that many positions
 
     @torch.inference_mode()
-    def forward(self, ids: list[int], cache, start: int, adapter: bool) -> torch.Tensor:
+    def forward(self, ids: list[int], cache, start: int, adapter: bool, decoding: bool = False) -> torch.Tensor:
         disable = getattr(self.model, "disable_adapter", None)
         with disable() if (disable is not None and not adapter) else nullcontext():
             output = self.model(input_ids=torch.tensor([ids], device=self.device), past_key_values=cache,
@@ -343,6 +408,7 @@ class Stats:
 
     reused: int = 0
     prefilled: int = 0
+    looped: bool = False  # generation stopped in a runaway loop (see `looping`)
 
 
 class Engine:
@@ -351,13 +417,16 @@ class Engine:
     Not thread-safe: callers serialise (the embedded endpoint runs every engine on its one model thread).
     """
 
-    def __init__(self, model, dtype: torch.dtype | None = None, fast: bool = True):
+    def __init__(self, model, dtype: torch.dtype | None = None, fast: bool = True, decode: str | None = None):
+        """`decode`: "int8" or "same" (the weights decoding reads); None chooses by `decode_weights`."""
         self.model = model
         self.dtype = dtype or inference_dtype(model)
         self.fast_problem = fast_path_problem(model) if fast else "the fast path was turned off"
         runner = _TransformersRunner if self.fast_problem else _LlamaRunner
-        self.runner = runner(model, self.dtype)
-        self.kind = "transformers forward" if self.fast_problem else f"mcpft Llama-family forward ({self.dtype})"
+        self.runner = runner(model, self.dtype, decode)
+        self.kind = "transformers forward" if self.fast_problem else (
+            f"mcpft Llama-family forward ({self.dtype}"
+            + (", int8 weights for decoding)" if self.runner.int8_decode else ")"))
         self._sequences: dict[bool, _Sequence] = {}
         self.stats = Stats()
 
@@ -366,8 +435,9 @@ class Engine:
 
     def generate(self, prompt: list[int], max_new_tokens: int, sampling: Sampling | None = None,
                  adapter: bool = True, reuse: bool = True) -> Iterator[int]:
-        """Yield up to `max_new_tokens` new token ids after `prompt`; the caller stops when it has what it needs
-        (an end-of-turn token, a stop string, a client gone) simply by not asking for more."""
+        """Yield up to `max_new_tokens` new token ids after `prompt`, ending early in a runaway loop (`looping`,
+        then `stats.looped` says so); the caller stops when it has what it needs (an end-of-turn token, a stop
+        string, a client gone) simply by not asking for more."""
         if not prompt:
             raise ValueError("the prompt holds no token")
         key = self.adapter_key(adapter)
@@ -384,12 +454,16 @@ class Engine:
         self.runner.reserve(sequence.cache, len(prompt) + max_new_tokens)
         pick = _Picker(sampling or Sampling(), self.runner.device)
         logits = self._prefill(sequence, prompt, key)
-        position = len(prompt)
+        position, produced_tokens = len(prompt), []
         for produced in range(max_new_tokens):
             token = pick(logits)
             yield token
+            produced_tokens.append(token)
+            if looping(produced_tokens):
+                self.stats.looped = True
+                return
             if produced + 1 < max_new_tokens:
-                logits = self._forward(sequence, [token], position, key)
+                logits = self._forward(sequence, [token], position, key, decoding=True)
                 position += 1
 
     def _prefill(self, sequence: _Sequence, prompt: list[int], adapter: bool) -> torch.Tensor:
@@ -407,9 +481,10 @@ class Engine:
             sequence.tokens.extend(prompt[start:end])
         return logits
 
-    def _forward(self, sequence: _Sequence, ids: list[int], start: int, adapter: bool) -> torch.Tensor:
+    def _forward(self, sequence: _Sequence, ids: list[int], start: int, adapter: bool,
+                 decoding: bool = False) -> torch.Tensor:
         try:
-            return self.runner.forward(ids, sequence.cache, start, adapter)
+            return self.runner.forward(ids, sequence.cache, start, adapter, decoding)
         except BaseException:  # a half-written cache is never reused
             sequence.tokens.clear()
             sequence.cache = self.runner.new_cache(adapter)

@@ -92,7 +92,7 @@ class Generation:
     think_opened: bool = False  # the prompt already opened <think>, so the text starts inside reasoning
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    finish_reason: str = "stop"  # "stop" (end of turn) or "length" (max_tokens reached)
+    finish_reason: str = "stop"  # "stop" (end of turn) or "length" (max_tokens reached, or a runaway loop cut)
     cancel: Callable[[], None] = lambda: None  # stop generating early (client gone, stop string seen)
 
 
@@ -185,7 +185,8 @@ class TransformersBackend:
                     wait([job])
                 generation.completion_tokens = streamer.count
                 reached_max = streamer.count >= max_new and streamer.last_token not in self.eos_ids
-                generation.finish_reason = "length" if reached_max else "stop"
+                # a runaway loop is cut as max_tokens would have cut it
+                generation.finish_reason = "length" if reached_max or streamer.looped else "stop"
             if job.exception():
                 raise RuntimeError(str(job.exception())) from job.exception()
 
@@ -224,6 +225,8 @@ class TransformersBackend:
                     streamer.put_token(token)
                     if token in self.eos_ids:
                         break
+                else:
+                    streamer.looped = self.engine.stats.looped
         finally:
             streamer.end()  # the consumer must not wait forever; an error it reads from the job
 
@@ -233,7 +236,7 @@ class _TokenStreamer(TextIteratorStreamer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.count, self.last_token = 0, None
+        self.count, self.last_token, self.looped = 0, None, False
 
     def put_token(self, token: int) -> None:
         self.count, self.last_token = self.count + 1, token

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from mcpft.hermes import tool_calls_end
-from mcpft.inference import PREFILL_CHUNK, Engine, Sampling, inference_dtype
+from mcpft.inference import (LOOP_MIN_TOKENS, PREFILL_CHUNK, Engine, Sampling, _Int8Rows, decode_weights,
+                             inference_dtype, looping)
 from mcpft.models import cpu_has_native_bf16, load_model
 
 
@@ -145,6 +146,72 @@ def test_the_dtype_follows_the_cpu(tiny, monkeypatch):
     monkeypatch.setenv("MCPFT_INFERENCE_DTYPE", "fp99")
     with pytest.raises(ValueError, match="MCPFT_INFERENCE_DTYPE='fp99' is not a torch dtype"):
         inference_dtype(model)
+
+
+def test_the_decode_weights_follow_the_dtype(monkeypatch):
+    monkeypatch.delenv("MCPFT_DECODE_WEIGHTS", raising=False)
+    cpu = torch.device("cpu")
+    assert decode_weights(torch.bfloat16, cpu) == "int8"
+    assert decode_weights(torch.float32, cpu) == "same"  # the int8 kernel is slow with fp32 inputs
+    monkeypatch.setenv("MCPFT_DECODE_WEIGHTS", "same")
+    assert decode_weights(torch.bfloat16, cpu) == "same"
+    monkeypatch.setenv("MCPFT_DECODE_WEIGHTS", "int4")
+    with pytest.raises(ValueError, match="MCPFT_DECODE_WEIGHTS='int4' is not one of"):
+        decode_weights(torch.bfloat16, cpu)
+
+
+def test_int8_rows_compute_the_product_of_the_weight_they_quantize():
+    torch.manual_seed(0)
+    weight, x = torch.randn(96, 64).bfloat16(), torch.randn(1, 3, 64).bfloat16()
+    exact = torch.nn.functional.linear(x.float(), weight.float())
+    error = (_Int8Rows(weight)(x).float() - exact).norm() / exact.norm()
+    assert _Int8Rows(weight)(x).shape == (1, 3, 96) and error < 0.02
+
+
+def test_int8_decoding_keeps_the_adapter_and_stays_near_bf16(tiny_with_adapter):
+    """One decoding step with int8 weights against the same step with bf16 weights, with the adapter and without:
+    quantizing moves the logits far less than the adapter does, so the adapter's change survives it."""
+    model, tokenizer = tiny_with_adapter
+    ids = prompt_ids(tokenizer, conversation(2)[-1])
+    engine = Engine(model, dtype=torch.bfloat16, decode="int8")
+    assert "int8" in engine.kind
+    runner, logits = engine.runner, {}
+    for adapter in (True, False):
+        for decoding in (True, False):
+            cache = runner.new_cache(adapter)
+            runner.forward(ids[:-1], cache, 0, adapter)
+            logits[adapter, decoding] = runner.forward(ids[-1:], cache, len(ids) - 1, adapter, decoding).float()
+
+    def distance(a, b):
+        return float((a - b).norm() / b.norm())
+
+    for adapter in (True, False):
+        assert distance(logits[adapter, True], logits[adapter, False]) < 0.05
+    assert distance(logits[True, False], logits[False, False]) > 4 * distance(logits[True, True], logits[True, False])
+
+
+@pytest.mark.parametrize(("tokens", "loops"), [
+    ([7] * LOOP_MIN_TOKENS, True),
+    ([7] * (LOOP_MIN_TOKENS - 1), False),
+    ([1, 2] + [3, 4, 5, 6, 7] * 13, True),  # a 5-token line written 13 times (65 tokens)
+    (list(range(20)) * 3, False),  # three repeats of a 20-token sentence: not yet
+    (list(range(100, 120)) + list(range(20)) * 4, True),  # four
+    (list(range(200)), False),
+    (list(range(30)) * 3 + [1], False),  # the loop was left
+])
+def test_a_runaway_loop_is_told_from_repetition_that_ends(tokens, loops):
+    assert looping(tokens) is loops
+
+
+def test_greedy_generation_ends_in_a_runaway_loop(tiny):
+    """The tiny random model falls into a loop; the engine stops there, having written what greedy decoding
+    writes (a prefix of transformers' own answer), far short of the budget."""
+    model, tokenizer = tiny
+    engine = Engine(model, dtype=torch.float32)
+    ids = tokenizer("Hello there")["input_ids"]
+    tokens = list(engine.generate(ids, 300))
+    assert engine.stats.looped and len(tokens) < 300 and looping(tokens) and not looping(tokens[:-1])
+    assert tokens == transformers_greedy(model, ids, len(tokens))
 
 
 @pytest.mark.parametrize(("text", "end"), [

@@ -102,6 +102,15 @@ def test_sampled_reply_is_reproducible_and_counted(api):
     assert sampled(api, seed=8).choices[0].message.content != first.choices[0].message.content
 
 
+def test_a_runaway_loop_is_cut_as_max_tokens_would_cut_it(api):
+    """Greedy decoding of the random model falls into a loop: the reply ends there, well short of its budget, and
+    says it was cut ("length"), streamed or not."""
+    reply = sampled(api, temperature=0, max_tokens=400)
+    assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens < 400
+    content, reasoning, calls, finish, usage = streamed(api, temperature=0, max_tokens=400)
+    assert finish == "length" and usage.completion_tokens == reply.usage.completion_tokens
+
+
 def test_stream_matches_the_plain_reply(api):
     reply = sampled(api).choices[0].message
     content, reasoning, calls, finish, usage = streamed(api)
@@ -354,7 +363,8 @@ def test_context_limits_the_budget_and_refuses_a_prompt_that_fills_it(tiny_model
     base_url, stop = serve_in_thread(create_app(load_backends(str(folder), None, tmp_path)))
     try:
         api = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=60)
-        reply = sampled(api, model="small-context", max_tokens=1000, temperature=0)  # greedy: no end of turn
+        # sampled (seeded), since greedy decoding of the random model falls into a loop the engine cuts short
+        reply = sampled(api, model="small-context", max_tokens=1000)
         assert reply.usage.total_tokens == 300 and reply.choices[0].finish_reason == "length"
         with pytest.raises(openai.BadRequestError) as raised:
             sampled(api, model="small-context", messages=[{"role": "user", "content": "weather " * 300}])
