@@ -71,6 +71,14 @@ def test_product_page_shows_price_features_and_specs(site, product):
         assert f'<th scope="row">{key}</th><td>{value}</td>' in html
 
 
+@pytest.mark.parametrize("address", ["Alpine Trekking Poles", "alpine  TREKKING poles", "Basecamp Tent 2P"])
+def test_a_product_page_answers_at_its_name_as_typed(site, address):
+    status, html = get(site, "/products/" + urllib.parse.quote(address))
+    product = data.product_by_address(address)
+    assert status == 200 and f"<h1>{product.name}</h1>" in html
+    assert get(site, "/products/" + urllib.parse.quote("Alpine Trekking"))[0] == 404  # a partial name is no name
+
+
 @pytest.mark.parametrize("query", ["wash", "order", "kayak", "Gift VOUCHER"])
 def test_docs_search_reports_the_count_and_links_of_search_docs(site, query):
     status, html = get(site, "/docs/search?" + urllib.parse.urlencode({"q": query}))

@@ -6,6 +6,7 @@ import re
 
 import pytest
 
+from mcpft.demo import data
 from mcpft.demo.site import serve_site
 from mcpft.demo.snapshot import parse_snapshot, read_page, tabs
 from mcpft.demo.tasks import load_tasks, task_by_id
@@ -173,8 +174,8 @@ async def test_teacher_asks_for_snapshots_and_types_field_by_field_when_it_must(
 
 
 FIRST_PAGES = {  # template -> the address the teacher opens first (the page the task names, not the home page)
-    "price_by_position": "/products", "page2_product": "/products?page=2",
-    "product_spec": "/products/{product}", "product_first_feature": "/products/{product}",
+    "price_by_position": "/products?page=1", "page2_product": "/products?page=2",
+    "product_spec": "/products/{product}", "product_first_feature": "/products/{product}",  # the name as written
     "compare_weight": "/products/{first}", "compare_price": "/products/{first}", "docs_first_item": "/docs",
     "docs_search_count": "/docs/search?q={query}", "docs_search_first_result": "/docs/search?q={query}",
     "learn_more_fact": "", "contact_form": "/contact",
@@ -188,7 +189,9 @@ def test_the_teacher_goes_straight_to_the_page_the_task_names(task):
     parsed = parse_assistant_text(next_step(task.prompt_for(BASE), tools))
     [call] = parsed.tool_calls
     params = task.params
-    path = FIRST_PAGES[task.template].format(product=params.get("product"), first=(params.get("products") or [""])[0],
+    first_slug = (params.get("products") or [params.get("product")])[0]
+    first_name = data.product_by_slug(first_slug).name if first_slug else ""
+    path = FIRST_PAGES[task.template].format(product=first_name, first=first_name,
                                              query=params.get("query", "").replace(" ", "+"))
     assert call["function"]["name"] == "browser_navigate"
     assert json.loads(call["function"]["arguments"]) == {"url": BASE + path}

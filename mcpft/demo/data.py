@@ -107,6 +107,15 @@ def product_by_slug(slug: str) -> Product:
     raise KeyError(f"no product with slug {slug!r}")
 
 
+def product_by_address(name_or_slug: str) -> Product:
+    """The product a page address names: its slug, or its name as a person types it (any case, single spaces)."""
+    wanted = " ".join(name_or_slug.split()).casefold()
+    for product in PRODUCTS:
+        if wanted in (product.slug, product.name.casefold()):
+            return product
+    raise KeyError(f"no product named {name_or_slug!r}")
+
+
 @dataclass(frozen=True)
 class DocSection:
     heading: str

@@ -18,7 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from string import Template
 from typing import Iterator
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from mcpft.demo import data
 
@@ -74,11 +74,11 @@ def products_list_page(page: int) -> str:
     return _page(f"Products, page {page}", body)
 
 
-def product_page(slug: str) -> str:
+def product_page(name_or_slug: str) -> str:
     try:
-        product = data.product_by_slug(slug)
+        product = data.product_by_address(name_or_slug)
     except KeyError as error:
-        raise PageNotFound(slug) from error
+        raise PageNotFound(name_or_slug) from error
     list_page = data.PRODUCTS.index(product) // data.PRODUCTS_PER_PAGE + 1
     rows = "\n".join(f'<tr><th scope="row">{escape(key)}</th><td>{escape(value)}</td></tr>'
                      for key, value in product.specs.items())
@@ -205,7 +205,8 @@ def render_get(path: str, query: dict[str, list[str]]) -> str:
         except ValueError as error:
             raise PageNotFound(path) from error
     if path.startswith("/products/"):
-        return product_page(path.removeprefix("/products/"))
+        # The browser sends a typed name percent-encoded: /products/Alpine%20Trekking%20Poles.
+        return product_page(unquote(path.removeprefix("/products/")))
     if path == "/docs":
         return docs_index_page()
     if path == "/docs/search":

@@ -7,10 +7,12 @@ Playwright MCP results) and returns the next assistant turn as Hermes text: a sh
 for a fresh `browser_snapshot` whenever the page changed without showing one. It answers from what the page shows.
 
 It goes the shortest way a person who knows the site would: straight to the address of the page the task names
-(`/products/<product>`, `/products?page=2`, `/docs`, `/docs/search?q=…`, `/contact`) and clicks only where the task
-is about the page's content (the n-th product listed, the docs page on a topic). Fewer steps make shorter traces,
-which is what lets a small model train on them in minutes on a CPU, and one address pattern per kind of page is
-something a small model can learn and apply to products and queries it has never seen.
+(`/products/<product name>`, `/products?page=2`, `/docs`, `/docs/search?q=…`, `/contact`) and clicks only where the
+task is about the page's content (the n-th product listed, the docs page on a topic). Fewer steps make shorter
+traces, which is what lets a small model train on them in minutes on a CPU, and one address pattern per kind of page
+is something a small model can learn and apply to products and queries it has never seen. A product's address uses
+its name exactly as the task writes it: copying words from the prompt is what a small model does reliably, while
+turning an unseen name into a lower-case slug is not (it wrote `alpine-trekking-presents`).
 """
 
 from __future__ import annotations
@@ -276,15 +278,17 @@ def _list_page_number(page: Page) -> int | None:
     return int(match[1]) if match else None
 
 
-def goto_catalogue_page(act: Actions, page: Page | None, number: int) -> Step | None:
+def goto_catalogue_page(act: Actions, page: Page | None, number: int, why: str = "") -> Step | None:
+    """Open catalogue page `number`; `why` (a sentence) says what the page is wanted for."""
     current = _list_page_number(page) if page is not None else None
     if current == number:
         return None
+    why = why + " " if why else ""
     if current is not None:
-        return act.click(page.link(f"Page {number}"), f"This is page {current} of the catalogue; I need page "
+        return act.click(page.link(f"Page {number}"), f"{why}This is page {current} of the catalogue; I need page "
                                                        f"{number}, so I'll follow its pagination link.")
-    return act.navigate(catalogue_url(act.browsing.base_url, number), f"Page {number} of the catalogue is at "
-                                                                      f"{catalogue_path(number)}.")
+    return act.navigate(catalogue_url(act.browsing.base_url, number), f"{why}Page {number} of the catalogue is "
+                                                                      f"at {catalogue_path(number)}.")
 
 
 def goto_product(act: Actions, page: Page | None, product: data.Product) -> Step | None:
@@ -313,11 +317,11 @@ def goto_search(act: Actions, page: Page | None, query: str) -> Step | None:
 
 # The site's addresses, as a person who knows the site would type them.
 def product_path(product: data.Product) -> str:
-    return f"/products/{product.slug}"
+    return f"/products/{product.name}"
 
 
 def catalogue_path(number: int) -> str:
-    return "/products" if number == 1 else f"/products?page={number}"
+    return f"/products?page={number}"
 
 
 def catalogue_url(base_url: str, number: int) -> str:
@@ -342,15 +346,20 @@ def _product_at(act: Actions, page: Page | None, catalogue_page: int, position: 
     """Open the product at `position` on catalogue page `catalogue_page`; None once its page is shown."""
     if page is not None and page.h1 == want.name:
         return None
-    step = goto_catalogue_page(act, page, catalogue_page)
+    ordinal = ORDINALS[position - 1]
+    step = goto_catalogue_page(act, page, catalogue_page, f"The {ordinal} product I want is on page "
+                                                          f"{catalogue_page} of the catalogue.")
     if step is not None:
         return step
     links = page.links(r"^/products/[a-z]")
     if len(links) < position:
         raise TeacherError(f"catalogue page {catalogue_page} lists {len(links)} products, fewer than {position}")
     link = links[position - 1]
-    return act.click(link, f"Page {catalogue_page} of the catalogue is open. The {ORDINALS[position - 1]} product "
-                           f"listed is the {link.name}, so I'll open it.")
+    # Counting the whole page aloud, one name per number, whichever position is asked: the same list every time,
+    # so picking the n-th becomes looking up "n." in its own words, which carries over to positions never trained.
+    counted = ", ".join(f"{n}. {each.name}" for n, each in enumerate(links, start=1))
+    return act.click(link, f"Page {catalogue_page} of the catalogue is open. Counting its products: {counted}. "
+                           f"The {ordinal} is number {position}, the {link.name}, so I'll open it.")
 
 
 def solve_price_by_position(task: Task, act: Actions, page: Page | None) -> Step:
@@ -408,10 +417,19 @@ def solve_product_first_feature(task: Task, act: Actions, page: Page | None) -> 
                 answer=f"The first feature listed for the {page.h1} is: {features[0]}.")
 
 
-def _visit_all(act: Actions, browsing: Browsing, page: Page, products: list[data.Product]) -> Step | None:
+def _visit_all(act: Actions, browsing: Browsing, page: Page, products: list[data.Product],
+               read: Callable[[Page], str]) -> Step | None:
+    """Open each product's page in turn; `read` names what a page shows of it ("weight: 520 g"), said before moving
+    on so that the value stays in the conversation's own words."""
     for product in products:
         if product.name not in browsing.seen:
-            return goto_product(act, page, product)
+            step = goto_product(act, page, product)
+            done = [p for p in products if p.name in browsing.seen]
+            if step is not None and done:
+                said = (f"The {done[-1].name} page shows its {read(browsing.seen[done[-1].name])}. "
+                        f"Still to read: the {product.name}.")
+                step = dataclasses.replace(step, think=f"{said} {step.think}")
+            return step
     return None
 
 
@@ -421,7 +439,7 @@ def _grams(text: str) -> int:
 
 def solve_compare_weight(task: Task, act: Actions, page: Page | None) -> Step:
     products = [data.product_by_slug(slug) for slug in task.params["products"]]
-    step = _visit_all(act, act.browsing, page, products)
+    step = _visit_all(act, act.browsing, page, products, lambda seen: f"weight: {seen.cell('Weight')}")
     if step is not None:
         return step
     weights = {p.name: act.browsing.seen[p.name].cell("Weight") or "" for p in products}
@@ -434,7 +452,7 @@ def solve_compare_weight(task: Task, act: Actions, page: Page | None) -> Step:
 
 def solve_compare_price(task: Task, act: Actions, page: Page | None) -> Step:
     products = [data.product_by_slug(slug) for slug in task.params["products"]]
-    step = _visit_all(act, act.browsing, page, products)
+    step = _visit_all(act, act.browsing, page, products, lambda seen: f"price: {_price(seen)}")
     if step is not None:
         return step
     prices = {p.name: _price(act.browsing.seen[p.name]) for p in products}
@@ -507,7 +525,8 @@ def solve_learn_more_fact(task: Task, act: Actions, page: Page | None) -> Step:
                       if item.startswith(f"{label}:")), None)
         if value is None:
             raise TeacherError(f"the story page lists no {label!r}")
-        return Step(f"The new tab shows \"{label}: {value}\".", answer=FACT_SENTENCES[key].format(value))
+        return Step(f"The question is about the \"{label}\" line of the list. The new tab shows \"{label}: "
+                    f"{value}\".", answer=FACT_SENTENCES[key].format(value))
     link = page.link("Learn more", prefix=True) if page is not None else None
     if link is not None and link.url.startswith("/"):
         return act.navigate(act.browsing.base_url + link.url, f"The \"Learn more\" link leads to {link.url}; I'll "
@@ -525,7 +544,8 @@ def solve_contact_form(task: Task, act: Actions, page: Page | None) -> Step:
     if page.h1 == "Message sent":
         sent = page.items_under("What you sent")
         echoed = "; ".join(sent)
-        return Step(f"The confirmation page echoes what was sent: {echoed}" + ("" if echoed[-1:] in ".?!" else "."),
+        return Step(f"The page now says \"Message sent\", so the form went through, and it echoes what was sent: "
+                    f"{echoed}" + ("" if echoed[-1:] in ".?!" else "."),
                     answer=f"Done: I sent the message through the contact form as {task.params['name']} "
                            f"({task.params['email']}) with the topic \"{task.params['topic']}\". "
                            "The site confirmed it and will reply within two working days.")
@@ -611,7 +631,16 @@ def plan(browsing: Browsing, tools: Sequence[Mapping[str, Any]]) -> Step:
                                            "I'll switch to it.")
     if browsing.page is None:
         return act.snapshot(_why_snapshot(browsing.last_calls))
-    return SOLVERS[task.template](task, act, browsing.page)
+    step = SOLVERS[task.template](task, act, browsing.page)
+    return dataclasses.replace(step, think=f"{where(browsing.page)} {step.think}")
+
+
+def where(page: Page) -> str:
+    """Each step after a page is shown starts by naming it from the result's "Page Title:" line: the next move
+    depends on which page is open, and a small model that copies the title first conditions on it, where one that
+    skips it repeats its previous move (it opened /contact four times in a row)."""
+    title = page.title.removesuffix(f" · {data.SHOP_NAME}") or page.h1 or page.url
+    return f"The page open is \"{title}\"."
 
 
 def next_step(messages: str | Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]]) -> str:
