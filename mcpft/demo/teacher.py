@@ -359,7 +359,7 @@ def _product_at(act: Actions, page: Page | None, catalogue_page: int, position: 
     # so picking the n-th becomes looking up "n." in its own words, which carries over to positions never trained.
     counted = ", ".join(f"{n}. {each.name}" for n, each in enumerate(links, start=1))
     return act.click(link, f"Page {catalogue_page} of the catalogue is open. Counting its products: {counted}. "
-                           f"The {ordinal} is number {position}, the {link.name}, so I'll open it.")
+                           f"The {ordinal} is the {link.name}, so I'll open it.")
 
 
 def solve_price_by_position(task: Task, act: Actions, page: Page | None) -> Step:
@@ -426,8 +426,7 @@ def _visit_all(act: Actions, browsing: Browsing, page: Page, products: list[data
             step = goto_product(act, page, product)
             done = [p for p in products if p.name in browsing.seen]
             if step is not None and done:
-                said = (f"The {done[-1].name} page shows its {read(browsing.seen[done[-1].name])}. "
-                        f"Still to read: the {product.name}.")
+                said = f"The {done[-1].name} page shows its {read(browsing.seen[done[-1].name])}."
                 step = dataclasses.replace(step, think=f"{said} {step.think}")
             return step
     return None
@@ -631,16 +630,7 @@ def plan(browsing: Browsing, tools: Sequence[Mapping[str, Any]]) -> Step:
                                            "I'll switch to it.")
     if browsing.page is None:
         return act.snapshot(_why_snapshot(browsing.last_calls))
-    step = SOLVERS[task.template](task, act, browsing.page)
-    return dataclasses.replace(step, think=f"{where(browsing.page)} {step.think}")
-
-
-def where(page: Page) -> str:
-    """Each step after a page is shown starts by naming it from the result's "Page Title:" line: the next move
-    depends on which page is open, and a small model that copies the title first conditions on it, where one that
-    skips it repeats its previous move (it opened /contact four times in a row)."""
-    title = page.title.removesuffix(f" · {data.SHOP_NAME}") or page.h1 or page.url
-    return f"The page open is \"{title}\"."
+    return SOLVERS[task.template](task, act, browsing.page)
 
 
 def next_step(messages: str | Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]]) -> str:
