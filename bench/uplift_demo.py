@@ -58,7 +58,9 @@ def main() -> None:
     bars: dict[str, tqdm] = {}
 
     def on_progress(stage: str, done: int, total: int) -> None:
-        bar = bars.setdefault(stage, tqdm(total=total, desc=stage, file=sys.stderr))
+        if stage not in bars:  # one bar a stage (setdefault would open a new one on every call)
+            bars[stage] = tqdm(total=total, desc=stage, file=sys.stderr)
+        bar = bars[stage]
         bar.total, bar.n = total, done
         bar.refresh()
 

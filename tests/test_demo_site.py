@@ -10,6 +10,7 @@ import pytest
 from mcpft.demo import data
 from mcpft.demo.site import Site, serve_site
 from mcpft.demo.snapshot import read_page
+from mcpft.demo.tasks import training_facts
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,7 @@ def test_serve_site_unpacks_as_base_url_and_stop():
 
 
 def test_catalogue_has_two_pages_with_pagination(site):
-    assert len(data.PRODUCTS) >= 12 and data.PRODUCT_PAGES == 2
+    assert len(data.PRODUCTS) >= 12 and data.FACTS.product_pages == 2
     status, first = get(site, "/products")
     assert status == 200
     assert 'href="/products?page=2">Next page' in first and "Previous page" not in first
@@ -57,7 +58,7 @@ def test_catalogue_has_two_pages_with_pagination(site):
     assert 'href="/products?page=1">Previous page' in second and "Next page" not in second
     for page, html in ((1, first), (2, second)):
         listed = re.findall(r'<a href="/products/([a-z-]+)">', html)
-        assert listed == [p.slug for p in data.products_page(page)]
+        assert listed == [p.slug for p in data.FACTS.products_page(page)]
 
 
 @pytest.mark.parametrize("product", data.PRODUCTS, ids=lambda p: p.slug)
@@ -71,10 +72,10 @@ def test_product_page_shows_price_features_and_specs(site, product):
         assert f'<th scope="row">{key}</th><td>{value}</td>' in html
 
 
-@pytest.mark.parametrize("address", ["Alpine Trekking Poles", "alpine  TREKKING poles", "Basecamp Tent 2P"])
+@pytest.mark.parametrize("address", ["Alpine Trekking Poles", "alpine  TREKKING poles", " Basecamp Tent 2P"])
 def test_a_product_page_answers_at_its_name_as_typed(site, address):
     status, html = get(site, "/products/" + urllib.parse.quote(address))
-    product = data.product_by_address(address)
+    product = data.FACTS.product_by_address(address)
     assert status == 200 and f"<h1>{product.name}</h1>" in html
     assert get(site, "/products/" + urllib.parse.quote("Alpine Trekking"))[0] == 404  # a partial name is no name
 
@@ -82,7 +83,7 @@ def test_a_product_page_answers_at_its_name_as_typed(site, address):
 @pytest.mark.parametrize("query", ["wash", "order", "kayak", "Gift VOUCHER"])
 def test_docs_search_reports_the_count_and_links_of_search_docs(site, query):
     status, html = get(site, "/docs/search?" + urllib.parse.urlencode({"q": query}))
-    results = data.search_docs(query)
+    results = data.FACTS.search_docs(query)
     assert status == 200
     assert re.search(rf"<p>{len(results)} results? for", html)
     assert re.findall(r'<li><a href="/docs/([a-z-]+)">', html) == [doc.slug for doc in results]
@@ -101,6 +102,19 @@ def test_learn_more_opens_a_new_tab_with_the_story(site):
     assert '<a href="/about" target="_blank" rel="noopener">Learn more about our story</a>' in home
     _, story = get(site, "/about")
     assert all(value in story for value in data.STORY_FACTS.values())
+
+
+def test_a_site_shows_the_world_it_is_given():
+    facts = training_facts(2)
+    with serve_site(facts=facts) as varied:
+        _, first = get(varied, "/products")
+        listed = re.findall(r'<a href="/products/([a-z-]+)">', first)
+        assert listed == [p.slug for p in facts.products_page(1)] != [p.slug for p in data.FACTS.products_page(1)]
+        product = facts.products[0]
+        _, html = get(varied, "/products/" + urllib.parse.quote(product.name))
+        assert f"Price: {product.price_text}" in html and f"<li>{product.features[0]}</li>" in html
+        _, story = get(varied, "/about")
+        assert all(value in story for value in facts.story.values())
 
 
 def test_unknown_pages_are_404(site):

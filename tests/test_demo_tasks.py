@@ -8,7 +8,8 @@ import pytest
 
 from mcpft.demo import data
 from mcpft.demo.site import serve_site
-from mcpft.demo.tasks import HELDOUT_TEMPLATES, load_tasks, numbers, task_by_id
+from mcpft.demo.tasks import (HELDOUT_DOCS, HELDOUT_PRODUCTS, HELDOUT_TEMPLATES, load_tasks, numbers, task_by_id,
+                              training_facts)
 
 ALL = load_tasks()
 FORM_TASKS = [task for task in ALL if task.template == "contact_form"]
@@ -168,3 +169,44 @@ def test_form_checker_reads_the_sites_submissions(site, task):
     post(site.base_url, {**fields, "email": fields["email"].upper(), "message": f"  {fields['message']} "})
     assert task.check("done", site).ok
     assert not task.check("done", None).ok
+
+
+def test_a_training_world_keeps_the_heldout_facts_and_moves_the_rest():
+    varied = training_facts(1)
+    assert varied is training_facts(1)
+    assert data.vary(1, HELDOUT_PRODUCTS, HELDOUT_DOCS).products == varied.products  # drawn from the seed alone
+    for listed, shown in zip(data.PRODUCTS, varied.products):
+        assert (shown is listed) == (listed.slug in HELDOUT_PRODUCTS)  # held-out products: same place, same values
+    train = [p for p in data.PRODUCTS if p.slug not in HELDOUT_PRODUCTS]
+    assert [p.slug for p in varied.products if p.slug not in HELDOUT_PRODUCTS] != [p.slug for p in train]
+    assert all(varied.counterpart(p.slug).price != p.price for p in train)
+    # Renamed: a new first word (a new short name, none shared), the same kind of product.
+    for p in train:
+        renamed = varied.counterpart(p.slug)
+        assert renamed.name.split()[1:] == p.name.split()[1:] and renamed.slug != p.slug
+        assert renamed.short_name not in {q.short_name for q in data.PRODUCTS}
+    assert len({p.short_name for p in varied.products}) == len(varied.products)
+    assert len({p.price for p in varied.products}) == len({p.weight_g for p in varied.products}) == len(train) + 3
+    for doc, shown in zip(data.DOCS, varied.docs):
+        assert (shown is doc) == (doc.slug in HELDOUT_DOCS)
+        assert [sorted(s.items) for s in shown.sections] == [sorted(s.items) for s in doc.sections]
+    assert varied.story != data.STORY_FACTS and varied.story.keys() == data.STORY_FACTS.keys()
+    assert training_facts(2).products != varied.products
+
+
+def test_tasks_read_the_same_in_every_world_and_answer_in_their_own():
+    varied = load_tasks("train", training_facts(1))
+    assert sorted(t.id for t in varied) == sorted(t.id for t in load_tasks("train"))
+    renamed = [p.name for p in data.PRODUCTS if p.slug not in HELDOUT_PRODUCTS]
+    for task in varied:  # the same question; only the names of the products in it change
+        own = task_by_id(task.id)
+        assert task.template == own.template and task.split == own.split
+        assert not any(name in task.prompt for name in renamed), task.id
+        if not any(name in own.prompt for name in renamed):
+            assert task.prompt == own.prompt, task.id
+    answered = [task for task in varied if task.template != "contact_form"]  # a form's check reads the site
+    assert all(task.facts is training_facts(1) and task.check(task.expected).ok for task in answered)
+    # Most answers move with the world: the demo's own answer is wrong there, and the other way round.
+    moved = [task for task in answered if not task.check(task_by_id(task.id).expected).ok]
+    assert len(moved) >= 40
+    assert all(not task_by_id(task.id).check(task.expected).ok for task in moved)

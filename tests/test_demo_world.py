@@ -13,7 +13,7 @@ import pytest
 from mcpft.agent.endpoint import Endpoint, EndpointError
 from mcpft.cli import main
 from mcpft.demo.snapshot import tabs
-from mcpft.demo.tasks import load_tasks
+from mcpft.demo.tasks import load_tasks, task_by_id, training_facts
 from mcpft.demo.world import (DEMO_TAG, DEMO_TOOLS, TEACHER, TeacherBackend, check_endpoint, collect, evaluate_tasks,
                               pick_tasks, running_world, teacher_endpoint)
 from mcpft.serve import create_app, serve_in_thread
@@ -55,6 +55,14 @@ def test_collect_stores_clean_teacher_traces(store, tmp_path):
     # No two traces share the site's address: a model must learn to read it from the prompt, not to recall it.
     sites = {re.search(r"http://127\.0\.0\.1:\d+", t.messages[0]["content"]).group() for t in traces}
     assert len(sites) == 4
+    # Each trace ran in a world of its own: its answer holds there and not in the demo's own world.
+    moved = 0
+    for number, (task, outcome) in enumerate(zip(pick_tasks("train", 4), report.tasks), start=1):
+        varied = task_by_id(task.id, training_facts(number))
+        if varied.expected != task.expected:
+            assert varied.check(outcome.answer).ok and not task.check(outcome.answer).ok, outcome.answer
+            moved += 1
+    assert moved >= 3
 
 
 def test_reset_leaves_one_blank_tab_without_history(tmp_path):

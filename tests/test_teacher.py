@@ -175,8 +175,9 @@ async def test_teacher_asks_for_snapshots_and_types_field_by_field_when_it_must(
 
 FIRST_PAGES = {  # template -> the address the teacher opens first (the page the task names, not the home page)
     "price_by_position": "/products?page=1", "page2_product": "/products?page=2",
-    "product_spec": "/products/{product}", "product_first_feature": "/products/{product}",  # the name as written
-    "compare_weight": "/products/{product}", "compare_price": "/products/{product}", "docs_first_item": "/docs",
+    # A product's page: its name as the prompt writes it, the space before it included (the same tokens).
+    "product_spec": "/products/ {product}", "product_first_feature": "/products/ {product}",
+    "compare_weight": "/products/ {product}", "compare_price": "/products/ {product}", "docs_first_item": "/docs",
     "docs_search_count": "/docs/search?q={query}", "docs_search_first_result": "/docs/search?q={query}",
     "learn_more_fact": "", "contact_form": "/contact",
 }
@@ -190,7 +191,7 @@ def test_the_teacher_goes_straight_to_the_page_the_task_names(task):
     [call] = parsed.tool_calls
     params = task.params
     first_slug = (params.get("products") or [params.get("product")])[0]
-    first_name = data.product_by_slug(first_slug).name if first_slug else ""
+    first_name = data.FACTS.product_by_slug(first_slug).name if first_slug else ""
     path = FIRST_PAGES[task.template].format(product=first_name,
                                              query=params.get("query", "").replace(" ", "+"))
     assert call["function"]["name"] == "browser_navigate"

@@ -1,12 +1,16 @@
 """The facts of the demo world: one source for the site's pages, the tasks and their checkers.
 
-Everything here is plain data plus two small queries (`products_page`, `search_docs`) that the site and the tasks
-both call, so a page can never disagree with the answer a checker expects.
+Everything here is plain data, gathered in `FACTS` with the two small queries (`products_page`, `search_docs`) that
+the site and the tasks both call, so a page can never disagree with the answer a checker expects. `vary` draws
+other versions of the same world (new prices, order, story) for training traces.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import random
 from dataclasses import dataclass
+from typing import Callable, Mapping
 
 SHOP_NAME = "Acme Outfitters"
 PRODUCTS_PER_PAGE = 7
@@ -89,31 +93,6 @@ PRODUCTS: tuple[Product, ...] = (
 )
 
 PRODUCT_NAMES = frozenset(product.name for product in PRODUCTS)
-PRODUCT_PAGES = (len(PRODUCTS) + PRODUCTS_PER_PAGE - 1) // PRODUCTS_PER_PAGE
-
-
-def products_page(page: int) -> tuple[Product, ...]:
-    """The products listed on catalogue page `page` (1-based)."""
-    if not 1 <= page <= PRODUCT_PAGES:
-        raise ValueError(f"catalogue page {page} does not exist (pages 1..{PRODUCT_PAGES})")
-    start = (page - 1) * PRODUCTS_PER_PAGE
-    return PRODUCTS[start:start + PRODUCTS_PER_PAGE]
-
-
-def product_by_slug(slug: str) -> Product:
-    for product in PRODUCTS:
-        if product.slug == slug:
-            return product
-    raise KeyError(f"no product with slug {slug!r}")
-
-
-def product_by_address(name_or_slug: str) -> Product:
-    """The product a page address names: its slug, or its name as a person types it (any case, single spaces)."""
-    wanted = " ".join(name_or_slug.split()).casefold()
-    for product in PRODUCTS:
-        if wanted in (product.slug, product.name.casefold()):
-            return product
-    raise KeyError(f"no product named {name_or_slug!r}")
 
 
 @dataclass(frozen=True)
@@ -212,21 +191,6 @@ DOCS: tuple[DocPage, ...] = (
 )
 
 
-def doc_by_slug(slug: str) -> DocPage:
-    for doc in DOCS:
-        if doc.slug == slug:
-            return doc
-    raise KeyError(f"no doc page with slug {slug!r}")
-
-
-def search_docs(query: str) -> tuple[DocPage, ...]:
-    """Doc pages whose text contains `query` (case-insensitive), in catalogue order; an empty query finds nothing."""
-    needle = " ".join(query.split()).lower()
-    if not needle:
-        return ()
-    return tuple(doc for doc in DOCS if needle in doc.text().lower())
-
-
 # The "Our story" page, opened in a new tab from the home page's "Learn more" link.
 STORY_FACTS: dict[str, str] = {
     "founded": "1987",
@@ -239,3 +203,112 @@ STORY_FACTS: dict[str, str] = {
 }
 
 CONTACT_TOPICS: tuple[str, ...] = ("Order status", "Returns", "Product question", "Wholesale", "Feedback")
+
+
+@dataclass(frozen=True, eq=False)  # compared and hashed by identity: each version is built once
+class Facts:
+    """One version of the world's facts: what the site renders and the tasks check. `FACTS` is the demo's own;
+    `vary` draws other versions, so that training traces show values a model must read off the page."""
+
+    products: tuple[Product, ...]
+    docs: tuple[DocPage, ...]
+    story: Mapping[str, str]
+    renamed: Mapping[str, str] = dataclasses.field(default_factory=dict)  # the demo's slug -> this world's slug
+
+    def counterpart(self, slug: str) -> Product:
+        """This world's version of the demo's product `slug` (renamed or not)."""
+        return self.product_by_slug(self.renamed.get(slug, slug))
+
+    @property
+    def product_pages(self) -> int:
+        return (len(self.products) + PRODUCTS_PER_PAGE - 1) // PRODUCTS_PER_PAGE
+
+    def products_page(self, page: int) -> tuple[Product, ...]:
+        """The products listed on catalogue page `page` (1-based)."""
+        if not 1 <= page <= self.product_pages:
+            raise ValueError(f"catalogue page {page} does not exist (pages 1..{self.product_pages})")
+        start = (page - 1) * PRODUCTS_PER_PAGE
+        return self.products[start:start + PRODUCTS_PER_PAGE]
+
+    def product_by_slug(self, slug: str) -> Product:
+        for product in self.products:
+            if product.slug == slug:
+                return product
+        raise KeyError(f"no product with slug {slug!r}")
+
+    def product_by_address(self, name_or_slug: str) -> Product:
+        """The product a page address names: its slug, or its name as a person types it (any case, single
+        spaces)."""
+        wanted = " ".join(name_or_slug.split()).casefold()
+        for product in self.products:
+            if wanted in (product.slug, product.name.casefold()):
+                return product
+        raise KeyError(f"no product named {name_or_slug!r}")
+
+    def doc_by_slug(self, slug: str) -> DocPage:
+        for doc in self.docs:
+            if doc.slug == slug:
+                return doc
+        raise KeyError(f"no doc page with slug {slug!r}")
+
+    def search_docs(self, query: str) -> tuple[DocPage, ...]:
+        """Doc pages whose text contains `query` (case-insensitive), in catalogue order; an empty query finds
+        nothing."""
+        needle = " ".join(query.split()).lower()
+        if not needle:
+            return ()
+        return tuple(doc for doc in self.docs if needle in doc.text().lower())
+
+
+FACTS = Facts(PRODUCTS, DOCS, STORY_FACTS)
+
+# New first words for renamed products: none is the first word of a demo product, a city or a founder.
+NAME_WORDS = ("Granite", "Willow", "Falcon", "Cedar", "Aspen", "Timber", "Raven", "Juniper", "Nimbus", "Osprey",
+              "Quartz", "Redwood", "Sierra", "Talon", "Vista", "Yukon", "Zephyr", "Kestrel", "Mesa", "Nomad",
+              "Prairie", "Saddle", "Tidal", "Cobalt", "Dune", "Fjord", "Glade", "Harbor", "Jasper", "Lupine",
+              "Marlin", "Onyx", "Pebble", "Rowan", "Sable", "Thistle", "Wren", "Basalt", "Cinder", "Drumlin")
+FOUNDERS = ("Marta Lindqvist", "Jonas Okafor", "Ines Moreau", "Tomas Kovac", "Priya Raman", "Leah Brennan")
+HEADQUARTERS = ("Boulder, Colorado", "Bend, Oregon", "Missoula, Montana", "Flagstaff, Arizona", "Ogden, Utah")
+
+
+def vary(seed: int, keep_products: frozenset[str] = frozenset(), keep_docs: frozenset[str] = frozenset()) -> Facts:
+    """Another version of `FACTS`, drawn from `seed`: the products not in `keep_products` get a new first word in
+    their name ("Falcon Backpack 45L", slug `falcon-backpack`), trade places in the catalogue and get new prices,
+    weights, warranties, materials, countries and feature order; the docs not in `keep_docs` list each section's
+    items in a new order; the story's facts change. What a task asks stays; the names in it and its answer move."""
+    rng = random.Random(seed)
+    movable = [p for p in PRODUCTS if p.slug not in keep_products]
+    first_words = rng.sample(NAME_WORDS, len(movable))
+    materials = rng.sample([p.material for p in movable], len(movable))
+    countries = rng.sample([p.made_in for p in movable], len(movable))
+    taken_prices = {p.price for p in PRODUCTS if p.slug in keep_products}
+    taken_weights = {p.weight_g for p in PRODUCTS if p.slug in keep_products}
+    varied = {}
+    for product, material, country, first_word in zip(movable, materials, countries, first_words):
+        price = _draw(rng, taken_prices, lambda: rng.randrange(12, 340) + rng.choice((0.0, 0.5, 0.95, 0.99)))
+        weight = _draw(rng, taken_weights, lambda: rng.randrange(60, 2400, 5))
+        varied[product.slug] = dataclasses.replace(
+            product, slug=f"{first_word.lower()}-{product.slug.split('-', 1)[1]}",
+            name=f"{first_word} {product.name.split(' ', 1)[1]}", price=price, weight_g=weight,
+            warranty_years=rng.choice((1, 2, 3, 5, 10)), material=material, made_in=country,
+            features=tuple(rng.sample(product.features, len(product.features))))
+    order = iter(rng.sample(list(varied.values()), len(varied)))
+    products = tuple(p if p.slug in keep_products else next(order) for p in PRODUCTS)
+    docs = tuple(doc if doc.slug in keep_docs else dataclasses.replace(doc, sections=tuple(
+        DocSection(s.heading, tuple(rng.sample(s.items, len(s.items)))) for s in doc.sections)) for doc in DOCS)
+    story = {
+        "founded": str(rng.randrange(1950, 2011)), "founder": rng.choice(FOUNDERS),
+        "headquarters": rng.choice(HEADQUARTERS), "stores": str(rng.randrange(5, 60)),
+        "employees": str(rng.randrange(120, 990)), "trees": f"{rng.randrange(2, 30)},{rng.randrange(0, 1000):03d}",
+        "recycled": f"{rng.randrange(20, 96)}%",
+    }
+    return Facts(products, docs, story, renamed={slug: p.slug for slug, p in varied.items()})
+
+
+def _draw(rng: random.Random, taken: set, draw: Callable[[], float]) -> float:
+    """A value `draw` gives that no other product has, so that every answer names one product's value."""
+    value = draw()
+    while value in taken:
+        value = draw()
+    taken.add(value)
+    return value

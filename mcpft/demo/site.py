@@ -1,8 +1,9 @@
 """The Acme Outfitters demo website: a small shop + docs site served on 127.0.0.1 for agent tasks.
 
-Pages are generated from `mcpft.demo.data`, so tasks and checkers share the site's facts. The server runs in a
-background thread (stdlib `ThreadingHTTPServer`) and records every accepted contact-form submission, which is the
-browser state a checker verifies:
+Pages are generated from `mcpft.demo.data` (the version of the world a site is started with, `serve_site(facts=…)`;
+the demo's own by default), so tasks and checkers share the site's facts. The server runs in a background thread
+(stdlib `ThreadingHTTPServer`) and records every accepted contact-form submission, which is the browser state a
+checker verifies:
 
     with serve_site() as site:          # or: base_url, stop = serve_site()
         ...  # point the browser at site.base_url
@@ -21,6 +22,7 @@ from typing import Iterator
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from mcpft.demo import data
+from mcpft.demo.data import FACTS, Facts
 
 MAX_FORM_BYTES = 64 * 1024
 CONTACT_FIELDS = ("name", "email", "topic", "message")
@@ -43,9 +45,9 @@ def _list(items: list[str]) -> str:
     return "<ul>\n" + "\n".join(f"<li>{item}</li>" for item in items) + "\n</ul>"
 
 
-def home_page() -> str:
+def home_page(facts: Facts = FACTS) -> str:
     body = f"""<h1>{escape(data.SHOP_NAME)}</h1>
-<p>Gear for trails, peaks and campsites since {data.STORY_FACTS["founded"]}.</p>
+<p>Gear for trails, peaks and campsites since {facts.story["founded"]}.</p>
 <h2>Shop</h2>
 <p><a href="/products">Browse all products</a></p>
 <h2>Help</h2>
@@ -56,30 +58,30 @@ def home_page() -> str:
     return _page("Home", body)
 
 
-def products_list_page(page: int) -> str:
-    products = data.products_page(page)
+def products_list_page(page: int, facts: Facts = FACTS) -> str:
+    products = facts.products_page(page)
     items = [f'<a href="/products/{p.slug}">{escape(p.name)}</a> · {escape(p.category)}' for p in products]
     links = []
     if page > 1:
         links.append(f'<a href="/products?page={page - 1}">Previous page</a>')
-    for number in range(1, data.PRODUCT_PAGES + 1):
+    for number in range(1, facts.product_pages + 1):
         current = ' aria-current="page"' if number == page else ""
         links.append(f'<a href="/products?page={number}"{current}>Page {number}</a>')
-    if page < data.PRODUCT_PAGES:
+    if page < facts.product_pages:
         links.append(f'<a href="/products?page={page + 1}">Next page</a>')
     body = f"""<h1>Products</h1>
-<p>Page {page} of {data.PRODUCT_PAGES} · {len(data.PRODUCTS)} products</p>
+<p>Page {page} of {facts.product_pages} · {len(facts.products)} products</p>
 {_list(items)}
 <nav aria-label="Pagination">{" ".join(links)}</nav>"""
     return _page(f"Products, page {page}", body)
 
 
-def product_page(name_or_slug: str) -> str:
+def product_page(name_or_slug: str, facts: Facts = FACTS) -> str:
     try:
-        product = data.product_by_address(name_or_slug)
+        product = facts.product_by_address(name_or_slug)
     except KeyError as error:
         raise PageNotFound(name_or_slug) from error
-    list_page = data.PRODUCTS.index(product) // data.PRODUCTS_PER_PAGE + 1
+    list_page = facts.products.index(product) // data.PRODUCTS_PER_PAGE + 1
     rows = "\n".join(f'<tr><th scope="row">{escape(key)}</th><td>{escape(value)}</td></tr>'
                      for key, value in product.specs.items())
     body = f"""<h1>{escape(product.name)}</h1>
@@ -103,8 +105,8 @@ def _search_form(query: str = "") -> str:
 </form>"""
 
 
-def docs_index_page() -> str:
-    links = [f'<a href="/docs/{doc.slug}">{escape(doc.title)}</a>' for doc in data.DOCS]
+def docs_index_page(facts: Facts = FACTS) -> str:
+    links = [f'<a href="/docs/{doc.slug}">{escape(doc.title)}</a>' for doc in facts.docs]
     body = f"""<h1>Docs</h1>
 {_search_form()}
 <h2>All pages</h2>
@@ -112,8 +114,8 @@ def docs_index_page() -> str:
     return _page("Docs", body)
 
 
-def docs_search_page(query: str) -> str:
-    results = data.search_docs(query)
+def docs_search_page(query: str, facts: Facts = FACTS) -> str:
+    results = facts.search_docs(query)
     count = f"{len(results)} result" + ("" if len(results) == 1 else "s")
     links = [f'<a href="/docs/{doc.slug}">{escape(doc.title)}</a>' for doc in results]
     body = f"""<h1>Search results</h1>
@@ -123,9 +125,9 @@ def docs_search_page(query: str) -> str:
     return _page(f"Search: {query}", body)
 
 
-def doc_page(slug: str) -> str:
+def doc_page(slug: str, facts: Facts = FACTS) -> str:
     try:
-        doc = data.doc_by_slug(slug)
+        doc = facts.doc_by_slug(slug)
     except KeyError as error:
         raise PageNotFound(slug) from error
     sections = "\n".join(f"<h2>{escape(section.heading)}</h2>\n{_list([escape(i) for i in section.items])}"
@@ -137,14 +139,14 @@ def doc_page(slug: str) -> str:
     return _page(doc.title, body)
 
 
-def story_page() -> str:
-    facts = data.STORY_FACTS
-    items = [f"Founded: {facts['founded']}", f"Founder: {facts['founder']}",
-             f"Headquarters: {facts['headquarters']}", f"Stores: {facts['stores']}",
-             f"Employees: {facts['employees']}", f"Trees planted in 2024: {facts['trees']}",
-             f"Recycled materials in our range: {facts['recycled']}"]
+def story_page(facts: Facts = FACTS) -> str:
+    story = facts.story
+    items = [f"Founded: {story['founded']}", f"Founder: {story['founder']}",
+             f"Headquarters: {story['headquarters']}", f"Stores: {story['stores']}",
+             f"Employees: {story['employees']}", f"Trees planted in 2024: {story['trees']}",
+             f"Recycled materials in our range: {story['recycled']}"]
     body = f"""<h1>Our story</h1>
-<p>{escape(facts['founder'])} started Acme in a garage, repairing tents for friends.</p>
+<p>{escape(story['founder'])} started Acme in a garage, repairing tents for friends.</p>
 <h2>Acme in numbers</h2>
 {_list([escape(item) for item in items])}"""
     return _page("Our story", body)
@@ -195,26 +197,27 @@ def parse_contact_form(body: str) -> tuple[dict[str, str], tuple[str, ...]]:
     return values, missing
 
 
-def render_get(path: str, query: dict[str, list[str]]) -> str:
-    """The HTML of the page at `path`; raises PageNotFound for an unknown path or page number."""
+def render_get(path: str, query: dict[str, list[str]], facts: Facts = FACTS) -> str:
+    """The HTML of the page at `path` in the world of `facts`; raises PageNotFound for an unknown path or page
+    number."""
     if path == "/":
-        return home_page()
+        return home_page(facts)
     if path == "/products":
         try:
-            return products_list_page(int(query.get("page", ["1"])[0]))
+            return products_list_page(int(query.get("page", ["1"])[0]), facts)
         except ValueError as error:
             raise PageNotFound(path) from error
     if path.startswith("/products/"):
         # The browser sends a typed name percent-encoded: /products/Alpine%20Trekking%20Poles.
-        return product_page(unquote(path.removeprefix("/products/")))
+        return product_page(unquote(path.removeprefix("/products/")), facts)
     if path == "/docs":
-        return docs_index_page()
+        return docs_index_page(facts)
     if path == "/docs/search":
-        return docs_search_page(query.get("q", [""])[0])
+        return docs_search_page(query.get("q", [""])[0], facts)
     if path.startswith("/docs/"):
-        return doc_page(path.removeprefix("/docs/"))
+        return doc_page(path.removeprefix("/docs/"), facts)
     if path == "/about":
-        return story_page()
+        return story_page(facts)
     if path == "/contact":
         return contact_page()
     raise PageNotFound(path)
@@ -230,7 +233,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(HTTPStatus.OK, payload, content_type)
             return
         try:
-            html = render_get(url.path, parse_qs(url.query))
+            html = render_get(url.path, parse_qs(url.query), self.server.site.facts)
         except PageNotFound:
             self._send_html(HTTPStatus.NOT_FOUND, _page("Not found", "<h1>Page not found</h1>"))
             return
@@ -276,7 +279,8 @@ class _SiteServer(ThreadingHTTPServer):
 class Site:
     """The running demo site. Unpacks as `(base_url, stop)`; `submissions` holds accepted contact forms."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, facts: Facts = FACTS) -> None:
+        self.facts = facts
         self._lock = threading.Lock()
         self._submissions: list[dict[str, str]] = []
         self._server = _SiteServer((host, port), self)
@@ -314,6 +318,7 @@ class Site:
         self.stop()
 
 
-def serve_site(port: int = 0, host: str = "127.0.0.1") -> Site:
-    """Start the demo site on `host:port` (0 = a free port) in a background thread and return it."""
-    return Site(host, port)
+def serve_site(port: int = 0, host: str = "127.0.0.1", facts: Facts = FACTS) -> Site:
+    """Start the demo site on `host:port` (0 = a free port) in a background thread and return it; it shows the world
+    of `facts` (the demo's own unless given)."""
+    return Site(host, port, facts)

@@ -19,7 +19,7 @@ from functools import lru_cache
 from typing import Any, Callable, Mapping, Protocol
 
 from mcpft.demo import data
-from mcpft.demo.data import Product
+from mcpft.demo.data import FACTS, Facts, Product
 
 SPLITS = ("train", "heldout")
 HELDOUT_PRODUCTS = frozenset({"alpine-trekking-poles", "ember-camp-stove", "horizon-binoculars"})
@@ -63,6 +63,7 @@ class Task:
     expected: str
     wrong: str
     checker: Checker = field(repr=False, compare=False)
+    facts: data.Facts = field(default=data.FACTS, repr=False, compare=False)  # the world the answers hold in
 
     def prompt_for(self, base_url: str) -> str:
         return self.prompt.format(base_url=base_url.rstrip("/"))
@@ -171,8 +172,8 @@ def _fail(reason: str) -> CheckResult:
 # Each states the right value and rejects an answer that also states a rival value of the same kind; hedges and
 # negations are refused for every task by `Task.check`.
 
-def check_price(product: Product, require_name: bool = False) -> Checker:
-    other_prices = {p.price for p in data.PRODUCTS if p.price != product.price}
+def check_price(product: Product, facts: Facts, require_name: bool = False) -> Checker:
+    other_prices = {p.price for p in facts.products if p.price != product.price}
 
     def check(answer: str, _: SiteState | None) -> CheckResult:
         if not mentions_number(answer, product.price):
@@ -216,7 +217,7 @@ def check_named(value: str, rivals: tuple[str, ...], want: str, rival_kind: str,
     return check
 
 
-def check_spec(product: Product, spec: str) -> Checker:
+def check_spec(product: Product, spec: str, facts: Facts) -> Checker:
     value = product.specs[spec]
     want = f"the {spec.lower()} {value!r}"
     if spec == "Warranty":
@@ -225,7 +226,7 @@ def check_spec(product: Product, spec: str) -> Checker:
         grams = check_numeric((product.weight_g,), want)
         either_unit = check_numeric((product.weight_g, product.weight_g / 1000), want)
         return lambda answer, state: (either_unit if "kg" in answer.lower() else grams)(answer, state)
-    rivals = tuple(sorted({p.specs[spec] for p in data.PRODUCTS} - {value}))
+    rivals = tuple(sorted({p.specs[spec] for p in facts.products} - {value}))
     return check_named(value, rivals, want, f"{spec.lower()} values")
 
 
@@ -281,11 +282,10 @@ def check_count(expected: int, ceiling: int) -> Checker:
     return check
 
 
-def check_fact(key: str) -> Checker:
-    value = data.STORY_FACTS[key]
-    needle = {"founder": "Lindqvist", "headquarters": "Boulder"}.get(key)
-    if needle:
-        return check_named(needle, (), repr(value), "names")
+def check_fact(key: str, facts: Facts) -> Checker:
+    value = facts.story[key]
+    if key in ("founder", "headquarters"):  # the surname, the city: "Boulder, Colorado" may be said "Boulder"
+        return check_named(value.split(",")[0].split()[-1], (), repr(value), "names")
     return check_numeric((float(compact(value)),), repr(value), context=tuple(numbers(FACT_QUESTIONS[key])))
 
 
@@ -343,10 +343,10 @@ FACT_QUESTIONS = {
     "recycled": "what share of Acme's range uses recycled materials",
 }
 FACT_ANSWERS = {
-    "founded": "Acme was founded in 1987.", "founder": "Acme was founded by Marta Lindqvist.",
-    "headquarters": "Acme's headquarters are in Boulder, Colorado.", "stores": "Acme has 23 stores.",
-    "employees": "410 people work at Acme.", "trees": "Acme planted 12,400 trees in 2024.",
-    "recycled": "68% of Acme's range uses recycled materials.",
+    "founded": "Acme was founded in {}.", "founder": "Acme was founded by {}.",
+    "headquarters": "Acme's headquarters are in {}.", "stores": "Acme has {} stores.",
+    "employees": "{} people work at Acme.", "trees": "Acme planted {} trees in 2024.",
+    "recycled": "{} of Acme's range uses recycled materials.",
 }
 FACT_WRONG = {"founded": "1978", "founder": "Marta Lindgren", "headquarters": "Denver, Colorado", "stores": "32",
               "employees": "401", "trees": "14,200", "recycled": "86%"}
@@ -363,6 +363,18 @@ CONTACTS = (  # (name, email, topic, message, split)
     ("Dana Ruiz", "dana@ruiz.example", "Wholesale", "We run a climbing gym and want 40 bottles.", "train"),
     ("Emil Sorensen", "emil@example.com", "Feedback", "Great service in the Boulder store.", "train"),
     ("Fatima Noor", "f.noor@example.org", "Order status", "My parcel tracking has not updated.", "train"),
+    ("Igor Petrov", "igor.petrov@example.com", "Feedback", "The staff in Denver were very helpful.", "train"),
+    ("Julia Mendes", "julia@mendes.example", "Order status", "Has order 2271 left the warehouse?", "train"),
+    ("Kofi Mensah", "kofi.mensah@example.net", "Product question", "Can the headlamp run on batteries?", "train"),
+    ("Lena Vogel", "lena.vogel@example.org", "Returns", "I would like to exchange my jacket for a medium.",
+     "train"),
+    ("Marco Rossi", "marco@rossi.example", "Wholesale", "Do you offer discounts for school groups?", "train"),
+    ("Nadia Haddad", "nadia.h@example.com", "Feedback", "Please add more colours for the socks.", "train"),
+    ("Oscar Lindgren", "oscar@lindgren.example", "Order status", "My order arrived without the rain cover.",
+     "train"),
+    ("Priya Shah", "priya.shah@example.net", "Product question", "Is the sleeping bag machine washable?", "train"),
+    ("Quinn Taylor", "quinn@example.org", "Returns", "The tent poles arrived bent.", "train"),
+    ("Rosa Jimenez", "rosa.jimenez@example.com", "Wholesale", "We need 25 chairs for a festival.", "train"),
     ("Gus Harlan", "gus.harlan@example.com", "Returns", "Please send a label for my jacket.", "heldout"),
     ("Hana Sato", "hana@sato.example", "Product question", "Does the stove work at altitude?", "heldout"),
 )
@@ -394,13 +406,13 @@ def _split_for(*products: Product) -> str:
     return "heldout" if any(p.slug in HELDOUT_PRODUCTS for p in products) else "train"
 
 
-def _neighbour(product: Product, offset: int = 1) -> Product:
-    return data.PRODUCTS[(data.PRODUCTS.index(product) + offset) % len(data.PRODUCTS)]
+def _neighbour(product: Product, facts: Facts, offset: int = 1) -> Product:
+    return facts.products[(facts.products.index(product) + offset) % len(facts.products)]
 
 
-def price_by_position_tasks() -> list[Task]:
+def price_by_position_tasks(facts: Facts) -> list[Task]:
     tasks = []
-    for index, product in enumerate(data.products_page(1)):
+    for index, product in enumerate(facts.products_page(1)):
         ordinal = ORDINALS[index]
         tasks.append(Task(
             id=f"price_by_position-{index + 1}", template="price_by_position", split=_split_for(product),
@@ -408,15 +420,16 @@ def price_by_position_tasks() -> list[Task]:
                    "and tell me its price.",
             needs_tools=True, params={"position": index + 1, "product": product.slug},
             expected=f"The {ordinal} product, the {product.name}, costs {product.price_text}.",
-            wrong=f"It costs {_neighbour(product).price_text}.", checker=check_price(product)))
+            wrong=f"It costs {_neighbour(product, facts).price_text}.", checker=check_price(product, facts),
+            facts=facts))
     return tasks
 
 
-def page2_product_tasks() -> list[Task]:
+def page2_product_tasks(facts: Facts) -> list[Task]:
     tasks = []
-    for index, product in enumerate(data.products_page(2)):
+    for index, product in enumerate(facts.products_page(2)):
         ordinal = ORDINALS[index]
-        other = _neighbour(product)
+        other = _neighbour(product, facts)
         tasks.append(Task(
             id=f"page2_product-{index + 1}", template="page2_product", split=_split_for(product),
             prompt=f"On the shop at {{base_url}}, go to page 2 of the product catalogue and tell me the name and "
@@ -424,80 +437,84 @@ def page2_product_tasks() -> list[Task]:
             needs_tools=True, params={"position": index + 1, "product": product.slug},
             expected=f"The {ordinal} product on page 2 is the {product.name}, priced at {product.price_text}.",
             wrong=f"It is the {other.name}, priced at {other.price_text}.",
-            checker=check_price(product, require_name=True)))
+            checker=check_price(product, facts, require_name=True), facts=facts))
     return tasks
 
 
-def product_spec_tasks() -> list[Task]:
+def product_spec_tasks(facts: Facts) -> list[Task]:
     tasks = []
-    for index, product in enumerate(data.PRODUCTS):
+    for index, listed in enumerate(data.PRODUCTS):  # which specs a product is asked about: the same in every world
+        product = facts.counterpart(listed.slug)
         for spec in (SPEC_KEYS[index % 4], SPEC_KEYS[(index + 2) % 4]):
-            other = next(p for offset in range(1, len(data.PRODUCTS))
-                         if (p := _neighbour(product, offset)).specs[spec] != product.specs[spec])
+            other = next(p for offset in range(1, len(facts.products))
+                         if (p := _neighbour(product, facts, offset)).specs[spec] != product.specs[spec])
             question = SPEC_QUESTIONS[spec].format(name=product.name)
             tasks.append(Task(
-                id=f"product_spec-{product.slug}-{spec.lower().replace(' ', '_')}", template="product_spec",
+                id=f"product_spec-{listed.slug}-{spec.lower().replace(' ', '_')}", template="product_spec",
                 split=_split_for(product),
                 prompt=f"{question}? Look it up on the shop at {{base_url}}.",
                 needs_tools=True, params={"product": product.slug, "spec": spec},
                 expected=f"{spec} of the {product.name}: {product.specs[spec]}.",
-                wrong=f"{spec}: {other.specs[spec]}.", checker=check_spec(product, spec)))
+                wrong=f"{spec}: {other.specs[spec]}.", checker=check_spec(product, spec, facts), facts=facts))
     return tasks
 
 
-def product_first_feature_tasks() -> list[Task]:
+def product_first_feature_tasks(facts: Facts) -> list[Task]:
     return [Task(
-        id=f"product_first_feature-{product.slug}", template="product_first_feature", split=_split_for(product),
+        id=f"product_first_feature-{listed.slug}", template="product_first_feature", split=_split_for(product),
         prompt=f"Open the {product.name} page on the shop at {{base_url}} and tell me the first feature listed.",
         needs_tools=True, params={"product": product.slug},
         expected=f"The first feature listed is: {product.features[0]}.",
         wrong=f"The first feature listed is: {product.features[1]}.",
-        checker=check_first_of(product.features, "feature")) for product in data.PRODUCTS]
+        checker=check_first_of(product.features, "feature"), facts=facts)
+        for listed, product in ((listed, facts.counterpart(listed.slug)) for listed in data.PRODUCTS)]
 
 
-def _pairs() -> list[tuple[Product, Product]]:
-    """Each product against the one seven places on (other page), plus neighbours on the same page."""
+def _pairs(facts: Facts) -> list[tuple[str, Product, Product]]:
+    """Each product against the one seven places on in the demo's own catalogue (other page), plus neighbours on the
+    same page: the same pairs in every world (named by the demo's slugs, for the task id), with that world's
+    products."""
     products = data.PRODUCTS
     across = [(products[i], products[i + data.PRODUCTS_PER_PAGE]) for i in range(data.PRODUCTS_PER_PAGE)]
     beside = [(products[i], products[i + 1]) for i in range(0, len(products) - 1, 2)]
-    return across + beside
+    return [(f"{a.slug}-{b.slug}", facts.counterpart(a.slug), facts.counterpart(b.slug)) for a, b in across + beside]
 
 
-def compare_weight_tasks() -> list[Task]:
+def compare_weight_tasks(facts: Facts) -> list[Task]:
     tasks = []
-    for first, second in _pairs():
+    for pair, first, second in _pairs(facts):
         lighter, heavier = sorted((first, second), key=lambda p: p.weight_g)
         tasks.append(Task(
-            id=f"compare_weight-{first.slug}-{second.slug}", template="compare_weight",
+            id=f"compare_weight-{pair}", template="compare_weight",
             split=_split_for(first, second),
             prompt=f"Which is lighter, the {first.name} or the {second.name}? Compare their weights on the shop "
                    "at {base_url}.",
             needs_tools=True, params={"products": [first.slug, second.slug]},
             expected=f"The {lighter.name} is lighter ({lighter.weight_g} g vs {heavier.weight_g} g).",
             wrong=f"The {heavier.name} is lighter.",
-            checker=check_choice(lighter, heavier, "lighter", keyword="lighter")))
+            checker=check_choice(lighter, heavier, "lighter", keyword="lighter"), facts=facts))
     return tasks
 
 
-def compare_price_tasks() -> list[Task]:
+def compare_price_tasks(facts: Facts) -> list[Task]:
     tasks = []
-    for first, second in _pairs()[::3]:
+    for pair, first, second in _pairs(facts)[::3]:
         cheaper, dearer = sorted((first, second), key=lambda p: p.price)
         difference = f"${dearer.price - cheaper.price:,.2f}"
         tasks.append(Task(
-            id=f"compare_price-{first.slug}-{second.slug}", template="compare_price", split="heldout",
+            id=f"compare_price-{pair}", template="compare_price", split="heldout",
             prompt=f"Which costs more, the {first.name} or the {second.name}, and by how much? Check both on the "
                    "shop at {base_url}.",
             needs_tools=True, params={"products": [first.slug, second.slug]},
             expected=f"The {dearer.name} costs {difference} more ({dearer.price_text} vs {cheaper.price_text}).",
             wrong=f"The {cheaper.name} costs {difference} more.",
-            checker=check_price_difference(dearer, cheaper)))
+            checker=check_price_difference(dearer, cheaper), facts=facts))
     return tasks
 
 
-def docs_first_item_tasks() -> list[Task]:
+def docs_first_item_tasks(facts: Facts) -> list[Task]:
     tasks = []
-    for doc in data.DOCS:
+    for doc in facts.docs:
         for section in doc.sections:
             tasks.append(Task(
                 id=f"docs_first_item-{doc.slug}-{compact(section.heading)}", template="docs_first_item",
@@ -507,51 +524,53 @@ def docs_first_item_tasks() -> list[Task]:
                 needs_tools=True, params={"doc": doc.slug, "heading": section.heading},
                 expected=f"The first item under \"{section.heading}\" is: {section.items[0]}.",
                 wrong=f"The first item is: {section.items[1]}.",
-                checker=check_first_of(section.items, "item")))
+                checker=check_first_of(section.items, "item"), facts=facts))
     return tasks
 
 
-def docs_search_count_tasks() -> list[Task]:
+def docs_search_count_tasks(facts: Facts) -> list[Task]:
     tasks = []
     for split, queries in (("train", SEARCHES_TRAIN), ("heldout", SEARCHES_HELDOUT)):
         for query in queries:
-            count = len(data.search_docs(query))
+            count = len(facts.search_docs(query))
             tasks.append(Task(
                 id=f"docs_search_count-{query}", template="docs_search_count", split=split,
                 prompt=f"Search the docs at {{base_url}} for \"{query}\" and tell me how many results there are.",
                 needs_tools=True, params={"query": query},
                 expected=f"The search for \"{query}\" gives {count} result{'' if count == 1 else 's'}.",
-                wrong=f"There are {count + 1} results.", checker=check_count(count, len(data.DOCS))))
+                wrong=f"There are {count + 1} results.", checker=check_count(count, len(facts.docs)), facts=facts))
     return tasks
 
 
-def docs_search_first_result_tasks() -> list[Task]:
+def docs_search_first_result_tasks(facts: Facts) -> list[Task]:
     tasks = []
     for query in FIRST_RESULT_SEARCHES:
-        results = data.search_docs(query)
+        results = facts.search_docs(query)
         titles = tuple(doc.title for doc in results)
-        wrong = next(doc.title for doc in data.DOCS if doc.title not in titles)
+        wrong = next(doc.title for doc in facts.docs if doc.title not in titles)
         tasks.append(Task(
             id=f"docs_search_first_result-{query}", template="docs_search_first_result", split="heldout",
             prompt=f"Search the docs at {{base_url}} for \"{query}\" and tell me the title of the first result.",
             needs_tools=True, params={"query": query},
             expected=f"The first result is \"{titles[0]}\".", wrong=f"The first result is \"{wrong}\".",
-            checker=check_first_of(titles, "result", tuple(d.title for d in data.DOCS if d.title not in titles))))
+            checker=check_first_of(titles, "result", tuple(d.title for d in facts.docs if d.title not in titles)),
+            facts=facts))
     return tasks
 
 
-def learn_more_fact_tasks() -> list[Task]:
+def learn_more_fact_tasks(facts: Facts) -> list[Task]:
     return [Task(
         id=f"learn_more_fact-{key}", template="learn_more_fact",
         split="heldout" if key in HELDOUT_FACTS else "train",
         prompt=f"On {{base_url}}, click the \"Learn more\" link on the home page, switch to the new tab it opens "
                f"and tell me {question}.",
         needs_tools=True, params={"fact": key},
-        expected=FACT_ANSWERS[key], wrong=f"The answer is {FACT_WRONG[key]}.", checker=check_fact(key))
+        expected=FACT_ANSWERS[key].format(facts.story[key]), wrong=f"The answer is {FACT_WRONG[key]}.",
+        checker=check_fact(key, facts), facts=facts)
         for key, question in FACT_QUESTIONS.items()]
 
 
-def contact_form_tasks() -> list[Task]:
+def contact_form_tasks(facts: Facts) -> list[Task]:
     tasks = []
     for name, email, topic, message, split in CONTACTS:
         fields = {"name": name, "email": email, "topic": topic, "message": message}
@@ -561,18 +580,19 @@ def contact_form_tasks() -> list[Task]:
                    f"\"{email}\", topic \"{topic}\" and message \"{message}\".",
             needs_tools=True, params=fields,
             expected=f"I sent the message \"{message}\" as {name} ({email}) under \"{topic}\".",
-            wrong="I could not find the contact form.", checker=check_submission(fields)))
+            wrong="I could not find the contact form.", checker=check_submission(fields), facts=facts))
     return tasks
 
 
-def no_tool_arithmetic_tasks() -> list[Task]:
+def no_tool_arithmetic_tasks(facts: Facts) -> list[Task]:
     return [Task(
         id=f"no_tool_arithmetic-{index + 1}", template="no_tool_arithmetic", split=split, prompt=question,
         needs_tools=False, params={"answer": answer}, expected=f"{answer:,}", wrong=f"{answer + 1:,}",
-        checker=check_number(answer, question)) for index, (question, answer, split) in enumerate(ARITHMETIC)]
+        checker=check_number(answer, question), facts=facts)
+        for index, (question, answer, split) in enumerate(ARITHMETIC)]
 
 
-def no_tool_definition_tasks() -> list[Task]:
+def no_tool_definition_tasks(facts: Facts) -> list[Task]:
     expansions = [expansion for _, expansion, _ in ABBREVIATIONS]
     return [Task(
         id=f"no_tool_definition-{abbreviation.lower()}", template="no_tool_definition", split=split,
@@ -580,7 +600,7 @@ def no_tool_definition_tasks() -> list[Task]:
         params={"abbreviation": abbreviation, "expansion": expansion},
         expected=f"{abbreviation} stands for {expansion}.",
         wrong=f"{abbreviation} stands for {expansions[(index + 1) % len(expansions)]}.",
-        checker=check_phrase(expansion, tuple(expansions))) for index, (abbreviation, expansion, split)
+        checker=check_phrase(expansion, tuple(expansions)), facts=facts) for index, (abbreviation, expansion, split)
         in enumerate(ABBREVIATIONS)]
 
 
@@ -592,9 +612,14 @@ TEMPLATE_BUILDERS = (
 )
 
 
-@lru_cache(maxsize=1)
-def all_tasks() -> tuple[Task, ...]:
-    tasks = tuple(task for build in TEMPLATE_BUILDERS for task in build())
+def all_tasks(facts: Facts = FACTS) -> tuple[Task, ...]:
+    """Every task, its answers as they hold in the world of `facts`; ids and prompts are the same in every world."""
+    return _built(facts)  # one cache key per world, however the argument is passed
+
+
+@lru_cache(maxsize=4)
+def _built(facts: Facts) -> tuple[Task, ...]:
+    tasks = tuple(task for build in TEMPLATE_BUILDERS for task in build(facts))
     ids = [task.id for task in tasks]
     duplicates = sorted({task_id for task_id in ids if ids.count(task_id) > 1})
     if duplicates:
@@ -602,15 +627,23 @@ def all_tasks() -> tuple[Task, ...]:
     return tasks
 
 
-def load_tasks(split: str | None = None) -> list[Task]:
+def load_tasks(split: str | None = None, facts: Facts = FACTS) -> list[Task]:
     """The tasks of `split` ("train" or "heldout"), or all tasks when `split` is None, in a fixed order."""
     if split is not None and split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS} or None")
-    return [task for task in all_tasks() if split is None or task.split == split]
+    return [task for task in all_tasks(facts) if split is None or task.split == split]
 
 
-def task_by_id(task_id: str) -> Task:
-    for task in all_tasks():
+def task_by_id(task_id: str, facts: Facts = FACTS) -> Task:
+    for task in all_tasks(facts):
         if task.id == task_id:
             return task
     raise KeyError(f"no demo task with id {task_id!r}")
+
+
+@lru_cache(maxsize=4)
+def training_facts(seed: int) -> Facts:
+    """A version of the world for training trace number `seed`: the held-out products and docs as they are, the rest
+    moved and re-valued, so a model trained on many such traces must read answers off the page (the held-out
+    tasks run in the demo's own world, `FACTS`)."""
+    return data.vary(seed, keep_products=HELDOUT_PRODUCTS, keep_docs=HELDOUT_DOCS)

@@ -7,12 +7,14 @@ Playwright MCP results) and returns the next assistant turn as Hermes text: a sh
 for a fresh `browser_snapshot` whenever the page changed without showing one. It answers from what the page shows.
 
 It goes the shortest way a person who knows the site would: straight to the address of the page the task names
-(`/products/<product name>`, `/products?page=2`, `/docs`, `/docs/search?q=…`, `/contact`) and clicks only where the
+(`/products/ <product name>`, `/products?page=2`, `/docs`, `/docs/search?q=…`, `/contact`) and clicks only where the
 task is about the page's content (the n-th product listed, the docs page on a topic). Fewer steps make shorter
 traces, which is what lets a small model train on them in minutes on a CPU, and one address pattern per kind of page
 is something a small model can learn and apply to products and queries it has never seen. A product's address uses
-its name exactly as the task writes it: copying words from the prompt is what a small model does reliably, while
-turning an unseen name into a lower-case slug is not (it wrote `alpine-trekking-presents`).
+its name exactly as the task writes it, down to the space before it (the same tokens): copying the prompt's tokens is
+what a small model does reliably, while turning an unseen name into a lower-case slug is not (it wrote
+`alpine-trekking-presents`), nor is re-spelling the name's first token (`/products/Axelab`). It answers from what the
+page shows, so it solves a task in any version of the world (`data.vary`).
 """
 
 from __future__ import annotations
@@ -148,28 +150,28 @@ def changes_page(call: Call) -> bool:
     return call.name in PAGE_CHANGING_TOOLS
 
 
-def _task_index(base_url: str) -> dict[str, Task]:
-    return {task.prompt_for(base_url): task for task in all_tasks()}
+def _task_index(base_url: str, facts: data.Facts) -> dict[str, Task]:
+    return {task.prompt_for(base_url): task for task in all_tasks(facts)}
 
 
-def recognise(user_text: str) -> tuple[Task, str]:
-    """The task whose prompt is `user_text`, and the site's base URL found in it."""
+def recognise(user_text: str, facts: data.Facts = data.FACTS) -> tuple[Task, str]:
+    """The task whose prompt is `user_text` in the world of `facts`, and the site's base URL found in it."""
     text = user_text.strip()
     candidates = [url.rstrip(".,;:!?)\"'") for url in _URL.findall(text)] or ["http://127.0.0.1"]
     for base_url in candidates:
-        task = _task_index(base_url.rstrip("/")).get(text)
+        task = _task_index(base_url.rstrip("/"), facts).get(text)
         if task is not None:
             return task, base_url.rstrip("/")
     raise TeacherError(f"the user message matches no demo task: {text[:120]!r}")
 
 
-def read_conversation(messages: str | Sequence[Mapping[str, Any]]) -> Browsing:
+def read_conversation(messages: str | Sequence[Mapping[str, Any]], facts: data.Facts = data.FACTS) -> Browsing:
     if isinstance(messages, str):
         messages = [{"role": "user", "content": messages}]
     users = [i for i, message in enumerate(messages) if message.get("role") == "user"]
     if not users:
         raise TeacherError("the conversation has no user message to take the task from")
-    task, base_url = recognise(_content_text(messages[users[0]].get("content")))
+    task, base_url = recognise(_content_text(messages[users[0]].get("content")), facts)
     browsing = Browsing(task, base_url, turns=[])
     for message in messages[users[0] + 1:]:
         role = message.get("role")
@@ -317,7 +319,10 @@ def goto_search(act: Actions, page: Page | None, query: str) -> Step | None:
 
 # The site's addresses, as a person who knows the site would type them.
 def product_path(product: data.Product) -> str:
-    return f"/products/{product.name}"
+    # The name as the prompt has it, space before it included: "the Alpine Trekking Poles" holds the token
+    # " Alpine", which "/products/Alpine" would split into "Al" + "pine", a spelling a small model gets wrong for a
+    # name it never wrote; with the space the address is a copy of the prompt's tokens (the site ignores the space).
+    return f"/products/ {product.name}"
 
 
 def catalogue_path(number: int) -> str:
@@ -334,17 +339,20 @@ def search_path(query: str) -> str:
 
 # ---- one policy per template ----------------------------------------------------------------------------------
 
+PRICE = r"Price: (\$[\d,]+\.\d\d)"
+
+
 def _price(page: Page) -> str:
-    match = page.text_matching(r"Price: (\$[\d,]+\.\d\d)")
+    match = page.text_matching(PRICE)
     if match is None:
         raise TeacherError(f"no price on the product page {page.url}")
     return match[1]
 
 
-def _product_at(act: Actions, page: Page | None, catalogue_page: int, position: int,
-                want: data.Product) -> Step | None:
-    """Open the product at `position` on catalogue page `catalogue_page`; None once its page is shown."""
-    if page is not None and page.h1 == want.name:
+def _product_at(act: Actions, page: Page | None, catalogue_page: int, position: int) -> Step | None:
+    """Open the product at `position` on catalogue page `catalogue_page`; None once its page is shown (the teacher
+    only ever reaches a product page from that catalogue page, by counting)."""
+    if page is not None and page.text_matching(PRICE) is not None:
         return None
     ordinal = ORDINALS[position - 1]
     step = goto_catalogue_page(act, page, catalogue_page, f"The {ordinal} product I want is on page "
@@ -363,9 +371,8 @@ def _product_at(act: Actions, page: Page | None, catalogue_page: int, position: 
 
 
 def solve_price_by_position(task: Task, act: Actions, page: Page | None) -> Step:
-    product = data.product_by_slug(task.params["product"])
     position = task.params["position"]
-    step = _product_at(act, page, 1, position, product)
+    step = _product_at(act, page, 1, position)
     if step is not None:
         return step
     price = _price(page)
@@ -374,9 +381,8 @@ def solve_price_by_position(task: Task, act: Actions, page: Page | None) -> Step
 
 
 def solve_page2_product(task: Task, act: Actions, page: Page | None) -> Step:
-    product = data.product_by_slug(task.params["product"])
     position = task.params["position"]
-    step = _product_at(act, page, 2, position, product)
+    step = _product_at(act, page, 2, position)
     if step is not None:
         return step
     price = _price(page)
@@ -393,7 +399,7 @@ SPEC_ANSWERS = {
 
 
 def solve_product_spec(task: Task, act: Actions, page: Page | None) -> Step:
-    product = data.product_by_slug(task.params["product"])
+    product = task.facts.product_by_slug(task.params["product"])
     spec = task.params["spec"]
     step = goto_product(act, page, product)
     if step is not None:
@@ -406,7 +412,7 @@ def solve_product_spec(task: Task, act: Actions, page: Page | None) -> Step:
 
 
 def solve_product_first_feature(task: Task, act: Actions, page: Page | None) -> Step:
-    product = data.product_by_slug(task.params["product"])
+    product = task.facts.product_by_slug(task.params["product"])
     step = goto_product(act, page, product)
     if step is not None:
         return step
@@ -437,7 +443,7 @@ def _grams(text: str) -> int:
 
 
 def solve_compare_weight(task: Task, act: Actions, page: Page | None) -> Step:
-    products = [data.product_by_slug(slug) for slug in task.params["products"]]
+    products = [task.facts.product_by_slug(slug) for slug in task.params["products"]]
     step = _visit_all(act, act.browsing, page, products, lambda seen: f"weight: {seen.cell('Weight')}")
     if step is not None:
         return step
@@ -450,7 +456,7 @@ def solve_compare_weight(task: Task, act: Actions, page: Page | None) -> Step:
 
 
 def solve_compare_price(task: Task, act: Actions, page: Page | None) -> Step:
-    products = [data.product_by_slug(slug) for slug in task.params["products"]]
+    products = [task.facts.product_by_slug(slug) for slug in task.params["products"]]
     step = _visit_all(act, act.browsing, page, products, lambda seen: f"price: {_price(seen)}")
     if step is not None:
         return step
@@ -465,7 +471,7 @@ def solve_compare_price(task: Task, act: Actions, page: Page | None) -> Step:
 
 
 def solve_docs_first_item(task: Task, act: Actions, page: Page | None) -> Step:
-    doc = data.doc_by_slug(task.params["doc"])
+    doc = task.facts.doc_by_slug(task.params["doc"])
     heading = task.params["heading"]
     step = goto_doc(act, page, doc)
     if step is not None:
@@ -595,8 +601,8 @@ GOALS = {
 
 def goal(task: Task) -> str:
     params = task.params
-    product = data.product_by_slug(params["product"]) if "product" in params else None
-    doc = data.doc_by_slug(params["doc"]) if "doc" in params else None
+    product = task.facts.product_by_slug(params["product"]) if "product" in params else None
+    doc = task.facts.doc_by_slug(params["doc"]) if "doc" in params else None
     position = params.get("position")
     return GOALS[task.template].format(
         ordinal=ORDINALS[position - 1] if position else "", spec_lower=str(params.get("spec", "")).lower(),
@@ -633,14 +639,16 @@ def plan(browsing: Browsing, tools: Sequence[Mapping[str, Any]]) -> Step:
     return SOLVERS[task.template](task, act, browsing.page)
 
 
-def next_step(messages: str | Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]]) -> str:
-    """The teacher's next assistant turn, as Hermes text, for the conversation so far.
+def next_step(messages: str | Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]],
+              facts: data.Facts = data.FACTS) -> str:
+    """The teacher's next assistant turn, as Hermes text, for the conversation so far, in the world of `facts` (whose
+    product names the task's prompt uses).
 
     `messages`: the task prompt, or OpenAI-format messages (the first user message is the task prompt; tool
     results carry the real Playwright MCP output, snapshots inline or not). `tools`: the offered tools, as OpenAI
     functions or MCP listings. Raises TeacherError for an unknown task or a missing tool.
     """
-    return plan(read_conversation(messages), tools).text()
+    return plan(read_conversation(messages, facts), tools).text()
 
 
 # ---- running the teacher without the agent loop ---------------------------------------------------------------
@@ -663,7 +671,7 @@ async def run_episode(task: Task, base_url: str, tools: Sequence[Mapping[str, An
     `call_tool(name, arguments)` (returning the result text, or an object with `.text` such as a ToolHub result)."""
     messages: list[dict[str, Any]] = [{"role": "user", "content": task.prompt_for(base_url)}]
     for _ in range(max_turns):
-        parsed = parse_assistant_text(next_step(messages, tools))
+        parsed = parse_assistant_text(next_step(messages, tools, task.facts))
         if parsed.flags:
             raise TeacherError(f"task {task.id}: the teacher wrote malformed Hermes text: {parsed.flags}")
         messages.append(parsed.to_message())

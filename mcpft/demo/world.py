@@ -23,7 +23,8 @@ from mcpft.agent.loop import Agent, AgentConfig, TurnResult, endpoint_generate
 from mcpft.agent.mcp import ToolHub
 from mcpft.demo.site import Site, serve_site
 from mcpft.demo.snapshot import tabs
-from mcpft.demo.tasks import Task, load_tasks
+from mcpft.demo.data import FACTS, Facts
+from mcpft.demo.tasks import Task, load_tasks, task_by_id, training_facts
 from mcpft.demo.teacher import TeacherError, next_step, recognise
 from mcpft.recording import open_trace, sink_for
 from mcpft.serve import Generation, GenerationRequest, RequestError, create_app, serve_in_thread
@@ -51,11 +52,15 @@ def demo_task_in(text: str) -> Task | None:
 
 class TeacherBackend:
     """The scripted teacher as an embedded-endpoint model: it reads the conversation (real tool results included)
-    and emits its next step as Hermes text, which the endpoint parses like any model's output."""
+    and emits its next step as Hermes text, which the endpoint parses like any model's output. `facts` is the world
+    of the task at hand (its prompt names that world's products); whoever runs the tasks sets it before each."""
+
+    def __init__(self, facts: Facts = FACTS):
+        self.facts = facts
 
     def start(self, request: GenerationRequest) -> Generation:
         try:
-            text = next_step(request.messages, request.tools or [])
+            text = next_step(request.messages, request.tools or [], self.facts)
         except TeacherError as e:
             raise RequestError(f"the scripted teacher cannot go on: {e}", param="messages") from None
         return Generation(chunks=iter([text]))
@@ -69,14 +74,15 @@ class World:
     hub: ToolHub  # all the browser's tools (resetting uses browser_tabs)
     tools: ToolView  # what the model is offered: the demo tools, pages compacted
 
-    async def reset(self):
-        """Before each task: the site on a new free port, and one new blank tab (no history to go back to) in place
-        of all the tabs the last task left. A new port per task means no two traces share the site's address, so a
-        model trained on them learns to take it from the prompt instead of recalling one that is wrong at evaluation
-        time; and no form submission carries over. A new tab is cheaper than browser_close, which relaunches
-        Chromium; the site sets no cookies or storage, so nothing else carries over."""
+    async def reset(self, facts: Facts = FACTS):
+        """Before each task: the site (showing the world of `facts`) on a new free port, and one new blank tab (no
+        history to go back to) in place of all the tabs the last task left. A new port per task means no two traces
+        share the site's address, so a model trained on them learns to take it from the prompt instead of recalling
+        one that is wrong at evaluation time; and no form submission carries over. A new tab is cheaper than
+        browser_close, which relaunches Chromium; the site sets no cookies or storage, so nothing else carries
+        over."""
         self.site.stop()
-        self.site = serve_site()
+        self.site = serve_site(facts=facts)
         self.tools.new_task()
         opened = await self._tabs("new")  # the new tab is the last one and the current one
         for _ in range(len(tabs(opened)) - 1):
@@ -102,8 +108,8 @@ async def running_world(browser_dir: Path, headless: bool = True):
 
 
 @asynccontextmanager
-async def teacher_endpoint():
-    base_url, stop = serve_in_thread(create_app({TEACHER: TeacherBackend()}))
+async def teacher_endpoint(teacher: TeacherBackend | None = None):
+    base_url, stop = serve_in_thread(create_app({TEACHER: teacher or TeacherBackend()}))
     try:
         yield Endpoint(base_url, TEACHER)
     finally:
@@ -181,8 +187,8 @@ class DemoReport:
 
 async def run_task(world: World, task: Task, endpoint: Endpoint, *, sink=None, settings=None,
                    max_steps: int = 20) -> tuple[TaskOutcome, list[dict]]:
-    """One task through the real agent loop, auto-approved, then its checker."""
-    await world.reset()
+    """One task through the real agent loop, auto-approved, then its checker, in the task's own world."""
+    await world.reset(task.facts)
     agent = Agent(endpoint_generate(endpoint, settings), world.tools, sink=sink,
                   config=AgentConfig(max_steps=max_steps))
     started = time.perf_counter()
@@ -214,14 +220,21 @@ def pick_tasks(split: str, n: int) -> list[Task]:
 
 
 async def collect(store: Store, n: int, split: str = "train", browser_dir: Path | None = None, owner: str = "",
-                  on_task: Callable[[TaskOutcome], None] | None = None) -> DemoReport:
+                  on_task: Callable[[TaskOutcome], None] | None = None, vary: bool | None = None) -> DemoReport:
     """Teacher traces for `n` tasks, stored as they happen, tagged `demo` and the split; a failed task's trace is
-    kept but excluded from training."""
+    kept but excluded from training. With `vary` (the default for the train split) trace i runs in a world of its
+    own (`training_facts(i)`: other product names, prices, order, story), so the names and values in the traces
+    are ones a model can only get right by copying them from the prompt or the page, not by recalling them; the
+    held-out split is always the demo's own world."""
+    vary = split == "train" if vary is None else vary
     browser_dir = browser_dir or store.path.parent / "demo-browser"
     report = DemoReport(split=split, model=TEACHER, base_url="")
-    async with teacher_endpoint() as endpoint, running_world(browser_dir) as world:
+    teacher = TeacherBackend()
+    async with teacher_endpoint(teacher) as endpoint, running_world(browser_dir) as world:
         report.base_url = endpoint.base_url
-        for task in pick_tasks(split, n):
+        for number, task in enumerate(pick_tasks(split, n), start=1):
+            task = task_by_id(task.id, training_facts(number)) if vary else task
+            teacher.facts = task.facts
             trace_id = open_trace(store, model=TEACHER, base_url=endpoint.base_url, tools=world.tools.openai_tools(),
                                   settings={"task_id": task.id, "max_steps": COLLECT_MAX_STEPS}, owner=owner,
                                   source="demo", tags=[DEMO_TAG, split, task.template])
