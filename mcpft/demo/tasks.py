@@ -13,6 +13,7 @@ facts, forms and questions) and two whole templates train never shows (`compare_
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -63,7 +64,7 @@ class Task:
     expected: str
     wrong: str
     checker: Checker = field(repr=False, compare=False)
-    facts: data.Facts = field(default=data.FACTS, repr=False, compare=False)  # the world the answers hold in
+    facts: Facts = field(default=FACTS, repr=False, compare=False)  # the world the answers hold in
 
     def prompt_for(self, base_url: str) -> str:
         return self.prompt.format(base_url=base_url.rstrip("/"))
@@ -420,8 +421,7 @@ def price_by_position_tasks(facts: Facts) -> list[Task]:
                    "and tell me its price.",
             needs_tools=True, params={"position": index + 1, "product": product.slug},
             expected=f"The {ordinal} product, the {product.name}, costs {product.price_text}.",
-            wrong=f"It costs {_neighbour(product, facts).price_text}.", checker=check_price(product, facts),
-            facts=facts))
+            wrong=f"It costs {_neighbour(product, facts).price_text}.", checker=check_price(product, facts)))
     return tasks
 
 
@@ -437,7 +437,7 @@ def page2_product_tasks(facts: Facts) -> list[Task]:
             needs_tools=True, params={"position": index + 1, "product": product.slug},
             expected=f"The {ordinal} product on page 2 is the {product.name}, priced at {product.price_text}.",
             wrong=f"It is the {other.name}, priced at {other.price_text}.",
-            checker=check_price(product, facts, require_name=True), facts=facts))
+            checker=check_price(product, facts, require_name=True)))
     return tasks
 
 
@@ -455,7 +455,7 @@ def product_spec_tasks(facts: Facts) -> list[Task]:
                 prompt=f"{question}? Look it up on the shop at {{base_url}}.",
                 needs_tools=True, params={"product": product.slug, "spec": spec},
                 expected=f"{spec} of the {product.name}: {product.specs[spec]}.",
-                wrong=f"{spec}: {other.specs[spec]}.", checker=check_spec(product, spec, facts), facts=facts))
+                wrong=f"{spec}: {other.specs[spec]}.", checker=check_spec(product, spec, facts)))
     return tasks
 
 
@@ -466,7 +466,7 @@ def product_first_feature_tasks(facts: Facts) -> list[Task]:
         needs_tools=True, params={"product": product.slug},
         expected=f"The first feature listed is: {product.features[0]}.",
         wrong=f"The first feature listed is: {product.features[1]}.",
-        checker=check_first_of(product.features, "feature"), facts=facts)
+        checker=check_first_of(product.features, "feature"))
         for listed, product in ((listed, facts.counterpart(listed.slug)) for listed in data.PRODUCTS)]
 
 
@@ -492,7 +492,7 @@ def compare_weight_tasks(facts: Facts) -> list[Task]:
             needs_tools=True, params={"products": [first.slug, second.slug]},
             expected=f"The {lighter.name} is lighter ({lighter.weight_g} g vs {heavier.weight_g} g).",
             wrong=f"The {heavier.name} is lighter.",
-            checker=check_choice(lighter, heavier, "lighter", keyword="lighter"), facts=facts))
+            checker=check_choice(lighter, heavier, "lighter", keyword="lighter")))
     return tasks
 
 
@@ -508,7 +508,7 @@ def compare_price_tasks(facts: Facts) -> list[Task]:
             needs_tools=True, params={"products": [first.slug, second.slug]},
             expected=f"The {dearer.name} costs {difference} more ({dearer.price_text} vs {cheaper.price_text}).",
             wrong=f"The {cheaper.name} costs {difference} more.",
-            checker=check_price_difference(dearer, cheaper), facts=facts))
+            checker=check_price_difference(dearer, cheaper)))
     return tasks
 
 
@@ -524,7 +524,7 @@ def docs_first_item_tasks(facts: Facts) -> list[Task]:
                 needs_tools=True, params={"doc": doc.slug, "heading": section.heading},
                 expected=f"The first item under \"{section.heading}\" is: {section.items[0]}.",
                 wrong=f"The first item is: {section.items[1]}.",
-                checker=check_first_of(section.items, "item"), facts=facts))
+                checker=check_first_of(section.items, "item")))
     return tasks
 
 
@@ -538,7 +538,7 @@ def docs_search_count_tasks(facts: Facts) -> list[Task]:
                 prompt=f"Search the docs at {{base_url}} for \"{query}\" and tell me how many results there are.",
                 needs_tools=True, params={"query": query},
                 expected=f"The search for \"{query}\" gives {count} result{'' if count == 1 else 's'}.",
-                wrong=f"There are {count + 1} results.", checker=check_count(count, len(facts.docs)), facts=facts))
+                wrong=f"There are {count + 1} results.", checker=check_count(count, len(facts.docs))))
     return tasks
 
 
@@ -553,8 +553,7 @@ def docs_search_first_result_tasks(facts: Facts) -> list[Task]:
             prompt=f"Search the docs at {{base_url}} for \"{query}\" and tell me the title of the first result.",
             needs_tools=True, params={"query": query},
             expected=f"The first result is \"{titles[0]}\".", wrong=f"The first result is \"{wrong}\".",
-            checker=check_first_of(titles, "result", tuple(d.title for d in facts.docs if d.title not in titles)),
-            facts=facts))
+            checker=check_first_of(titles, "result", tuple(d.title for d in facts.docs if d.title not in titles))))
     return tasks
 
 
@@ -566,7 +565,7 @@ def learn_more_fact_tasks(facts: Facts) -> list[Task]:
                f"and tell me {question}.",
         needs_tools=True, params={"fact": key},
         expected=FACT_ANSWERS[key].format(facts.story[key]), wrong=f"The answer is {FACT_WRONG[key]}.",
-        checker=check_fact(key, facts), facts=facts)
+        checker=check_fact(key, facts))
         for key, question in FACT_QUESTIONS.items()]
 
 
@@ -580,7 +579,7 @@ def contact_form_tasks(facts: Facts) -> list[Task]:
                    f"\"{email}\", topic \"{topic}\" and message \"{message}\".",
             needs_tools=True, params=fields,
             expected=f"I sent the message \"{message}\" as {name} ({email}) under \"{topic}\".",
-            wrong="I could not find the contact form.", checker=check_submission(fields), facts=facts))
+            wrong="I could not find the contact form.", checker=check_submission(fields)))
     return tasks
 
 
@@ -588,7 +587,7 @@ def no_tool_arithmetic_tasks(facts: Facts) -> list[Task]:
     return [Task(
         id=f"no_tool_arithmetic-{index + 1}", template="no_tool_arithmetic", split=split, prompt=question,
         needs_tools=False, params={"answer": answer}, expected=f"{answer:,}", wrong=f"{answer + 1:,}",
-        checker=check_number(answer, question), facts=facts)
+        checker=check_number(answer, question))
         for index, (question, answer, split) in enumerate(ARITHMETIC)]
 
 
@@ -600,10 +599,12 @@ def no_tool_definition_tasks(facts: Facts) -> list[Task]:
         params={"abbreviation": abbreviation, "expansion": expansion},
         expected=f"{abbreviation} stands for {expansion}.",
         wrong=f"{abbreviation} stands for {expansions[(index + 1) % len(expansions)]}.",
-        checker=check_phrase(expansion, tuple(expansions)), facts=facts) for index, (abbreviation, expansion, split)
+        checker=check_phrase(expansion, tuple(expansions))) for index, (abbreviation, expansion, split)
         in enumerate(ABBREVIATIONS)]
 
 
+# Each builds its template's tasks from the world it is given (the form and tool-free templates need nothing of it);
+# `_built` marks every task with that world.
 TEMPLATE_BUILDERS = (
     price_by_position_tasks, page2_product_tasks, product_spec_tasks, product_first_feature_tasks,
     compare_weight_tasks, compare_price_tasks, docs_first_item_tasks, docs_search_count_tasks,
@@ -613,13 +614,14 @@ TEMPLATE_BUILDERS = (
 
 
 def all_tasks(facts: Facts = FACTS) -> tuple[Task, ...]:
-    """Every task, its answers as they hold in the world of `facts`; ids and prompts are the same in every world."""
+    """Every task, its answers as they hold in the world of `facts`. Ids are the same in every world; a prompt
+    differs only in the names of the products it asks about."""
     return _built(facts)  # one cache key per world, however the argument is passed
 
 
 @lru_cache(maxsize=4)
 def _built(facts: Facts) -> tuple[Task, ...]:
-    tasks = tuple(task for build in TEMPLATE_BUILDERS for task in build(facts))
+    tasks = tuple(dataclasses.replace(task, facts=facts) for build in TEMPLATE_BUILDERS for task in build(facts))
     ids = [task.id for task in tasks]
     duplicates = sorted({task_id for task_id in ids if ids.count(task_id) > 1})
     if duplicates:
