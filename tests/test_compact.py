@@ -18,6 +18,27 @@ def test_a_reply_that_was_only_the_code_it_ran_says_done():
     assert PageCompactor()(FILLED) == DONE
 
 
+def test_refs_stay_only_where_a_tool_can_act():
+    page = """```yaml
+- generic [active] [ref=e1]:
+  - heading "Shop" [level=1] [ref=e2]
+  - generic [ref=e3] [cursor=pointer]: Open the menu
+  - listitem [ref=e4]:
+    - link "Tent" [ref=e5] [cursor=pointer]:
+      - /url: /products/tent
+  - textbox "Search" [ref=e6]
+```"""
+    assert PageCompactor()(page) == """```yaml
+- generic [active]:
+  - heading "Shop" [level=1]
+  - generic [ref=e3]: Open the menu
+  - listitem:
+    - link "Tent" [ref=e5]:
+      - /url: /products/tent
+  - textbox "Search" [ref=e6]
+```"""
+
+
 def test_pages_of_one_task_compact_and_a_new_task_starts_afresh(tmp_path):
     async def browse():
         async with running_world(tmp_path) as world:
@@ -41,6 +62,10 @@ def test_pages_of_one_task_compact_and_a_new_task_starts_afresh(tmp_path):
     assert f"- banner: {SHOWN_BEFORE}" in second and f"- contentinfo: {SHOWN_BEFORE}" in second
     assert 'navigation "Main"' not in second and 'navigation "Pagination"' in second  # a new block is shown
     assert 'navigation "Main"' in fresh and SHOWN_BEFORE not in fresh
+    # Refs only where a tool can act: on links and form fields, not on headings or table cells.
+    assert '- heading "Summit Down Jacket" [level=1]\n' in first and '- cell "' in first and '- cell "' in raw
+    assert not any("[ref=" in line for line in first.splitlines() if "- cell" in line or "- heading" in line)
+    assert all("[ref=" in line for line in fresh.splitlines() if "- textbox" in line or "- link" in line)
     # What a model reads and acts on is still there, and the teacher's reader still parses the page.
     page, raw_page = read_page(first), read_page(raw)
     assert page.h1 == raw_page.h1 == "Summit Down Jacket" and page.cell("Weight") == raw_page.cell("Weight")

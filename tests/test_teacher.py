@@ -86,6 +86,8 @@ def test_snapshot_reading():
     assert page.text_matching(r"Price: (\$[\d.]+)")[1] == "$1.00"
     assert [(t.index, t.current) for t in tabs(SNAPSHOT)] == [(0, False), (1, True)]
     assert read_page("### Snapshot\n- [Snapshot](page-1.yml)") is None
+    # A compacted page may hold no ref at all (nothing on it to act on): it is still a page.
+    assert read_page('### Snapshot\n```yaml\n- heading "Message sent" [level=1]\n```').h1 == "Message sent"
     with pytest.raises(ValueError, match="not a YAML list"):
         parse_snapshot("just: a mapping")
 

@@ -5,6 +5,10 @@ parts of a Playwright MCP result tell a model nothing it can act on:
 
 - the `### Ran Playwright code` section (the JavaScript the server ran for the call just made);
 - `[cursor=pointer]` on every link and button (clickable elements already say so by their role);
+- the `[ref=…]` of an element no tool can act on (a heading, a paragraph, a list item, a table cell): refs are what
+  click, type and fill take, so they stay on links, buttons, form fields, options, tabs, images and anything the page
+  marks clickable; elsewhere they are ~5 tokens each, a quarter of a page's tokens, and they part the words a model
+  reads (a list's items, a table's rows);
 - a landmark block (the site's banner, its navigation, its footer) that an earlier page of the same task already
   showed word for word: it is replaced by one line saying so.
 
@@ -30,6 +34,11 @@ _RAN_CODE = re.compile(r"^### Ran Playwright code\n```\w*\n.*?\n```(?:\n|\Z)", r
 _CURSOR = " [cursor=pointer]"
 _LANDMARK = re.compile(r"^(?P<indent> *)- (?P<role>banner|navigation|contentinfo)\b.*$")
 _REF = re.compile(r" \[ref=[^\]]*\]")
+_ROLE = re.compile(r"^ *- (?P<role>[a-z]+)\b")
+# Roles a browser tool acts on by ref (click, hover, type, fill, select, drag, screenshot an element).
+ACTIONABLE = frozenset({"link", "button", "textbox", "searchbox", "combobox", "listbox", "option", "checkbox", "radio",
+                        "switch", "slider", "spinbutton", "tab", "menuitem", "menuitemcheckbox", "menuitemradio",
+                        "treeitem", "img", "iframe"})
 SHOWN_BEFORE = "(the same as on the page before)"
 DONE = "Done."  # a call whose whole reply was the code it ran (filling a form): it worked, the page is as it was
 
@@ -42,8 +51,8 @@ class PageCompactor:
         self.shown.clear()
 
     def __call__(self, text: str) -> str:
-        text = _RAN_CODE.sub("", text).replace(_CURSOR, "")
-        return "\n".join(self._landmarks(text.split("\n"))) if text.strip() else DONE
+        text = _RAN_CODE.sub("", text)
+        return "\n".join(self._landmarks([_thinned(line) for line in text.split("\n")])) if text.strip() else DONE
 
     def _landmarks(self, lines: list[str]) -> list[str]:
         kept, i = [], 0
@@ -88,6 +97,14 @@ class ToolView:
             return await self.hub.call(f"<not offered: {name}>", arguments, timeout)
         result = await self.hub.call(name, arguments, timeout, **options)
         return result if self.compact is None else dataclasses.replace(result, text=self.compact(result.text))
+
+
+def _thinned(line: str) -> str:
+    """The line without `[cursor=pointer]`, and without its ref unless a tool can act on the element."""
+    if _CURSOR in line:
+        return line.replace(_CURSOR, "")
+    role = _ROLE.match(line)
+    return line if role is None or role["role"] in ACTIONABLE else _REF.sub("", line, count=1)
 
 
 def _block_end(lines: list[str], start: int, indent: int) -> int:

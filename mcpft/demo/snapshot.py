@@ -18,6 +18,7 @@ _ATTR = re.compile(r"\[([^\]=]+)(?:=([^\]]*))?\]")
 _FENCED = re.compile(r"```(?:yaml)?\n(?P<body>.*?)\n```", re.DOTALL)
 _PAGE_URL = re.compile(r"^- Page URL: (?P<url>\S+)", re.MULTILINE)
 _PAGE_TITLE = re.compile(r"^- Page Title: (?P<title>.*)$", re.MULTILINE)
+_FILE_LINK = re.compile(r"^- \[[^\]]*\]\([^)\s]*\)$")  # `- [Snapshot](page-1.yml)`: a snapshot saved to a file
 _TAB = re.compile(r"^- (?P<index>\d+): (?P<current>\(current\) )?\[(?P<title>.*)\]\((?P<url>[^)\s]*)\)$", re.MULTILINE)
 
 
@@ -114,7 +115,8 @@ def snapshot_yaml(result_text: str) -> str | None:
     else:
         end = section.find("\n### ")
         body = section[:end] if end != -1 else section
-    return body.strip("\n") if "[ref=" in body else None
+    body = body.strip("\n")
+    return None if not body or _FILE_LINK.match(body) else body
 
 
 def page_url(result_text: str) -> str | None:
