@@ -7,6 +7,7 @@ import re
 import socket
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -87,7 +88,7 @@ def test_reset_leaves_one_blank_tab_without_history(tmp_path):
     assert after != before  # each task gets the site on its own port
 
 
-def test_eval_scores_the_teacher_and_a_model_that_misbehaves(tmp_path):
+def test_eval_scores_the_teacher_and_a_model_that_misbehaves(tmp_path, monkeypatch):
     async def teacher():
         async with teacher_endpoint() as endpoint:  # collect's path: the demo's tools, no completion limits
             return await evaluate_tasks(endpoint, None, browser_dir=tmp_path / "a", settings=None, max_steps=20,
@@ -99,12 +100,19 @@ def test_eval_scores_the_teacher_and_a_model_that_misbehaves(tmp_path):
     assert (totals["tasks"], totals["success_rate"], totals["unneeded_calls"], totals["endpoint_errors"]) == \
         (len(one_task_per_template()), 1.0, 0, 0)
 
+    # Without a browser folder given, the browser's profile goes in a scratch folder that is gone after.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "scratch"))
+    (tmp_path / "scratch").mkdir()
+    scratch_during = []
     url, stop = serve_in_thread(create_app({"always-calls": ScriptedBackend(calls=1, tool="browser_snapshot")}))
     try:
-        report = asyncio.run(evaluate_tasks(Endpoint(url, "always-calls"), "heldout", browser_dir=tmp_path / "b",
-                                            task_ids=["no_tool_arithmetic-7", "price_by_position-5"]))
+        report = asyncio.run(evaluate_tasks(
+            Endpoint(url, "always-calls"), "heldout", task_ids=["no_tool_arithmetic-7", "price_by_position-5"],
+            on_task=lambda outcome: scratch_during.append(list((tmp_path / "scratch").glob("mcpft-demo-eval-*")))))
     finally:
         stop()
+    assert [len(folders) for folders in scratch_during] == [1, 1]
+    assert not list((tmp_path / "scratch").glob("mcpft-demo-eval-*"))
     by_id = {t.task_id: t for t in report.tasks}
     assert report.totals()["success_rate"] == 0.0
     assert by_id["no_tool_arithmetic-7"].unneeded_calls == 1

@@ -111,7 +111,6 @@ def run_payoff(recipe: PayoffRecipe, work_dir: Path, base_model: str | None = No
     started = time.monotonic()
 
     with _timed(report, "collect"), Store(work_dir / "demo.db") as store:
-        progress("collect", 0, recipe.train_traces)
         counter = _Counter("collect", recipe.train_traces, progress)
         asyncio.run(collect(store, recipe.train_traces, "train", on_task=counter.tick))
         rows = rows_from_traces(store.traces(tags=[DEMO_TAG, "train"], include_flagged=False))
@@ -145,8 +144,11 @@ class _timed:
 
 
 class _Counter:
+    """Counts a stage's tasks for `progress`; made when the stage starts, which it reports (0 done) at once."""
+
     def __init__(self, stage: str, total: int, progress: ProgressCallback):
         self.stage, self.total, self.progress, self.done = stage, total, progress, 0
+        progress(stage, 0, total)
 
     def tick(self, *_):
         self.done += 1

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import tempfile
 import time
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -249,28 +250,36 @@ async def collect(store: Store, n: int, split: str = "train", browser_dir: Path 
     return report
 
 
+@contextmanager
+def _given_or_scratch(folder: Path | None):
+    if folder is not None:
+        yield folder
+        return
+    with tempfile.TemporaryDirectory(prefix="mcpft-demo-eval-", ignore_cleanup_errors=True) as scratch:
+        yield Path(scratch)
+
+
 async def evaluate_tasks(endpoint: Endpoint, split: str | None = "heldout", limit: int | None = None,
                          browser_dir: Path | None = None, settings: CompletionSettings | None = EVAL_SETTINGS,
                          max_steps: int = 12, on_task: Callable[[TaskOutcome], None] | None = None,
                          transcripts: Path | None = None, task_ids: list[str] | None = None) -> DemoReport:
     """Any endpoint and model on the split's tasks (both splits for None; nothing stored): the first `limit`, or
-    those in `task_ids`; `transcripts` appends each run's messages to a JSONL file. Raises EndpointError when the
-    endpoint does not answer at the start; a task it fails later is marked `endpoint_error`."""
-    import tempfile
-
+    those in `task_ids`; `transcripts` appends each run's messages to a JSONL file. The browser's profile goes in
+    `browser_dir`, or in a scratch folder removed after. Raises EndpointError when the endpoint does not answer at
+    the start; a task it fails later is marked `endpoint_error`."""
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be at least 1, got {limit}")
     await check_endpoint(endpoint)
-    browser_dir = browser_dir or Path(tempfile.mkdtemp(prefix="mcpft-demo-eval-"))
     report = DemoReport(split=split or "all", model=endpoint.model, base_url=endpoint.base_url)
     tasks = [t for t in load_tasks(split) if task_ids is None or t.id in task_ids][:limit]
-    async with running_world(browser_dir) as world:
-        for task in tasks:
-            outcome, messages = await run_task(world, task, endpoint, settings=settings, max_steps=max_steps)
-            report.tasks.append(outcome)
-            if transcripts:
-                with transcripts.open("a", encoding="utf-8") as f:
-                    f.write(json.dumps({"task_id": task.id, "model": endpoint.model, "messages": messages}) + "\n")
-            if on_task:
-                on_task(outcome)
+    with _given_or_scratch(browser_dir) as folder:
+        async with running_world(folder) as world:
+            for task in tasks:
+                outcome, messages = await run_task(world, task, endpoint, settings=settings, max_steps=max_steps)
+                report.tasks.append(outcome)
+                if transcripts:
+                    with transcripts.open("a", encoding="utf-8") as f:
+                        f.write(json.dumps({"task_id": task.id, "model": endpoint.model, "messages": messages}) + "\n")
+                if on_task:
+                    on_task(outcome)
     return report
