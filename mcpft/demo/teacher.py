@@ -28,7 +28,7 @@ from typing import Any, Awaitable, Callable, Mapping, Sequence
 
 from mcpft.demo import data
 from mcpft.demo.snapshot import Node, Page, Tab, page_url, read_page, tabs
-from mcpft.demo.tasks import ORDINALS, Task, all_tasks
+from mcpft.demo.tasks import FACT_ANSWERS, ORDINALS, Task, all_tasks
 from mcpft.hermes import format_assistant_text, parse_assistant_text
 
 MAX_ASSISTANT_TURNS = 16
@@ -516,10 +516,6 @@ def solve_docs_search_first_result(task: Task, act: Actions, page: Page | None) 
 FACT_LABELS = {"founded": "Founded", "founder": "Founder", "headquarters": "Headquarters", "stores": "Stores",
                "employees": "Employees", "trees": "Trees planted in 2024",
                "recycled": "Recycled materials in our range"}
-FACT_SENTENCES = {"founded": "Acme was founded in {}.", "founder": "Acme was founded by {}.",
-                  "headquarters": "Acme's headquarters are in {}.", "stores": "Acme has {} stores.",
-                  "employees": "{} people work at Acme.", "trees": "Acme planted {} trees in 2024.",
-                  "recycled": "{} of Acme's range uses recycled materials."}
 
 
 def solve_learn_more_fact(task: Task, act: Actions, page: Page | None) -> Step:
@@ -531,7 +527,7 @@ def solve_learn_more_fact(task: Task, act: Actions, page: Page | None) -> Step:
         if value is None:
             raise TeacherError(f"the story page lists no {label!r}")
         return Step(f"The question is about the \"{label}\" line of the list. The new tab shows \"{label}: "
-                    f"{value}\".", answer=FACT_SENTENCES[key].format(value))
+                    f"{value}\".", answer=FACT_ANSWERS[key].format(value))
     link = page.link("Learn more", prefix=True) if page is not None else None
     if link is not None and link.url.startswith("/"):
         return act.navigate(act.browsing.base_url + link.url, f"The \"Learn more\" link leads to {link.url}; I'll "

@@ -97,15 +97,26 @@ class World:
 
 
 @asynccontextmanager
-async def running_world(browser_dir: Path, headless: bool = True):
-    # The demo site is on 127.0.0.1: keep Chromium off every other host (no lookups of Google's either).
-    spec = playwright_server(browser_dir, headless=headless, offline=True)
-    async with ToolHub([spec], browser_dir / "files") as hub:
-        world = World(serve_site(), hub, ToolView(hub, DEMO_TOOLS))
-        try:
-            yield world
-        finally:
-            world.site.stop()  # the one the last reset started
+async def running_world(browser_dir: Path | None, headless: bool = True):
+    """The site and the browser; the browser's profile goes in `browser_dir`, or in a scratch folder removed after."""
+    with _given_or_scratch(browser_dir) as folder:
+        # The demo site is on 127.0.0.1: keep Chromium off every other host (no lookups of Google's either).
+        spec = playwright_server(folder, headless=headless, offline=True)
+        async with ToolHub([spec], folder / "files") as hub:
+            world = World(serve_site(), hub, ToolView(hub, DEMO_TOOLS))
+            try:
+                yield world
+            finally:
+                world.site.stop()  # the one the last reset started
+
+
+@contextmanager
+def _given_or_scratch(folder: Path | None):
+    if folder is not None:
+        yield folder
+        return
+    with tempfile.TemporaryDirectory(prefix="mcpft-demo-eval-", ignore_cleanup_errors=True) as scratch:
+        yield Path(scratch)
 
 
 @asynccontextmanager
@@ -250,15 +261,6 @@ async def collect(store: Store, n: int, split: str = "train", browser_dir: Path 
     return report
 
 
-@contextmanager
-def _given_or_scratch(folder: Path | None):
-    if folder is not None:
-        yield folder
-        return
-    with tempfile.TemporaryDirectory(prefix="mcpft-demo-eval-", ignore_cleanup_errors=True) as scratch:
-        yield Path(scratch)
-
-
 async def evaluate_tasks(endpoint: Endpoint, split: str | None = "heldout", limit: int | None = None,
                          browser_dir: Path | None = None, settings: CompletionSettings | None = EVAL_SETTINGS,
                          max_steps: int = 12, on_task: Callable[[TaskOutcome], None] | None = None,
@@ -272,14 +274,13 @@ async def evaluate_tasks(endpoint: Endpoint, split: str | None = "heldout", limi
     await check_endpoint(endpoint)
     report = DemoReport(split=split or "all", model=endpoint.model, base_url=endpoint.base_url)
     tasks = [t for t in load_tasks(split) if task_ids is None or t.id in task_ids][:limit]
-    with _given_or_scratch(browser_dir) as folder:
-        async with running_world(folder) as world:
-            for task in tasks:
-                outcome, messages = await run_task(world, task, endpoint, settings=settings, max_steps=max_steps)
-                report.tasks.append(outcome)
-                if transcripts:
-                    with transcripts.open("a", encoding="utf-8") as f:
-                        f.write(json.dumps({"task_id": task.id, "model": endpoint.model, "messages": messages}) + "\n")
-                if on_task:
-                    on_task(outcome)
+    async with running_world(browser_dir) as world:
+        for task in tasks:
+            outcome, messages = await run_task(world, task, endpoint, settings=settings, max_steps=max_steps)
+            report.tasks.append(outcome)
+            if transcripts:
+                with transcripts.open("a", encoding="utf-8") as f:
+                    f.write(json.dumps({"task_id": task.id, "model": endpoint.model, "messages": messages}) + "\n")
+            if on_task:
+                on_task(outcome)
     return report
