@@ -8,7 +8,7 @@ import itertools
 import json
 import tempfile
 import time
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -99,7 +99,10 @@ class World:
 @asynccontextmanager
 async def running_world(browser_dir: Path | None, headless: bool = True):
     """The site and the browser; the browser's profile goes in `browser_dir`, or in a scratch folder removed after."""
-    with _given_or_scratch(browser_dir) as folder:
+    given_or_scratch = (nullcontext(browser_dir) if browser_dir is not None else
+                        tempfile.TemporaryDirectory(prefix="mcpft-demo-eval-", ignore_cleanup_errors=True))
+    with given_or_scratch as folder:
+        folder = Path(folder)
         # The demo site is on 127.0.0.1: keep Chromium off every other host (no lookups of Google's either).
         spec = playwright_server(folder, headless=headless, offline=True)
         async with ToolHub([spec], folder / "files") as hub:
@@ -108,15 +111,6 @@ async def running_world(browser_dir: Path | None, headless: bool = True):
                 yield world
             finally:
                 world.site.stop()  # the one the last reset started
-
-
-@contextmanager
-def _given_or_scratch(folder: Path | None):
-    if folder is not None:
-        yield folder
-        return
-    with tempfile.TemporaryDirectory(prefix="mcpft-demo-eval-", ignore_cleanup_errors=True) as scratch:
-        yield Path(scratch)
 
 
 @asynccontextmanager
