@@ -9,6 +9,7 @@ MCP server, a real store; Chromium drives it through Playwright. The tests share
 from __future__ import annotations
 
 import json
+import re
 import socket
 import sys
 from pathlib import Path
@@ -131,10 +132,15 @@ def test_stop_keeps_the_text_streamed_so_far(page):
 
 
 def test_the_status_line_says_the_step_limit_was_reached(page):
+    # The last test's Stop may still be updating the tab: a setting typed while outputs land can be re-rendered away.
+    expect(page.locator("#agent-status [data-testid=status-tracker]")).to_have_class(re.compile(r"\bhide\b"))
     page.get_by_text("Settings (apply from the next new conversation)").click()
-    page.locator("#agent-max-steps input").fill("2")
+    steps = page.locator("#agent-max-steps input")
+    steps.fill("2")
     page.locator("#auto-approve input").check()
-    send(page, "loop forever", model="looper")
+    choose(page, "#agent-model", "looper")
+    expect(steps).to_have_value("2")
+    send(page, "loop forever")
     expect(page.locator("#agent-status")).to_contain_text("Step limit reached: 2 step(s)")
     page.locator("#auto-approve input").uncheck()
 
