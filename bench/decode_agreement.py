@@ -1,8 +1,9 @@
-"""Ways of computing, answer for answer: fp32, bf16, and bf16 with int8 weights for decoding, on every step of some rows.
+"""Ways of computing, answer for answer: fp32, bf16, and either with int8 weights for decoding, on every step of some rows.
 
-    .venv/bin/python bench/decode_agreement.py --rows demo-rows.jsonl [--adapter DIR] [--ways fp32,bf16,int8]
+    .venv/bin/python bench/decode_agreement.py --rows demo-rows.jsonl [--adapter DIR] [--ways fp32,bf16,int8,fp32-int8]
 
-The engine decodes with int8 weights on CPUs that compute in bf16 (`mcpft.inference.decode_weights`). This scores
+The engine decodes with int8 weights on every CPU (`mcpft.inference.decode_weights`), computing the rest in bf16 where
+the CPU has native BF16 ("int8" here) and in fp32 where it does not ("fp32-int8"). This scores
 every step of `--rows` (an unrolled JSONL export) once per way, each on its own engine over the same model, and
 prints, against the first way: how many answers are identical token for token, how many get the same verdict, the
 pass counts and the seconds. bf16 against fp32 shows how much rounding alone moves greedy answers; int8 against both
@@ -41,7 +42,8 @@ def main() -> None:
                         else load_model(None, data_dir))
     import torch
 
-    ways = {"fp32": (torch.float32, "same"), "bf16": (torch.bfloat16, "same"), "int8": (torch.bfloat16, "int8")}
+    ways = {"fp32": (torch.float32, "same"), "bf16": (torch.bfloat16, "same"), "int8": (torch.bfloat16, "int8"),
+            "fp32-int8": (torch.float32, "int8")}
     chosen = args.ways.split(",")
     reports, seconds = {}, {}
     for way in chosen:

@@ -14,7 +14,8 @@ weights (W + BA·scale, exactly what PEFT computes), so a base and its adapter n
 architecture goes through the model's own forward with a cropped `DynamicCache`: slower, still with prefix reuse.
 
 On a CPU with native BF16 (AVX512-BF16 or AMX) weights and cache are bf16, which halves the bytes every decoded token
-reads; elsewhere on a CPU they stay fp32 (emulated bf16 is slower than fp32). A GPU uses the model's own dtype.
+reads; elsewhere on a CPU they stay fp32 (emulated bf16 is slower than fp32). A GPU uses the model's own dtype. On
+every CPU, decoding reads int8 copies of the weights (`_Int8Rows`): a quarter of fp32's bytes, half of bf16's.
 """
 
 from __future__ import annotations
@@ -50,15 +51,15 @@ def inference_dtype(model) -> torch.dtype:
     return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
 
 
-def decode_weights(dtype: torch.dtype, device: torch.device) -> str:
-    """How decoding reads the weights: `$MCPFT_DECODE_WEIGHTS`, else "int8" where the engine computes in bf16 on a
-    CPU (a decoded token reads every weight once, and int8 halves the bytes: see `_Int8Rows`), "same" elsewhere (the
-    int8 kernel is slow with fp32 inputs, and a GPU is not bound the same way)."""
+def decode_weights(device: torch.device) -> str:
+    """How decoding reads the weights: `$MCPFT_DECODE_WEIGHTS`, else "int8" on a CPU (a decoded token reads every
+    weight once: int8 reads half of bf16's bytes and a quarter of fp32's; see `_Int8Rows`), "same" on a GPU (not
+    bound the same way)."""
     if choice := os.environ.get(DECODE_WEIGHTS_ENV):
         if choice not in ("int8", "same"):
             raise ValueError(f"{DECODE_WEIGHTS_ENV}={choice!r} is not one of 'int8' or 'same'")
         return choice
-    return "int8" if device.type == "cpu" and dtype == torch.bfloat16 else "same"
+    return "int8" if device.type == "cpu" else "same"
 
 
 @dataclass
@@ -197,17 +198,24 @@ class _Int8Rows:
 
     A decoded token is a matrix-vector product per weight, bound by the bytes read: int8 reads half of bf16's, and
     PyTorch's weight-only int8 kernel runs SmolLM2's weights in ~11 ms against ~25 ms in bf16 on 2 cores. Prefill
-    keeps the bf16 weights: there the int8 kernel is 3x slower than bf16's matrix product.
+    keeps the engine's own weights: there the int8 kernel is 3x slower than bf16's matrix product.
+
+    The kernel always runs with bf16 activations: with fp32 ones it is 7x slower (106 ms against 14 ms for SmolLM2's
+    weights on an AVX2 CPU without native BF16, where fp32's own product takes 46 ms), so an fp32 engine casts the
+    one token's activations to bf16 and back, and keeps computing everything else in fp32.
     """
+
+    KERNEL_DTYPE = torch.bfloat16
 
     def __init__(self, weight: torch.Tensor):
         scales = weight.float().abs().amax(1).clamp(min=1e-12) / 127
         self.values = torch.round(weight.float() / scales[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
-        self.scales = scales.to(weight.dtype)
+        self.scales = scales.to(self.KERNEL_DTYPE)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        rows = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.values, self.scales)
-        return rows.view(*x.shape[:-1], -1)
+        rows = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).to(self.KERNEL_DTYPE), self.values,
+                                                  self.scales)
+        return rows.view(*x.shape[:-1], -1).to(x.dtype)
 
 
 @dataclass
@@ -307,7 +315,7 @@ class _LlamaRunner:
     def __init__(self, model, dtype, decode: str | None = None):
         self.model, self.dtype = model, dtype
         self.device = next(model.parameters()).device
-        self.int8_decode = (decode or decode_weights(dtype, self.device)) == "int8"
+        self.int8_decode = (decode or decode_weights(self.device)) == "int8"
         self._weights: dict[bool, _LlamaWeights] = {}
 
     def weights(self, adapter: bool) -> _LlamaWeights:

@@ -15,6 +15,7 @@ from mcpft.inference import (LOOP_MIN_TOKENS, PREFILL_CHUNK, Engine, Sampling, _
 from mcpft.models import cpu_has_native_bf16, load_model
 
 
+EXACT = "same"  # decoding reads the model's own fp32 weights, so tokens can be compared with transformers' own
 PARAGRAPH = ("The user wants to find the title of the page. I will navigate to the website, read the snapshot and "
              "click the link. ")
 
@@ -61,7 +62,7 @@ def conversation(turns: int) -> list[list[dict]]:
 @pytest.mark.parametrize("fast", [True, False], ids=["own forward", "transformers forward"])
 def test_greedy_tokens_match_transformers_generate(tiny, fast):
     model, tokenizer = tiny
-    engine = Engine(model, dtype=torch.float32, fast=fast)
+    engine = Engine(model, dtype=torch.float32, fast=fast, decode=EXACT)
     assert engine.fast_problem is None if fast else engine.fast_problem
     for messages in conversation(3):
         ids = prompt_ids(tokenizer, messages)
@@ -89,7 +90,7 @@ def test_prefix_reuse_gives_the_same_greedy_tokens(tiny, dtype, fast):
 
 def test_a_different_prompt_reuses_only_the_common_whole_chunks(tiny):
     model, tokenizer = tiny
-    engine = Engine(model, dtype=torch.float32)
+    engine = Engine(model, dtype=torch.float32, decode=EXACT)
     first = prompt_ids(tokenizer, conversation(4)[-1])
     list(engine.generate(first, 4))
     changed = list(first)
@@ -102,7 +103,7 @@ def test_a_different_prompt_reuses_only_the_common_whole_chunks(tiny):
 def test_an_adapter_and_its_base_keep_their_own_caches(tiny_with_adapter, fast):
     """Requests alternate between the adapter and its base on one engine: each answers as a fresh model would."""
     model, tokenizer = tiny_with_adapter
-    engine = Engine(model, dtype=torch.float32, fast=fast)
+    engine = Engine(model, dtype=torch.float32, fast=fast, decode=EXACT)
     for messages in conversation(4):
         ids = prompt_ids(tokenizer, messages)
         tuned = list(engine.generate(ids, 12, adapter=True))
@@ -148,32 +149,36 @@ def test_the_dtype_follows_the_cpu(tiny, monkeypatch):
         inference_dtype(model)
 
 
-def test_the_decode_weights_follow_the_dtype(monkeypatch):
+def test_decoding_reads_int8_weights_on_a_cpu(monkeypatch):
     monkeypatch.delenv("MCPFT_DECODE_WEIGHTS", raising=False)
-    cpu = torch.device("cpu")
-    assert decode_weights(torch.bfloat16, cpu) == "int8"
-    assert decode_weights(torch.float32, cpu) == "same"  # the int8 kernel is slow with fp32 inputs
+    assert decode_weights(torch.device("cpu")) == "int8"
+    assert decode_weights(torch.device("meta")) == "same"  # an accelerator is not bound by the bytes read the same way
     monkeypatch.setenv("MCPFT_DECODE_WEIGHTS", "same")
-    assert decode_weights(torch.bfloat16, cpu) == "same"
+    assert decode_weights(torch.device("cpu")) == "same"
     monkeypatch.setenv("MCPFT_DECODE_WEIGHTS", "int4")
     with pytest.raises(ValueError, match="MCPFT_DECODE_WEIGHTS='int4' is not one of"):
-        decode_weights(torch.bfloat16, cpu)
+        decode_weights(torch.device("cpu"))
 
 
-def test_int8_rows_compute_the_product_of_the_weight_they_quantize():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_rows_compute_the_product_of_the_weight_they_quantize(dtype):
+    """In the engine's dtype out, whichever it is (the kernel itself runs in bf16)."""
     torch.manual_seed(0)
-    weight, x = torch.randn(96, 64).bfloat16(), torch.randn(1, 3, 64).bfloat16()
+    weight, x = torch.randn(96, 64).to(dtype), torch.randn(1, 3, 64).to(dtype)
     exact = torch.nn.functional.linear(x.float(), weight.float())
-    error = (_Int8Rows(weight)(x).float() - exact).norm() / exact.norm()
-    assert _Int8Rows(weight)(x).shape == (1, 3, 96) and error < 0.02
+    product = _Int8Rows(weight)(x)
+    error = (product.float() - exact).norm() / exact.norm()
+    assert product.shape == (1, 3, 96) and product.dtype == dtype and error < 0.02
 
 
-def test_int8_decoding_keeps_the_adapter_and_stays_near_bf16(tiny_with_adapter):
-    """One decoding step with int8 weights against the same step with bf16 weights, with the adapter and without:
-    quantizing moves the logits far less than the adapter does, so the adapter's change survives it."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_decoding_keeps_the_adapter_and_stays_near_the_engines_weights(tiny_with_adapter, dtype):
+    """One decoding step with int8 weights against the same step with the engine's own weights (fp32 on a CPU
+    without native BF16, bf16 on one with it), with the adapter and without: quantizing moves the logits far less
+    than the adapter does, so the adapter's change survives it."""
     model, tokenizer = tiny_with_adapter
     ids = prompt_ids(tokenizer, conversation(2)[-1])
-    engine = Engine(model, dtype=torch.bfloat16, decode="int8")
+    engine = Engine(model, dtype=dtype, decode="int8")
     assert "int8" in engine.kind
     runner, logits = engine.runner, {}
     for adapter in (True, False):
@@ -207,7 +212,7 @@ def test_greedy_generation_ends_in_a_runaway_loop(tiny):
     """The tiny random model falls into a loop; the engine stops there, having written what greedy decoding
     writes (a prefix of transformers' own answer), far short of the budget."""
     model, tokenizer = tiny
-    engine = Engine(model, dtype=torch.float32)
+    engine = Engine(model, dtype=torch.float32, decode=EXACT)
     ids = tokenizer("Hello there")["input_ids"]
     tokens = list(engine.generate(ids, 300))
     assert engine.stats.looped and len(tokens) < 300 and looping(tokens) and not looping(tokens[:-1])

@@ -22,6 +22,7 @@ def test_payoff_from_an_empty_store_to_a_before_after(tiny_model_dir, tmp_path, 
     assert set(report["seconds"]) == {"collect", "train", "base", "tuned", "total"}
     assert report["seconds"]["total"] >= sum(report["seconds"][s] for s in ("collect", "train", "base", "tuned")) - 1
     assert report["train"]["rows"] >= 2 and report["train"]["steps"] >= 1
+    assert report["train"]["precision"] in ("bf16", "fp32")  # by the CPU: figures from different hosts differ
     (task,) = report["tasks"]
     assert task["prompt"] and task["expected"] and {"success", "answer", "reason"} <= set(task["base"])
     assert set(task["tuned"]) == set(task["base"])
