@@ -1,4 +1,4 @@
-"""Ways of computing, answer for answer: fp32, bf16, and either with int8 weights for decoding, on every step of some rows.
+"""Ways of computing, answer for answer: fp32, bf16, and either with int8 decoding weights, on every step of some rows.
 
     .venv/bin/python bench/decode_agreement.py --rows demo-rows.jsonl [--adapter DIR] [--ways fp32,bf16,int8,fp32-int8]
 

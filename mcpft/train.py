@@ -147,6 +147,7 @@ class TrainResult:
     eval_loss: float | None = None
     runtime_s: float = 0.0
     baseline: dict | None = field(default=None, repr=False)  # the `baseline` callable's report, when one was given
+    precision: str = ""  # "bf16", "fp16" or "fp32": what the steps ran in ("auto" follows the CPU or GPU)
 
     def summary(self) -> dict:
         return {"out": str(self.out_dir), "path": self.path, "why": self.why, "steps": self.steps,
@@ -667,7 +668,7 @@ def train(config: TrainConfig, rows: list[dict], out_dir: str | Path, base_model
         out_dir=out_dir, path=prepared.path, why=prepared.why, steps=state.global_step, total_steps=state.max_steps,
         final_loss=losses[-1]["loss"] if losses else None, stopped=stopped, adapter_dir=adapter_dir,
         rows_used=len(prepared.rows.train), rows_left_out=prepared.rows.left_out, eval_loss=eval_loss,
-        runtime_s=time.monotonic() - started, baseline=baseline_report)
+        runtime_s=time.monotonic() - started, baseline=baseline_report, precision=record["config"]["precision"])
     write_run_record(out_dir, {**record, "status": "stopped" if stopped else "finished", "finished": now_iso(),
                                "losses": losses, **result.summary()})
     return result

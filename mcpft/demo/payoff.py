@@ -157,7 +157,7 @@ class _Counter:
 
 def _train(recipe: PayoffRecipe, rows: list[dict], adapter_dir: Path, base_model: str | None,
            progress: ProgressCallback) -> dict:
-    from mcpft.train import TrainConfig, read_run_record, train
+    from mcpft.train import TrainConfig, train
 
     if not rows:
         raise PayoffError("no teacher trace was collected unflagged: nothing to train on")
@@ -166,9 +166,8 @@ def _train(recipe: PayoffRecipe, rows: list[dict], adapter_dir: Path, base_model
     result = train(config, rows, adapter_dir, base_model=base_model,
                    on_progress=lambda p: progress("train", p.step, p.total))
     # The precision follows the CPU (bf16 autocast where it has native BF16): figures from different hosts differ.
-    precision = read_run_record(result.adapter_dir).get("config", {}).get("precision") if result.adapter_dir else None
     return {"rows": result.rows_used, "steps": result.steps, "final_loss": result.final_loss, "path": result.path,
-            "precision": precision, "adapter": str(result.adapter_dir)}
+            "precision": result.precision, "adapter": str(result.adapter_dir)}
 
 
 @dataclass
