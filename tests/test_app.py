@@ -190,6 +190,16 @@ def test_curate_edits_persist_to_the_store(app, page):
     assert [h["op"] for h in ctx.store.history(edited.id)] == ["edit messages[3].content"]
 
 
+def test_trace_table_opens_no_empty_cell_menu(page):
+    """The traces table has a fixed size: its body cells have nothing for Gradio's cell menu (no empty box)."""
+    open_tab(page, "Curate")
+    tags_cell = trace_row(page, "hello").get_by_role("gridcell").nth(2)
+    tags_cell.click(button="right")
+    expect(page.get_by_role("menu")).to_be_hidden()
+    tags_cell.click()
+    expect(tags_cell.get_by_label("Open cell menu")).to_be_hidden()
+
+
 def test_unroll_preview_highlights_the_trained_spans(page):
     preview = page.locator("#unroll-preview")
     trained, untrained = preview.locator(".token.highlighted"), preview.locator(".token:not(.highlighted)")

@@ -15,6 +15,15 @@ from mcpft.ui.space_info import space_banner, visitor_text, wrap_gpu_work
 from mcpft.ui.state import AppContext, Shared, make_context
 
 
+# Gradio's cell menu offers sorting and filtering on a header, and adding or deleting rows or columns only where the
+# table can grow; the traces table has a fixed size, so on its body cells the menu (the ⋮ button, a right-click) would
+# open as an empty box.
+APP_CSS = """
+.cell-menu:not(:has([role="menuitem"])) {display: none !important;}
+#traces-table .body-cell .cell-menu-button {display: none !important;}
+"""
+
+
 def build_app(ctx: AppContext) -> gr.Blocks:
     with gr.Blocks(title="mcpft") as demo:
         gr.Markdown("## mcpft · agent traces → curated data → LoRA fine-tune → before/after")
@@ -49,7 +58,7 @@ def launch(ctx: AppContext, port: int | None = None, host: str | None = None,
     ctx.demo_site = ctx.demo_site or serve_site()
     demo = build_app(ctx)
     demo.launch(server_port=port, server_name=host, prevent_thread_lock=True, footer_links=["gradio"],
-                show_error=True)
+                show_error=True, css=APP_CSS)
     if start_model:
         ctx.embedded.start_in_background(ctx.default_model)
     return demo, demo.local_url
