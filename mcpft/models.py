@@ -71,6 +71,15 @@ def explain_out_of_memory(doing: str, advice: str):
         raise OutOfMemory(f"{what} ran out while {doing}. {advice}") from error
 
 
+def adapter_problem(folder: Path) -> str | None:
+    """Why `folder` is not a PEFT adapter (None when it is one); a fully fine-tuned model is named as such."""
+    if (folder / "adapter_config.json").is_file():
+        return None
+    if (folder / "config.json").is_file():
+        return "it holds a whole model (full fine-tuning), not a PEFT adapter: use it as the model (--model DIR)"
+    return "no adapter_config.json there, so it is not a PEFT adapter"
+
+
 def resolve_model(spec: str | None, data_dir: Path) -> Path:
     """The local folder of the model `spec` names: a folder as is, a Hub id via the HF cache, or packaged SmolLM2."""
     if spec in PACKAGED_SPECS:

@@ -608,15 +608,15 @@ def load_backends(model_spec: str | None, adapter: str | Path | None, data_dir: 
 
 
 def _load_backends(model_spec: str | None, adapter: str | Path | None, data_dir: Path) -> dict[str, Backend]:
-    from mcpft.models import ModelError, load_model, model_name
+    from mcpft.models import ModelError, adapter_problem, load_model, model_name
 
     model, tokenizer = load_model(model_spec, data_dir)
     base_name = model_name(model_spec)
     if adapter is None:
         return {base_name: TransformersBackend(model, tokenizer)}
     adapter = Path(adapter).expanduser()
-    if not (adapter / "adapter_config.json").is_file():
-        raise ModelError(f"adapter {str(adapter)!r}: no adapter_config.json there, so it is not a PEFT adapter")
+    if problem := adapter_problem(adapter):
+        raise ModelError(f"adapter {str(adapter)!r}: {problem}")
     adapter_name = adapter.resolve().name
     if adapter_name == base_name:
         raise ModelError(f"adapter {str(adapter)!r} has the base model's name {base_name!r}; rename its folder")

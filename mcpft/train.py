@@ -25,7 +25,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from mcpft.config import data_dir as default_data_dir
-from mcpft.models import explain_out_of_memory, load_tokenizer, model_context, model_name, resolve_model
+from mcpft.models import (adapter_problem, explain_out_of_memory, load_tokenizer, model_context, model_name,
+                          resolve_model)
 from mcpft.render import Rendered, render_many
 from mcpft.selection import rows_problem
 from mcpft.trace import now_iso
@@ -76,6 +77,8 @@ class TrainConfig:
     seed: int = _option(42, "seed of the LoRA init, the shuffling and the eval split")
     eval_fraction: float = _option(0.0, "share of traces held out for an eval loss (split by trace, never by row)")
     load_in_4bit: bool = _option(False, "QLoRA: 4-bit base weights (Unsloth path only)")
+    full_finetune: bool = _option(False, "train every weight instead of LoRA layers (TRL, no PEFT): the output is a "
+                                         "whole model, used as a model (--model DIR), not as an adapter")
     gradient_checkpointing: bool | None = _option(None, "recompute activations to save memory (default: on with "
                                                         f"CUDA; on CPU, for the rows over {CPU_CHECKPOINT_ABOVE} "
                                                         "tokens only)")
@@ -98,6 +101,9 @@ class TrainConfig:
             raise TrainError(f"max_length must be at least 16 tokens, got {self.max_length}")
         if not 0 <= self.eval_fraction < 1:
             raise TrainError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.full_finetune and (self.backend == "unsloth" or self.load_in_4bit):
+            raise TrainError("full_finetune trains every weight with TRL: it cannot go with backend unsloth or "
+                             "load_in_4bit (both LoRA only here)")
         if self.learning_rate <= 0 or self.epochs <= 0:
             raise TrainError("learning_rate and epochs must be positive")
 
@@ -135,7 +141,7 @@ class Progress:
 @dataclass
 class TrainResult:
     out_dir: Path
-    path: str  # "unsloth" or "trl+peft"
+    path: str  # "unsloth", "trl+peft" or "trl" (full fine-tuning)
     why: str
     steps: int  # finished optimizer steps
     total_steps: int
@@ -185,6 +191,13 @@ def choose_path(backend: str = "auto") -> tuple[str, str]:
     import torch
 
     return "unsloth", f"CUDA device {torch.cuda.get_device_name(0)} and unsloth installed"
+
+
+def training_path(config: TrainConfig) -> tuple[str, str]:
+    """choose_path for this config; full fine-tuning is TRL without PEFT (Unsloth's path here is LoRA only)."""
+    if config.full_finetune:
+        return "trl", "full fine-tuning: TRL without PEFT"
+    return choose_path(config.backend)
 
 
 def resolve_max_length(config: TrainConfig, model_context: int | None, on_cuda: bool) -> int:
@@ -370,7 +383,7 @@ def check_training(config: TrainConfig, rows: list[dict], out_dir: str | Path, b
     out_dir = check_out_dir(out_dir)
     _check_row_shapes(rows)
     data_dir = Path(data_dir) if data_dir else default_data_dir()
-    path, why = choose_path(config.backend)
+    path, why = training_path(config)
     if config.load_in_4bit and path != "unsloth":
         raise TrainError("load_in_4bit needs the Unsloth path (a CUDA device with unsloth installed)")
     if path == "unsloth":
@@ -402,6 +415,7 @@ def _checked_rows(config: TrainConfig, rows: list[dict], base_model: str | None,
 # LoRA SFT tokens/s of SmolLM2-135M on 2 CPU cores at 1k- and 4k-token rows (docs/benchmarks.md, bench/
 # train_throughput.py), the base of a CPU estimate; a GPU's rate is only known once it has run.
 CPU_TOKENS_PER_S = {"bf16": (264.0, 146.0), "fp32": (168.0, 106.0)}
+FULL_FINETUNE_COST = 1.15  # full fine-tuning's time per row over LoRA's: 1,253 s against 1,087 s, 97 demo rows, fp32
 
 
 def training_plan(config: TrainConfig, rows: list[dict], base_model: str | None = None,
@@ -421,7 +435,8 @@ def training_plan(config: TrainConfig, rows: list[dict], base_model: str | None 
         rate = short + (long_ - short) * min(1.0, max(0.0, (mean_row - 1000) / 3000))
         rows_trained = min(plan["rows_used"] * config.epochs,
                            plan["steps"] * config.batch_size * config.gradient_accumulation_steps)
-        plan["estimated_s"] = round(rows_trained * mean_row / rate)
+        cost = FULL_FINETUNE_COST if config.full_finetune else 1.0
+        plan["estimated_s"] = round(rows_trained * mean_row / rate * cost)
     return plan
 
 
@@ -436,7 +451,7 @@ def prepare_training(config: TrainConfig, rows: list[dict], out_dir: str | Path,
 def build_trainer(checked: Checked, config: TrainConfig, base_model: str | None = None,
                   on_progress: Callable[[Progress], None] | None = None, stop_event: threading.Event | None = None,
                   source: dict | None = None) -> Prepared:
-    """Load the model with its LoRA layers and build the trainer on the checked rows."""
+    """Load the model with its LoRA layers (none with full_finetune) and build the trainer on the checked rows."""
     on_cuda, max_length = checked.on_cuda, checked.rows.max_length
     gradient_checkpointing = config.gradient_checkpointing
     recompute_above = None  # every row recomputes when gradient_checkpointing is on, unless this says otherwise
@@ -448,7 +463,8 @@ def build_trainer(checked: Checked, config: TrainConfig, base_model: str | None 
         if checked.path == "unsloth":
             model, peft_config = _unsloth_model(checked.folder, config, max_length, gradient_checkpointing), None
         else:
-            model, peft_config = _plain_model(checked.folder, on_cuda), _lora_config(config)
+            model = _plain_model(checked.folder, on_cuda, full=config.full_finetune)
+            peft_config = None if config.full_finetune else _lora_config(config)
     checked.out_dir.mkdir(parents=True, exist_ok=True)
     args = _sft_config(config, checked.out_dir, max_length, on_cuda, gradient_checkpointing)
     callback = _ProgressCallback(on_progress, stop_event)
@@ -500,11 +516,12 @@ def _lora_config(config: TrainConfig):
                       target_modules=list(config.target_modules), bias="none", task_type="CAUSAL_LM")
 
 
-def _plain_model(folder: Path, on_cuda: bool):
+def _plain_model(folder: Path, on_cuda: bool, full: bool = False):
     import torch
     from transformers import AutoModelForCausalLM
 
-    dtype = torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else torch.float32
+    # Frozen base weights may be bf16 on a GPU; weights that train stay fp32 (bf16 would round small updates away).
+    dtype = torch.bfloat16 if on_cuda and not full and torch.cuda.is_bf16_supported() else torch.float32
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     return model.to("cuda") if on_cuda else model
 
@@ -675,7 +692,8 @@ def train(config: TrainConfig, rows: list[dict], out_dir: str | Path, base_model
 
 
 def _save(prepared: Prepared, out_dir: Path) -> Path:
-    """The adapter and the tokenizer (its chat template renders tools) side by side in `out_dir`."""
+    """The adapter (with full_finetune, the whole model) and the tokenizer (its chat template renders tools) side by
+    side in `out_dir`."""
     prepared.trainer.model.save_pretrained(out_dir)
     prepared.tokenizer.save_pretrained(out_dir)
     return out_dir
@@ -689,9 +707,8 @@ def check_adapter_dir(adapter_dir: str | Path) -> Path:
     folder = Path(adapter_dir).expanduser()
     if not folder.is_dir():
         raise TrainError(f"adapter {str(adapter_dir)!r}: no such folder")
-    if not (folder / "adapter_config.json").is_file():
-        raise TrainError(f"adapter {str(adapter_dir)!r}: no adapter_config.json there, so it is not a PEFT adapter "
-                         "(train one with `mcpft train --out DIR`)")
+    if problem := adapter_problem(folder):
+        raise TrainError(f"adapter {str(adapter_dir)!r}: {problem} (train one with `mcpft train --out DIR`)")
     return folder
 
 

@@ -91,6 +91,24 @@ def test_adapter_reloads_with_its_training(trained, tiny_model_dir):
     assert base["totals"]["pass_rate"] == 0.0
 
 
+def test_full_finetune_trains_a_whole_model_used_as_the_model(tiny_model_dir, tmp_path, capsys):
+    """Every weight trains (no PEFT): the output is a model folder, scored after training as the model itself;
+    given as an adapter it is named for what it is."""
+    data = export_rows(weather_rows(), tmp_path / "rows.jsonl")
+    out = tmp_path / "full"
+    _run_verb(["train", "--out", str(out), "--base-model", str(tiny_model_dir), "--data", str(data), "--heldout",
+               str(data), "--full-finetune", "--max-steps", str(MEMORISE["max_steps"]), "--lr",
+               str(MEMORISE["learning_rate"]), "--grad-accum", "1", "--max-new-tokens", "40", "--json"])
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["path"] == "trl" and summary["baseline"]["pass_rate"] == 0.0 and summary["after"]["pass_rate"] == 1.0
+    assert json.loads((out / RUN_RECORD).read_text())["config"]["full_finetune"] is True
+    assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
+    with pytest.raises(TrainError, match="whole model"):
+        merge_adapter(out, tmp_path / "merged")
+    with pytest.raises(TrainError, match="full_finetune"):
+        TrainConfig(full_finetune=True, backend="unsloth")
+
+
 def test_merged_model_matches_the_adapter(trained, tmp_path):
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -159,7 +159,7 @@ def _score(rows: list[dict], generator, label: str) -> dict:
 
 def cmd_train(args):
     from mcpft.selection import select_rows, store_selection
-    from mcpft.train import check_out_dir, choose_path, config_from_settings, train
+    from mcpft.train import check_out_dir, config_from_settings, train, training_path
 
     settings = load_settings()
     with _user_errors():
@@ -167,7 +167,7 @@ def cmd_train(args):
         config = config_from_settings(settings.get("training"),
                                       **{f.name: getattr(args, f.name) for f in fields(TrainConfig)
                                          if hasattr(args, f.name)})
-        path, why = choose_path(config.backend)
+        path, why = training_path(config)
     if path == "unsloth":
         import unsloth  # noqa: F401  (before transformers, which the next line imports, so its patches apply)
     print(f"training path: {path} ({why})", file=sys.stderr)
@@ -191,12 +191,13 @@ def cmd_train(args):
                            record_extra={"cli": {"argv": sys.argv[1:]}, "heldout": heldout_source})
         summary = {**result.summary(), "heldout": heldout_source}
         if heldout and result.adapter_dir:
-            report = _after(heldout, base_model, args.max_new_tokens, result.adapter_dir, result.baseline)
+            tuned = (str(result.adapter_dir), None) if config.full_finetune else (base_model, result.adapter_dir)
+            report = _after(heldout, tuned, args.max_new_tokens, result.adapter_dir, result.baseline)
             summary["after"] = report["totals"]
             summary["baseline"] = result.baseline["totals"] if result.baseline else None
     text = (f"{'stopped' if result.stopped else 'trained'} {result.steps}/{result.total_steps} steps on "
             f"{result.rows_used} rows ({len(result.rows_left_out)} left out) via {result.path}: {result.why}\n"
-            f"final loss {result.final_loss}; adapter in {result.adapter_dir}")
+            f"final loss {result.final_loss}; {'model' if config.full_finetune else 'adapter'} in {result.adapter_dir}")
     emit(args, summary, text)
 
 
@@ -233,17 +234,19 @@ def _baseline(heldout: list[dict], base_model: str | None, max_new_tokens: int) 
         gc.collect()  # free the base model before training loads it again
 
 
-def _after(heldout: list[dict], base_model: str | None, max_new_tokens: int, adapter_dir: Path,
+def _after(heldout: list[dict], tuned: tuple[str | None, Path | None], max_new_tokens: int, out_dir: Path,
            baseline: dict | None) -> dict:
+    """Score the trained model, `tuned` = (model, adapter): the base with the adapter, or a fully fine-tuned model
+    alone; the report lands in the run record in `out_dir`."""
     from mcpft.evaluate import compare, local_generator
     from mcpft.train import update_run_record
 
-    report = _score(heldout, local_generator(base_model, adapter=adapter_dir, max_new_tokens=max_new_tokens),
-                    "after")
+    model, adapter = tuned
+    report = _score(heldout, local_generator(model, adapter=adapter, max_new_tokens=max_new_tokens), "after")
     results = {"after": report}
     if baseline:
         results["comparison"] = compare(baseline, report)
-    update_run_record(adapter_dir, **results)
+    update_run_record(out_dir, **results)
     return report
 
 
