@@ -191,8 +191,10 @@ def cmd_train(args):
                            record_extra={"cli": {"argv": sys.argv[1:]}, "heldout": heldout_source})
         summary = {**result.summary(), "heldout": heldout_source}
         if heldout and result.adapter_dir:
-            tuned = (str(result.adapter_dir), None) if config.full_finetune else (base_model, result.adapter_dir)
-            report = _after(heldout, tuned, args.max_new_tokens, result.adapter_dir, result.baseline)
+            # A full fine-tune's output is the model itself; a LoRA run's is an adapter on the base.
+            model, adapter = ((str(result.adapter_dir), None) if config.full_finetune
+                              else (base_model, result.adapter_dir))
+            report = _after(heldout, model, adapter, args.max_new_tokens, result.adapter_dir, result.baseline)
             summary["after"] = report["totals"]
             summary["baseline"] = result.baseline["totals"] if result.baseline else None
     text = (f"{'stopped' if result.stopped else 'trained'} {result.steps}/{result.total_steps} steps on "
@@ -234,14 +236,12 @@ def _baseline(heldout: list[dict], base_model: str | None, max_new_tokens: int) 
         gc.collect()  # free the base model before training loads it again
 
 
-def _after(heldout: list[dict], tuned: tuple[str | None, Path | None], max_new_tokens: int, out_dir: Path,
+def _after(heldout: list[dict], model: str | None, adapter: Path | None, max_new_tokens: int, out_dir: Path,
            baseline: dict | None) -> dict:
-    """Score the trained model, `tuned` = (model, adapter): the base with the adapter, or a fully fine-tuned model
-    alone; the report lands in the run record in `out_dir`."""
+    """Score the trained model (`model` with `adapter` on top, if any); the report lands in `out_dir`'s run record."""
     from mcpft.evaluate import compare, local_generator
     from mcpft.train import update_run_record
 
-    model, adapter = tuned
     report = _score(heldout, local_generator(model, adapter=adapter, max_new_tokens=max_new_tokens), "after")
     results = {"after": report}
     if baseline:
