@@ -46,14 +46,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="new or empty work dir")
     parser.add_argument("--base-model", default=None, help="default: space.yaml's base_model")
     for name, kind in (("train-traces", int), ("heldout-tasks", int), ("epochs", float), ("lr", float),
-                       ("grad-accum", int), ("lora-r", int), ("agent-max-steps", int), ("max-new-tokens", int)):
+                       ("grad-accum", int), ("lora-r", int), ("lora-layers", int), ("agent-max-steps", int), ("max-new-tokens", int)):
         parser.add_argument(f"--{name}", type=kind, default=None, help="default: space.yaml's demo recipe")
     args = parser.parse_args()
     settings = load_settings()
     recipe = PayoffRecipe.from_settings(
         settings, train_traces=args.train_traces, heldout_tasks=args.heldout_tasks, epochs=args.epochs,
         learning_rate=args.lr, gradient_accumulation_steps=args.grad_accum, lora_r=args.lora_r,
-        agent_max_steps=args.agent_max_steps, max_new_tokens=args.max_new_tokens)
+        lora_layers=args.lora_layers, agent_max_steps=args.agent_max_steps, max_new_tokens=args.max_new_tokens)
     base_model = args.base_model or default_base_model(settings)
     bars: dict[str, tqdm] = {}
 

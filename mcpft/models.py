@@ -111,9 +111,19 @@ def load_tokenizer(spec: str | None, data_dir: Path):
 
 def model_context(spec: str | None, data_dir: Path) -> int | None:
     """The model's context length (its config's `max_position_embeddings`), read without loading weights."""
+    return _config_value(spec, data_dir, "max_position_embeddings")
+
+
+def model_layers(spec: str | None, data_dir: Path) -> int | None:
+    """How many decoder layers the model has (its config's `num_hidden_layers`), read without loading weights."""
+    return _config_value(spec, data_dir, "num_hidden_layers")
+
+
+def _config_value(spec: str | None, data_dir: Path, key: str):
     from transformers import AutoConfig
 
-    return getattr(AutoConfig.from_pretrained(resolve_model(spec, data_dir)), "max_position_embeddings", None)
+    config = AutoConfig.from_pretrained(resolve_model(spec, data_dir))
+    return getattr(config.get_text_config(), key, None)
 
 
 def load_model(spec: str | None, data_dir: Path, dtype=None, device: str | None = None):

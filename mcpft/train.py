@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from mcpft.config import data_dir as default_data_dir
-from mcpft.models import (adapter_problem, explain_out_of_memory, load_tokenizer, model_context, model_name,
-                          resolve_model)
+from mcpft.models import (adapter_problem, explain_out_of_memory, load_tokenizer, model_context, model_layers,
+                          model_name, resolve_model)
 from mcpft.render import Rendered, render_many
 from mcpft.selection import rows_problem
 from mcpft.trace import now_iso
@@ -62,6 +62,8 @@ class TrainConfig:
     lora_alpha: int = _option(32, "LoRA alpha (updates are scaled by alpha / r)")
     lora_dropout: float = _option(0.0, "dropout on the LoRA layers")
     target_modules: tuple[str, ...] = _option(LORA_TARGETS, "modules that get LoRA layers (comma-separated)")
+    lora_layers: int | None = _option(None, "LoRA layers in the model's last N decoder layers only (default: all): "
+                                            "the backward pass stops below them, so a step costs less")
     learning_rate: float = _option(2e-4, "peak learning rate", aliases=("--lr",))
     epochs: float = _option(1.0, "passes over the training rows", settings_key="num_train_epochs")
     batch_size: int = _option(1, "rows per batch (1: no padding at all)")
@@ -95,15 +97,17 @@ class TrainConfig:
         for name in ("lora_r", "lora_alpha", "batch_size", "gradient_accumulation_steps"):
             if getattr(self, name) < 1:
                 raise TrainError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.lora_layers is not None and self.lora_layers < 1:
+            raise TrainError(f"lora_layers must be at least 1 (or unset: all layers), got {self.lora_layers}")
         if self.max_steps is not None and self.max_steps < 1:
             raise TrainError(f"max_steps must be at least 1, got {self.max_steps}")
         if self.max_length is not None and self.max_length < 16:
             raise TrainError(f"max_length must be at least 16 tokens, got {self.max_length}")
         if not 0 <= self.eval_fraction < 1:
             raise TrainError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
-        if self.full_finetune and (self.backend == "unsloth" or self.load_in_4bit):
-            raise TrainError("full_finetune trains every weight with TRL: it cannot go with backend unsloth or "
-                             "load_in_4bit (both LoRA only here)")
+        if self.full_finetune and (self.backend == "unsloth" or self.load_in_4bit or self.lora_layers):
+            raise TrainError("full_finetune trains every weight with TRL: it cannot go with backend unsloth, "
+                             "load_in_4bit or lora_layers (LoRA only here)")
         if self.learning_rate <= 0 or self.epochs <= 0:
             raise TrainError("learning_rate and epochs must be positive")
 
@@ -360,6 +364,7 @@ class Checked:
     folder: Path  # the base model's local folder
     tokenizer: object
     rows: PreparedRows
+    lora_layers: list[int] | None  # the decoder layers that get LoRA layers (None: all)
 
 
 @dataclass
@@ -390,7 +395,7 @@ def check_training(config: TrainConfig, rows: list[dict], out_dir: str | Path, b
         import unsloth  # noqa: F401  (must come before trl/transformers are used, so that its patches apply)
     folder, tokenizer, prepared_rows = _checked_rows(config, rows, base_model, data_dir)
     return Checked(out_dir=out_dir, path=path, why=why, on_cuda=cuda_available(), folder=folder, tokenizer=tokenizer,
-                   rows=prepared_rows)
+                   rows=prepared_rows, lora_layers=_lora_layers(config, folder, data_dir))
 
 
 def _check_row_shapes(rows: list[dict]) -> None:
@@ -398,6 +403,19 @@ def _check_row_shapes(rows: list[dict]) -> None:
         raise TrainError("no training rows: the selection is empty (are all traces flagged or excluded?)")
     if problem := rows_problem(rows):
         raise TrainError(f"training rows: {problem}")
+
+
+def _lora_layers(config: TrainConfig, folder: Path, data_dir: Path) -> list[int] | None:
+    """The indices of the last `config.lora_layers` decoder layers (None: all layers)."""
+    if config.lora_layers is None:
+        return None
+    layers = model_layers(str(folder), data_dir)
+    if layers is None:
+        raise TrainError(f"lora_layers {config.lora_layers}: the model at {folder} does not say how many decoder "
+                         "layers it has (no num_hidden_layers in its config); leave lora_layers unset")
+    if config.lora_layers > layers:
+        raise TrainError(f"lora_layers {config.lora_layers}: the model at {folder} has only {layers} decoder layers")
+    return list(range(layers - config.lora_layers, layers))
 
 
 def _checked_rows(config: TrainConfig, rows: list[dict], base_model: str | None, data_dir: Path):
@@ -416,6 +434,9 @@ def _checked_rows(config: TrainConfig, rows: list[dict], base_model: str | None,
 # train_throughput.py), the base of a CPU estimate; a GPU's rate is only known once it has run.
 CPU_TOKENS_PER_S = {"bf16": (264.0, 146.0), "fp32": (168.0, 106.0)}
 FULL_FINETUNE_COST = 1.15  # full fine-tuning's time per row over LoRA's: 1,253 s against 1,087 s, 97 demo rows, fp32
+# The share of a LoRA step's time that runs only from the lowest LoRA layer up (the backward pass and the LoRA
+# products): 97 demo rows trained in 656 s with LoRA in SmolLM2's last 15 of 30 layers, 1,087 s in all 30 (fp32 CPU).
+LORA_BACKWARD_SHARE = 0.8
 
 
 def training_plan(config: TrainConfig, rows: list[dict], base_model: str | None = None,
@@ -424,7 +445,8 @@ def training_plan(config: TrainConfig, rows: list[dict], base_model: str | None 
     estimated time from the rates measured here (per token, long rows cost more: attention is quadratic)."""
     _check_row_shapes(rows)
     data_dir = Path(data_dir) if data_dir else default_data_dir()
-    _, _, prepared = _checked_rows(config, rows, base_model, data_dir)
+    folder, _, prepared = _checked_rows(config, rows, base_model, data_dir)
+    lora_layers = _lora_layers(config, folder, data_dir)
     plan = prepared.summary()
     per_epoch = math.ceil(plan["rows_used"] / (config.batch_size * config.gradient_accumulation_steps))
     plan["steps"] = config.max_steps or max(1, math.ceil(per_epoch * config.epochs))
@@ -435,9 +457,17 @@ def training_plan(config: TrainConfig, rows: list[dict], base_model: str | None 
         rate = short + (long_ - short) * min(1.0, max(0.0, (mean_row - 1000) / 3000))
         rows_trained = min(plan["rows_used"] * config.epochs,
                            plan["steps"] * config.batch_size * config.gradient_accumulation_steps)
-        cost = FULL_FINETUNE_COST if config.full_finetune else 1.0
+        cost = FULL_FINETUNE_COST if config.full_finetune else _lora_cost(lora_layers)
         plan["estimated_s"] = round(rows_trained * mean_row / rate * cost)
     return plan
+
+
+def _lora_cost(lora_layers: list[int] | None) -> float:
+    """A LoRA step's time against one with LoRA layers in every decoder layer (`lora_layers`: the model's last
+    layers, so the last index + 1 is its depth)."""
+    if lora_layers is None:
+        return 1.0
+    return 1 - LORA_BACKWARD_SHARE + LORA_BACKWARD_SHARE * len(lora_layers) / (lora_layers[-1] + 1)
 
 
 def prepare_training(config: TrainConfig, rows: list[dict], out_dir: str | Path, base_model: str | None = None,
@@ -461,10 +491,11 @@ def build_trainer(checked: Checked, config: TrainConfig, base_model: str | None 
     advice = _memory_advice(config, checked.rows, gradient_checkpointing)
     with explain_out_of_memory(f"loading {model_name(base_model)!r} for training", advice):
         if checked.path == "unsloth":
-            model, peft_config = _unsloth_model(checked.folder, config, max_length, gradient_checkpointing), None
+            model = _unsloth_model(checked.folder, config, max_length, gradient_checkpointing, checked.lora_layers)
+            peft_config = None
         else:
             model = _plain_model(checked.folder, on_cuda, full=config.full_finetune)
-            peft_config = None if config.full_finetune else _lora_config(config)
+            peft_config = None if config.full_finetune else _lora_config(config, checked.lora_layers)
     checked.out_dir.mkdir(parents=True, exist_ok=True)
     args = _sft_config(config, checked.out_dir, max_length, on_cuda, gradient_checkpointing)
     callback = _ProgressCallback(on_progress, stop_event)
@@ -509,11 +540,12 @@ def _check_chat_markup(tokenizer, spec: str | None) -> None:
             "pick a ChatML model (Qwen, SmolLM2, Hermes)")
 
 
-def _lora_config(config: TrainConfig):
+def _lora_config(config: TrainConfig, layers: list[int] | None):
     from peft import LoraConfig
 
     return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=list(config.target_modules), bias="none", task_type="CAUSAL_LM")
+                      target_modules=list(config.target_modules), layers_to_transform=layers, bias="none",
+                      task_type="CAUSAL_LM")
 
 
 def _plain_model(folder: Path, on_cuda: bool, full: bool = False):
@@ -526,14 +558,15 @@ def _plain_model(folder: Path, on_cuda: bool, full: bool = False):
     return model.to("cuda") if on_cuda else model
 
 
-def _unsloth_model(folder: Path, config: TrainConfig, max_length: int, gradient_checkpointing: bool):
+def _unsloth_model(folder: Path, config: TrainConfig, max_length: int, gradient_checkpointing: bool,
+                   layers: list[int] | None):
     from unsloth import FastLanguageModel
 
     model, _ = FastLanguageModel.from_pretrained(model_name=str(folder), max_seq_length=max_length, dtype=None,
                                                  load_in_4bit=config.load_in_4bit)
     return FastLanguageModel.get_peft_model(
         model, r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-        target_modules=list(config.target_modules), bias="none", random_state=config.seed,
+        target_modules=list(config.target_modules), layers_to_transform=layers, bias="none", random_state=config.seed,
         use_gradient_checkpointing="unsloth" if gradient_checkpointing else False)
 
 

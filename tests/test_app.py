@@ -222,6 +222,11 @@ def test_train_says_what_will_train_before_it_starts(page):
     expect(plan).to_contain_text(re.compile(r"Nothing would train: all \d+ row\(s\) were left out: .*longer than "
                                             r"max_length 16 \(\d+ tokens\)"), timeout=60_000)
     page.locator("#max-length input").fill("0")
+    page.locator("#lora-layers input").fill("9")  # the app's tiny model has 2 decoder layers
+    page.locator("#train-plan-button").click()
+    expect(plan).to_contain_text(re.compile(r"Nothing would train: lora_layers 9: .* has only 2 decoder layers"),
+                                 timeout=60_000)
+    page.locator("#lora-layers input").fill("0")
 
 
 def test_training_draws_the_loss_plot(app, page):

@@ -42,3 +42,6 @@ def test_the_recipe_comes_from_space_yaml_and_is_checked():
         PayoffRecipe.from_settings({"demo": {"train_trace": 7}})
     with pytest.raises(PayoffError, match="train_traces must be a whole number of at least 1, got 0"):
         PayoffRecipe.from_settings({}, train_traces=0)
+    with pytest.raises(PayoffError, match="lora_layers must be a whole number of at least 1 .*, got 0"):
+        PayoffRecipe.from_settings({"demo": {"lora_layers": 0}})
+    assert PayoffRecipe.from_settings({"demo": {"lora_layers": 15}}).lora_layers == 15

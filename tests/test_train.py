@@ -109,6 +109,31 @@ def test_full_finetune_trains_a_whole_model_used_as_the_model(tiny_model_dir, tm
         TrainConfig(full_finetune=True, backend="unsloth")
 
 
+def test_lora_in_the_last_layers_only(tiny_model_dir, tmp_path):
+    """lora_layers=N puts LoRA layers in the model's last N decoder layers only; the plan prices the shorter
+    backward pass; N past the model's depth, or with full fine-tuning, is refused before anything loads."""
+    from safetensors import safe_open
+
+    rows = weather_rows()
+    result = train(TrainConfig(lora_layers=1, **MEMORISE), rows, tmp_path / "top", base_model=str(tiny_model_dir))
+    with safe_open(result.adapter_dir / "adapter_model.safetensors", "pt") as weights:
+        layers = {key.split("layers.")[1].split(".")[0] for key in weights.keys()}
+    assert layers == {"1"}  # the tiny model has layers 0 and 1
+    losses = [entry["loss"] for entry in json.loads((result.out_dir / RUN_RECORD).read_text())["losses"]]
+    assert losses[-1] < losses[0] - 1.0
+    long_rows = weather_rows(answer="Rain all day, " * 300)  # ~1k tokens: an estimate of seconds, not 0
+    plans = [training_plan(TrainConfig(lora_layers=n, epochs=4), long_rows, base_model=str(tiny_model_dir),
+                           data_dir=tmp_path)["estimated_s"] for n in (None, 1)]
+    assert 0 < plans[1] < plans[0]
+    with pytest.raises(TrainError, match="lora_layers 3: .* has only 2 decoder layers"):
+        train(TrainConfig(lora_layers=3), rows, tmp_path / "deep", base_model=str(tiny_model_dir))
+    assert not (tmp_path / "deep").exists()
+    with pytest.raises(TrainError, match="lora_layers"):
+        TrainConfig(full_finetune=True, lora_layers=1)
+    with pytest.raises(TrainError, match="lora_layers must be at least 1"):
+        TrainConfig(lora_layers=0)
+
+
 def test_merged_model_matches_the_adapter(trained, tmp_path):
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM, AutoTokenizer

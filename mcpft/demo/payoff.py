@@ -44,6 +44,7 @@ class PayoffRecipe:
     learning_rate: float = 1e-3
     gradient_accumulation_steps: int = 1
     lora_r: int = 16
+    lora_layers: int | None = None  # LoRA in the last N decoder layers only (None: all)
     agent_max_steps: int = 6
     max_new_tokens: int = 320  # per agent step: a 4-field browser_fill_form call alone is ~170 tokens
 
@@ -53,6 +54,9 @@ class PayoffRecipe:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise PayoffError(f"demo recipe: {name} must be a whole number of at least 1, got "
                                   f"{getattr(self, name)!r}")
+        if self.lora_layers is not None and (not isinstance(self.lora_layers, int) or self.lora_layers < 1):
+            raise PayoffError(f"demo recipe: lora_layers must be a whole number of at least 1 (or unset: all "
+                              f"layers), got {self.lora_layers!r}")
         for name in ("epochs", "learning_rate"):
             if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) <= 0:
                 raise PayoffError(f"demo recipe: {name} must be a positive number, got {getattr(self, name)!r}")
@@ -162,7 +166,8 @@ def _train(recipe: PayoffRecipe, rows: list[dict], adapter_dir: Path, base_model
     if not rows:
         raise PayoffError("no teacher trace was collected unflagged: nothing to train on")
     config = TrainConfig(epochs=recipe.epochs, learning_rate=recipe.learning_rate, lora_r=recipe.lora_r,
-                         lora_alpha=2 * recipe.lora_r, gradient_accumulation_steps=recipe.gradient_accumulation_steps)
+                         lora_alpha=2 * recipe.lora_r, lora_layers=recipe.lora_layers,
+                         gradient_accumulation_steps=recipe.gradient_accumulation_steps)
     result = train(config, rows, adapter_dir, base_model=base_model,
                    on_progress=lambda p: progress("train", p.step, p.total))
     # The precision follows the CPU (bf16 autocast where it has native BF16): figures from different hosts differ.

@@ -199,6 +199,8 @@ def build(ctx: AppContext, shared: Shared) -> None:
             with gr.Row():
                 lora_r = gr.Number(defaults.lora_r, label="LoRA r", precision=0, minimum=1)
                 lora_alpha = gr.Number(defaults.lora_alpha, label="LoRA alpha", precision=0, minimum=1)
+                lora_layers = gr.Number(defaults.lora_layers or 0, label="LoRA in the last N layers (0 = all)",
+                                        precision=0, minimum=0, elem_id="lora-layers")
                 learning_rate = gr.Number(defaults.learning_rate, label="Learning rate")
                 epochs = gr.Number(defaults.epochs, label="Epochs")
             with gr.Row():
@@ -237,9 +239,10 @@ def build(ctx: AppContext, shared: Shared) -> None:
             push_button = gr.Button("Push")
         run_note = gr.Markdown()
 
-    def run_config(path, r, alpha, lr, n_epochs, accum, steps, length, seed_) -> TrainConfig:
+    def run_config(path, r, alpha, layers, lr, n_epochs, accum, steps, length, seed_) -> TrainConfig:
         try:
-            return TrainConfig(lora_r=int(r), lora_alpha=int(alpha), learning_rate=float(lr), epochs=float(n_epochs),
+            return TrainConfig(lora_r=int(r), lora_alpha=int(alpha), lora_layers=int(layers) or None,
+                               learning_rate=float(lr), epochs=float(n_epochs),
                                gradient_accumulation_steps=int(accum), max_steps=int(steps) or None,
                                max_length=int(length) or None, seed=int(seed_), backend=path)
         except (TrainError, TypeError, ValueError) as error:
@@ -254,9 +257,9 @@ def build(ctx: AppContext, shared: Shared) -> None:
         except (TrainError, ModelError, RenderError) as error:
             return f"**Nothing would train:** {error}"
 
-    def start(owner, base, path, tag_text, heldout, flagged, r, alpha, lr, n_epochs, accum, steps, length, seed_):
+    def start(owner, base, path, tag_text, heldout, flagged, *hyperparameters):
         require_owner(owner)
-        config = run_config(path, r, alpha, lr, n_epochs, accum, steps, length, seed_)
+        config = run_config(path, *hyperparameters)
         rows, n_traces = training_rows(ctx, owner, tag_text, heldout, bool(flagged))
         try:  # said before the run starts, above all the rows it will leave out
             plan = plan_text(training_plan(config, rows, base or None, ctx.data_dir), n_traces)
@@ -334,7 +337,7 @@ def build(ctx: AppContext, shared: Shared) -> None:
 
     owner = shared.owner
     train_inputs = [owner, base_model, backend, tags, heldout_tag, include_flagged, lora_r, lora_alpha,
-                    learning_rate, epochs, accumulation, max_steps, max_length, seed]
+                    lora_layers, learning_rate, epochs, accumulation, max_steps, max_length, seed]
     plan_button.click(check_plan, train_inputs, [plan_note])
     start_button.click(start, train_inputs, [progress, loss_plot, log, result, run],
                        concurrency_limit=1, concurrency_id="train")
