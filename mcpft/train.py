@@ -30,6 +30,7 @@ from mcpft.models import (adapter_problem, explain_out_of_memory, load_tokenizer
 from mcpft.render import Rendered, render_many
 from mcpft.selection import rows_problem
 from mcpft.trace import now_iso
+from mcpft.train_speed import estimate, record_speed, run_cost
 
 RUN_RECORD = "mcpft_run.json"
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -41,6 +42,7 @@ CPU_CHECKPOINT_ABOVE = 4096
 BACKENDS = ("auto", "unsloth", "trl+peft")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 END_OF_TURN = "<|im_end|>"
+MEASURED_STEPS = 2  # a run this long or longer records its rate for this machine's estimates (mcpft.train_speed)
 
 
 class TrainError(Exception):
@@ -325,6 +327,7 @@ class _ProgressCallback:
         self.on_progress, self.stop_event = on_progress, stop_event
         self.losses: list[dict] = []
         self.started = time.monotonic()
+        self.tokens_per_s: float | None = None  # all tokens of the rows so far over the time since training began
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.started = time.monotonic()
@@ -340,11 +343,12 @@ class _ProgressCallback:
         step, total = state.global_step, state.max_steps
         entry = {"step": step, "loss": logs["loss"], "lr": logs.get("learning_rate"), "epoch": logs.get("epoch")}
         self.losses.append(entry)
+        tokens = logs.get("num_tokens")
+        self.tokens_per_s = tokens / elapsed if tokens and elapsed > 0 else None
         if self.on_progress:
-            tokens = logs.get("num_tokens")
             self.on_progress(Progress(
                 step=step, total=total, loss=entry["loss"], lr=entry["lr"], epoch=entry["epoch"],
-                tokens_per_s=tokens / elapsed if tokens and elapsed > 0 else None,
+                tokens_per_s=self.tokens_per_s,
                 eta_s=elapsed / step * (total - step) if step else None))
         self._maybe_stop(control)
 
@@ -430,19 +434,11 @@ def _checked_rows(config: TrainConfig, rows: list[dict], base_model: str | None,
     return folder, tokenizer, prepared_rows
 
 
-# LoRA SFT tokens/s of SmolLM2-135M on 2 CPU cores at 1k- and 4k-token rows (docs/benchmarks.md, bench/
-# train_throughput.py), the base of a CPU estimate; a GPU's rate is only known once it has run.
-CPU_TOKENS_PER_S = {"bf16": (264.0, 146.0), "fp32": (168.0, 106.0)}
-FULL_FINETUNE_COST = 1.15  # full fine-tuning's time per row over LoRA's: 1,253 s against 1,087 s, 97 demo rows, fp32
-# The share of a LoRA step's time that runs only from the lowest LoRA layer up (the backward pass and the LoRA
-# products): 97 demo rows trained in 656 s with LoRA in SmolLM2's last 15 of 30 layers, 1,087 s in all 30 (fp32 CPU).
-LORA_BACKWARD_SHARE = 0.8
-
-
 def training_plan(config: TrainConfig, rows: list[dict], base_model: str | None = None,
                   data_dir: Path | None = None) -> dict:
     """What a run would train, before it starts: rows kept and left out (with why), tokens, steps, and on a CPU an
-    estimated time from the rates measured here (per token, long rows cost more: attention is quadratic)."""
+    estimated time from this machine's last measured rate, else the reference rates (`mcpft.train_speed`); a GPU's
+    rate is only known once it has run."""
     _check_row_shapes(rows)
     data_dir = Path(data_dir) if data_dir else default_data_dir()
     folder, _, prepared = _checked_rows(config, rows, base_model, data_dir)
@@ -450,24 +446,15 @@ def training_plan(config: TrainConfig, rows: list[dict], base_model: str | None 
     plan = prepared.summary()
     per_epoch = math.ceil(plan["rows_used"] / (config.batch_size * config.gradient_accumulation_steps))
     plan["steps"] = config.max_steps or max(1, math.ceil(per_epoch * config.epochs))
-    plan["estimated_s"] = None
+    plan["estimated_s"] = plan["speed"] = None
     if not cuda_available():
-        short, long_ = CPU_TOKENS_PER_S[resolve_precision(config, on_cuda=False)]
         mean_row = plan["tokens"] / max(1, plan["rows_used"])
-        rate = short + (long_ - short) * min(1.0, max(0.0, (mean_row - 1000) / 3000))
         rows_trained = min(plan["rows_used"] * config.epochs,
                            plan["steps"] * config.batch_size * config.gradient_accumulation_steps)
-        cost = FULL_FINETUNE_COST if config.full_finetune else _lora_cost(lora_layers)
-        plan["estimated_s"] = round(rows_trained * mean_row / rate * cost)
+        plan["speed"] = estimate(data_dir, model_name(base_model), resolve_precision(config, on_cuda=False),
+                                 rows_trained * mean_row, mean_row, run_cost(config.full_finetune, lora_layers))
+        plan["estimated_s"] = plan["speed"]["seconds"]
     return plan
-
-
-def _lora_cost(lora_layers: list[int] | None) -> float:
-    """A LoRA step's time against one with LoRA layers in every decoder layer (`lora_layers`: the model's last
-    layers, so the last index + 1 is its depth)."""
-    if lora_layers is None:
-        return 1.0
-    return 1 - LORA_BACKWARD_SHARE + LORA_BACKWARD_SHARE * len(lora_layers) / (lora_layers[-1] + 1)
 
 
 def prepare_training(config: TrainConfig, rows: list[dict], out_dir: str | Path, base_model: str | None = None,
@@ -721,6 +708,11 @@ def train(config: TrainConfig, rows: list[dict], out_dir: str | Path, base_model
         runtime_s=time.monotonic() - started, baseline=baseline_report, precision=record["config"]["precision"])
     write_run_record(out_dir, {**record, "status": "stopped" if stopped else "finished", "finished": now_iso(),
                                "losses": losses, **result.summary()})
+    if not checked.on_cuda and state.global_step >= MEASURED_STEPS and prepared.callback.tokens_per_s:
+        rows_summary = prepared.rows.summary()
+        record_speed(Path(data_dir) if data_dir else default_data_dir(), model_name(base_model), result.precision,
+                     prepared.callback.tokens_per_s, rows_summary["tokens"] / max(1, rows_summary["rows_used"]),
+                     run_cost(config.full_finetune, checked.lora_layers), str(out_dir))
     return result
 
 

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the Hub is unreachable here; nothing may try it
+# The suite never reads or writes the user's data dir (a training run records its speed there, for one).
+os.environ["MCPFT_HOME"] = tempfile.mkdtemp(prefix="mcpft-tests-")
+atexit.register(shutil.rmtree, os.environ["MCPFT_HOME"], ignore_errors=True)
 
 REPO = Path(__file__).resolve().parent.parent
 TRELIS_DIR = REPO.parent / "shared" / "fixtures" / "trelis-traces"

@@ -217,6 +217,7 @@ def test_train_says_what_will_train_before_it_starts(page):
     plan = page.locator("#train-plan")
     expect(plan).to_contain_text(re.compile(r"\d+ of \d+ row\(s\) will train"), timeout=60_000)
     expect(plan).to_contain_text("Estimated time on this CPU")
+    expect(plan).to_contain_text("reference 2-core CPU")  # no run here yet
     page.locator("#max-length input").fill("16")  # no row fits: each is named with its length
     page.locator("#train-plan-button").click()
     expect(plan).to_contain_text(re.compile(r"Nothing would train: all \d+ row\(s\) were left out: .*longer than "
@@ -249,6 +250,8 @@ def test_training_draws_the_loss_plot(app, page):
     expect(page.locator("#train-log textarea")).to_have_value(log)
     expect(page.locator("#train-result")).to_contain_text("Adapter:")
     expect(page.locator("#loss-plot canvas, #loss-plot svg").first).to_be_visible()
+    page.locator("#train-plan-button").click()  # the next run is priced from this one's measured speed
+    expect(page.locator("#train-plan")).to_contain_text("from this machine's last run", timeout=60_000)
 
 
 def test_evaluate_shows_the_side_by_side_table(page):

@@ -18,7 +18,7 @@ from mcpft.trace import normalize_trace
 from mcpft.selection import SelectionError, select_rows
 from mcpft.train import (
     CPU_CHECKPOINT_ABOVE, CPU_MAX_LENGTH, RUN_RECORD, TrainConfig, TrainError, choose_path, load_adapter_model,
-    merge_adapter, prepare_training, train, training_plan,
+    merge_adapter, prepare_training, resolve_precision, train, training_plan,
 )
 
 WEATHER_TOOL = {"type": "function", "function": {
@@ -269,6 +269,40 @@ def test_the_plan_counts_what_would_train_before_anything_loads(tiny_model_dir, 
     assert 0 < plan["trained_tokens"] < plan["tokens"] <= 400
     assert plan["estimated_s"] >= 0  # this machine has no CUDA: a CPU estimate
     assert not (tmp_path / "out").exists()  # nothing written: only a plan
+
+
+def test_the_estimate_uses_this_machines_measured_speed_once_a_run_measured_it(tiny_model_dir, tmp_path):
+    """Before any run here the plan prices a run from the reference rates; a finished run records its own rate for
+    this machine, model and precision, and the next plan uses it (carried to the new rows' length and shape)."""
+    from mcpft.models import model_name
+    from mcpft.train_speed import SPEED_FILE, machine, reference_rate
+
+    rows = weather_rows(answer="Rain all day, " * 300)
+    plan = training_plan(TrainConfig(epochs=4), rows, base_model=str(tiny_model_dir), data_dir=tmp_path)
+    assert plan["speed"]["source"] == "reference" and plan["estimated_s"] > 0
+    (tmp_path / SPEED_FILE).write_text("{not json")  # a damaged file costs only the local figure
+    assert training_plan(TrainConfig(), rows, base_model=str(tiny_model_dir),
+                         data_dir=tmp_path)["speed"]["source"] == "reference"
+
+    train(TrainConfig(max_steps=3, gradient_accumulation_steps=1), rows, tmp_path / "run",
+          base_model=str(tiny_model_dir), data_dir=tmp_path)
+    speeds = json.loads((tmp_path / SPEED_FILE).read_text())
+    precision = resolve_precision(TrainConfig(), on_cuda=False)  # bf16 on a CPU with native BF16, else fp32
+    measured = speeds[machine()][f"{model_name(str(tiny_model_dir))} · {precision}"]
+    assert measured["run"] == str(tmp_path / "run") and measured["tokens_per_s"] > 0
+    assert measured["mean_row"] == plan["tokens"]
+
+    after = training_plan(TrainConfig(epochs=4), rows, base_model=str(tiny_model_dir), data_dir=tmp_path)
+    assert after["speed"]["source"] == "this machine"
+    assert after["speed"]["tokens_per_s"] == pytest.approx(measured["tokens_per_s"], rel=0.01)
+    assert after["estimated_s"] == round(4 * plan["tokens"] / measured["tokens_per_s"])
+    shorter = training_plan(TrainConfig(epochs=4), weather_rows(), base_model=str(tiny_model_dir), data_dir=tmp_path)
+    mean_row = shorter["tokens"] / shorter["rows_used"]  # shorter rows train faster per token, as the reference says
+    assert shorter["speed"]["tokens_per_s"] == pytest.approx(
+        measured["tokens_per_s"] * reference_rate(precision, mean_row) / reference_rate(precision, plan["tokens"]),
+        rel=0.01)
+    top = training_plan(TrainConfig(epochs=4, lora_layers=1), rows, base_model=str(tiny_model_dir), data_dir=tmp_path)
+    assert top["estimated_s"] < after["estimated_s"]
 
 
 def test_long_rows_on_cpu_recompute_activations_by_default(tiny_model_dir, tmp_path):

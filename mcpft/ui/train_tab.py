@@ -90,8 +90,12 @@ def plan_text(plan: dict, n_traces: int) -> str:
              f"{plan['tokens']:,} tokens, {plan['trained_tokens']:,} of them trained, longest row {plan['longest']:,} "
              f"of the max length {plan['max_length']:,}; {plan['steps']} optimizer step(s)."]
     if plan["estimated_s"] is not None:
-        lines.append(f"Estimated time on this CPU: about {max(1, round(plan['estimated_s'] / 60))} min (from the "
-                     "training speed measured on 2 cores; loading adds about half a minute).")
+        speed = plan["speed"]
+        basis = (f"this machine's last run, carried to these rows: {speed['tokens_per_s']:,.0f} tokens/s"
+                 if speed["source"] == "this machine" else
+                 "the speed measured on a reference 2-core CPU; a first run here measures this machine's")
+        lines.append(f"Estimated time on this CPU: about {max(1, round(plan['estimated_s'] / 60))} min (from "
+                     f"{basis}; loading adds about half a minute).")
     if plan["rows_left_out"]:
         lines.append(f"**{len(plan['rows_left_out'])} row(s) will be left out:** " + "; ".join(
             f"`{item['id']}` ({item['n_tokens']:,} tokens: {item['reason']})" for item in plan["rows_left_out"][:10])
