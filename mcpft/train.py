@@ -42,7 +42,7 @@ CPU_CHECKPOINT_ABOVE = 4096
 BACKENDS = ("auto", "unsloth", "trl+peft")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 END_OF_TURN = "<|im_end|>"
-MEASURED_STEPS = 2  # a run this long or longer records its rate for this machine's estimates (mcpft.train_speed)
+MEASURED_STEPS = 2  # a run this long or longer records its rate (after its first step) for this machine's estimates
 
 
 class TrainError(Exception):
@@ -327,7 +327,8 @@ class _ProgressCallback:
         self.on_progress, self.stop_event = on_progress, stop_event
         self.losses: list[dict] = []
         self.started = time.monotonic()
-        self.tokens_per_s: float | None = None  # all tokens of the rows so far over the time since training began
+        self.first_step: tuple[float, int] | None = None  # (seconds, tokens) when the first step was logged
+        self.steady_tokens_per_s: float | None = None  # from the first step's end on (it pays for warming up)
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.started = time.monotonic()
@@ -344,11 +345,15 @@ class _ProgressCallback:
         entry = {"step": step, "loss": logs["loss"], "lr": logs.get("learning_rate"), "epoch": logs.get("epoch")}
         self.losses.append(entry)
         tokens = logs.get("num_tokens")
-        self.tokens_per_s = tokens / elapsed if tokens and elapsed > 0 else None
+        if tokens:
+            if self.first_step is None:
+                self.first_step = (elapsed, tokens)
+            elif elapsed > self.first_step[0]:
+                self.steady_tokens_per_s = (tokens - self.first_step[1]) / (elapsed - self.first_step[0])
         if self.on_progress:
             self.on_progress(Progress(
                 step=step, total=total, loss=entry["loss"], lr=entry["lr"], epoch=entry["epoch"],
-                tokens_per_s=self.tokens_per_s,
+                tokens_per_s=tokens / elapsed if tokens and elapsed > 0 else None,
                 eta_s=elapsed / step * (total - step) if step else None))
         self._maybe_stop(control)
 
@@ -708,10 +713,10 @@ def train(config: TrainConfig, rows: list[dict], out_dir: str | Path, base_model
         runtime_s=time.monotonic() - started, baseline=baseline_report, precision=record["config"]["precision"])
     write_run_record(out_dir, {**record, "status": "stopped" if stopped else "finished", "finished": now_iso(),
                                "losses": losses, **result.summary()})
-    if not checked.on_cuda and state.global_step >= MEASURED_STEPS and prepared.callback.tokens_per_s:
-        rows_summary = prepared.rows.summary()
+    if not checked.on_cuda and state.global_step >= MEASURED_STEPS and prepared.callback.steady_tokens_per_s:
+        kept = prepared.rows.summary()
         record_speed(Path(data_dir) if data_dir else default_data_dir(), model_name(base_model), result.precision,
-                     prepared.callback.tokens_per_s, rows_summary["tokens"] / max(1, rows_summary["rows_used"]),
+                     prepared.callback.steady_tokens_per_s, kept["tokens"] / max(1, kept["rows_used"]),
                      run_cost(config.full_finetune, checked.lora_layers), str(out_dir))
     return result
 
