@@ -8,6 +8,7 @@ with another shape (full fine-tuning, LoRA in the last layers only) prices the n
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -67,17 +68,22 @@ def _read(data_dir: Path) -> dict:
 
 def record_speed(data_dir: Path, model: str, precision: str, tokens_per_s: float, mean_row: float, cost: float,
                  run: str) -> None:
-    """Keep a finished run's measured rate for this machine (the file written whole: a temporary file renamed)."""
+    """Keep a finished run's measured rate for this machine (the file written whole: a temporary file of this
+    process renamed over it). A data dir that cannot be written only costs the next estimate its local figure."""
     speeds = _read(data_dir)
     mine = speeds.get(machine()) if isinstance(speeds.get(machine()), dict) else {}
     mine[_key(model, precision)] = {"tokens_per_s": round(tokens_per_s * cost, 2), "mean_row": round(mean_row),
                                     "measured": now_iso(), "run": run}
     speeds[machine()] = mine
     path = Path(data_dir) / SPEED_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(speeds, indent=2), encoding="utf-8")
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{SPEED_FILE}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(speeds, indent=2), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
 
 def estimate(data_dir: Path, model: str, precision: str, tokens: float, mean_row: float, cost: float) -> dict:

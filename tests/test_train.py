@@ -275,7 +275,7 @@ def test_the_estimate_uses_this_machines_measured_speed_once_a_run_measured_it(t
     """Before any run here the plan prices a run from the reference rates; a finished run records its own rate for
     this machine, model and precision, and the next plan uses it (carried to the new rows' length and shape)."""
     from mcpft.models import model_name
-    from mcpft.train_speed import SPEED_FILE, machine, reference_rate
+    from mcpft.train_speed import SPEED_FILE, machine, record_speed, reference_rate
 
     rows = weather_rows(answer="Rain all day, " * 300)
     plan = training_plan(TrainConfig(epochs=4), rows, base_model=str(tiny_model_dir), data_dir=tmp_path)
@@ -303,6 +303,9 @@ def test_the_estimate_uses_this_machines_measured_speed_once_a_run_measured_it(t
         rel=0.01)
     top = training_plan(TrainConfig(epochs=4, lora_layers=1), rows, base_model=str(tiny_model_dir), data_dir=tmp_path)
     assert top["speed"]["tokens_per_s"] > after["speed"]["tokens_per_s"]  # a shorter backward pass
+    not_a_folder = tmp_path / "a-file"
+    not_a_folder.write_text("")
+    record_speed(not_a_folder, "m", precision, 100.0, 1000, 1.0, "run")  # cannot be written: the run is not failed
 
 
 def test_long_rows_on_cpu_recompute_activations_by_default(tiny_model_dir, tmp_path):
