@@ -72,9 +72,15 @@ def choose(page, dropdown: str, value: str):
     expect(field).to_have_value(value)
 
 
+def choose_model(page, model: str):
+    """The model beside Send; the conversation takes the Endpoint tab's model field, which follows it."""
+    choose(page, "#agent-model", model)
+    expect(page.locator("#endpoint-model input")).to_have_value(model)
+
+
 def send(page, text: str, model: str | None = None):
     if model:
-        choose(page, "#agent-model", model)
+        choose_model(page, model)
     page.locator("#agent-input textarea").fill(text)
     page.locator("#agent-send").click()
 
@@ -135,10 +141,12 @@ def test_the_status_line_says_the_step_limit_was_reached(page):
     # The last test's Stop may still be updating the tab: a setting typed while outputs land can be re-rendered away.
     expect(page.locator("#agent-status [data-testid=status-tracker]")).to_have_class(re.compile(r"\bhide\b"))
     page.get_by_text("Settings (apply from the next new conversation)").click()
+    # Just after the accordion opens, Gradio sets its fields' first values once more: a value typed that early is
+    # lost. Choosing the model first (round trips to the server) lets that pass.
+    choose_model(page, "looper")
     steps = page.locator("#agent-max-steps input")
     steps.fill("2")
     page.locator("#auto-approve input").check()
-    choose(page, "#agent-model", "looper")
     expect(steps).to_have_value("2")
     send(page, "loop forever")
     expect(page.locator("#agent-status")).to_contain_text("Step limit reached: 2 step(s)")
@@ -186,6 +194,7 @@ def test_flags_read_as_plain_words_and_can_be_hidden(app, page, tmp_path):
         for question in ("clean question", "held question")))
     import_paths(ctx.store, [source], owner=owner)
     page.get_by_role("button", name="Refresh").click()
+    expect(trace_row(page, "clean question")).to_be_visible()  # the refresh landed: it cannot overwrite the filter
     expect(trace_row(page, "do the impossible")).to_contain_text("the model gave up")
     expect(trace_row(page, "loop forever")).to_contain_text("hit the step limit")
     page.locator("#hide-flagged input").check()
