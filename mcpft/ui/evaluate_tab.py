@@ -114,7 +114,9 @@ def compare_endpoint(ctx: AppContext, base: str | None, adapter: str) -> Embedde
 
 
 def build(ctx: AppContext, shared: Shared) -> None:
-    with gr.Tab("Evaluate", id="evaluate") as tab:
+    # Rendered with the page: an update that lands while Gradio mounts a lazily rendered tab can be lost (it sets the
+    # new children's first values again a frame later), and the last run's figures arrive by such an update.
+    with gr.Tab("Evaluate", id="evaluate", render_children=True) as tab:
         gr.Markdown(PURPOSE, elem_id="evaluate-purpose")
         demo_panel.build(ctx, shared, tab)
         gr.Markdown("### Step scores of your own traces\n"
