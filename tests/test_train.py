@@ -26,6 +26,9 @@ WEATHER_TOOL = {"type": "function", "function": {
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
 # Enough steps at this rate for the tiny model to reproduce the row greedily (measured: 40 steps reach it).
 MEMORISE = dict(max_steps=40, learning_rate=1e-2, gradient_accumulation_steps=1)
+# Every weight at this learning rate learns the two rows less steadily than LoRA: 40 steps left one wrong in bf16
+# (a CPU with native BF16) and not in fp32; 80 learn both in either precision, whatever the seed.
+MEMORISE_FULL = dict(MEMORISE, max_steps=80)
 
 
 def weather_trace(city: str = "Paris", answer: str = "It is sunny.", second_turn: bool = False) -> dict:
@@ -97,8 +100,8 @@ def test_full_finetune_trains_a_whole_model_used_as_the_model(tiny_model_dir, tm
     data = export_rows(weather_rows(), tmp_path / "rows.jsonl")
     out = tmp_path / "full"
     _run_verb(["train", "--out", str(out), "--base-model", str(tiny_model_dir), "--data", str(data), "--heldout",
-               str(data), "--full-finetune", "--max-steps", str(MEMORISE["max_steps"]), "--lr",
-               str(MEMORISE["learning_rate"]), "--grad-accum", "1", "--max-new-tokens", "40", "--json"])
+               str(data), "--full-finetune", "--max-steps", str(MEMORISE_FULL["max_steps"]), "--lr",
+               str(MEMORISE_FULL["learning_rate"]), "--grad-accum", "1", "--max-new-tokens", "40", "--json"])
     summary = json.loads(capsys.readouterr().out)
     assert summary["path"] == "trl" and summary["baseline"]["pass_rate"] == 0.0 and summary["after"]["pass_rate"] == 1.0
     assert json.loads((out / RUN_RECORD).read_text())["config"]["full_finetune"] is True
