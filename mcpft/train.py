@@ -250,6 +250,10 @@ class PreparedRows:
             "longest": max((r.n_tokens for _, r in kept), default=0), "max_length": self.max_length,
         }
 
+    def mean_row(self) -> float:
+        """Tokens in a training row, on average (what a rate of tokens/s depends on)."""
+        return sum(r.n_tokens for _, r in self.train) / max(1, len(self.train))
+
 
 def prepare_rows(tokenizer, rows: list[dict], max_length: int, eval_fraction: float = 0.0,
                  seed: int = 42) -> PreparedRows:
@@ -374,6 +378,7 @@ class Checked:
     tokenizer: object
     rows: PreparedRows
     lora_layers: list[int] | None  # the decoder layers that get LoRA layers (None: all)
+    data_dir: Path  # where the base model was found and this machine's training speed is kept
 
 
 @dataclass
@@ -404,7 +409,7 @@ def check_training(config: TrainConfig, rows: list[dict], out_dir: str | Path, b
         import unsloth  # noqa: F401  (must come before trl/transformers are used, so that its patches apply)
     folder, tokenizer, prepared_rows = _checked_rows(config, rows, base_model, data_dir)
     return Checked(out_dir=out_dir, path=path, why=why, on_cuda=cuda_available(), folder=folder, tokenizer=tokenizer,
-                   rows=prepared_rows, lora_layers=_lora_layers(config, folder, data_dir))
+                   rows=prepared_rows, lora_layers=_lora_layers(config, folder, data_dir), data_dir=data_dir)
 
 
 def _check_row_shapes(rows: list[dict]) -> None:
@@ -453,7 +458,7 @@ def training_plan(config: TrainConfig, rows: list[dict], base_model: str | None 
     plan["steps"] = config.max_steps or max(1, math.ceil(per_epoch * config.epochs))
     plan["estimated_s"] = plan["speed"] = None
     if not cuda_available():
-        mean_row = plan["tokens"] / max(1, plan["rows_used"])
+        mean_row = prepared.mean_row()
         rows_trained = min(plan["rows_used"] * config.epochs,
                            plan["steps"] * config.batch_size * config.gradient_accumulation_steps)
         plan["speed"] = estimate(data_dir, model_name(base_model), resolve_precision(config, on_cuda=False),
@@ -714,9 +719,8 @@ def train(config: TrainConfig, rows: list[dict], out_dir: str | Path, base_model
     write_run_record(out_dir, {**record, "status": "stopped" if stopped else "finished", "finished": now_iso(),
                                "losses": losses, **result.summary()})
     if not checked.on_cuda and state.global_step >= MEASURED_STEPS and prepared.callback.steady_tokens_per_s:
-        kept = prepared.rows.summary()
-        record_speed(Path(data_dir) if data_dir else default_data_dir(), model_name(base_model), result.precision,
-                     prepared.callback.steady_tokens_per_s, kept["tokens"] / max(1, kept["rows_used"]),
+        record_speed(checked.data_dir, model_name(base_model), result.precision,
+                     prepared.callback.steady_tokens_per_s, prepared.rows.mean_row(),
                      run_cost(config.full_finetune, checked.lora_layers), str(out_dir))
     return result
 

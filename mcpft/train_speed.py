@@ -70,11 +70,11 @@ def record_speed(data_dir: Path, model: str, precision: str, tokens_per_s: float
                  run: str) -> None:
     """Keep a finished run's measured rate for this machine (the file written whole: a temporary file of this
     process renamed over it). A data dir that cannot be written only costs the next estimate its local figure."""
-    speeds = _read(data_dir)
-    mine = speeds.get(machine()) if isinstance(speeds.get(machine()), dict) else {}
+    speeds, here = _read(data_dir), machine()
+    mine = speeds.get(here) if isinstance(speeds.get(here), dict) else {}
     mine[_key(model, precision)] = {"tokens_per_s": round(tokens_per_s * cost, 2), "mean_row": round(mean_row),
                                     "measured": now_iso(), "run": run}
-    speeds[machine()] = mine
+    speeds[here] = mine
     path = Path(data_dir) / SPEED_FILE
     tmp = path.with_name(f".{SPEED_FILE}.{os.getpid()}.tmp")
     try:
