@@ -15,7 +15,9 @@ architecture goes through the model's own forward with a cropped `DynamicCache`:
 
 On a CPU with native BF16 (AVX512-BF16 or AMX) weights and cache are bf16, which halves the bytes every decoded token
 reads; elsewhere on a CPU they stay fp32 (emulated bf16 is slower than fp32). A GPU uses the model's own dtype. On
-every CPU, decoding reads int8 copies of the weights (`_Int8Rows`): a quarter of fp32's bytes, half of bf16's.
+every CPU, decoding reads quantized copies of the weights: int8 rows (`_Int8Rows`: a quarter of fp32's bytes, half
+of bf16's), or 4-bit groups where the weights already sit on such a grid (`_Int4Groups`: the packaged SmolLM2 comes
+from a 4-bit GGUF); and from INT8_ATTENTION_FROM positions on, an int8 copy of the cache (`_Int8Cache`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from mcpft.models import cpu_has_native_bf16
 FAST_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
 CACHE_STEP = 512  # the KV cache grows in multiples of this many positions
 PREFILL_CHUNK = 256  # prompts are prefilled in chunks aligned to multiples of this (see Engine._prefill)
+INT8_ATTENTION_FROM = 1536  # with int8 decoding, decoded tokens attend through `_Int8Cache` from this context length
 DTYPE_ENV = "MCPFT_INFERENCE_DTYPE"  # "float32" / "bfloat16" / "float16": overrides the choice below
 DECODE_WEIGHTS_ENV = "MCPFT_DECODE_WEIGHTS"  # "int8" / "same": overrides the choice in `decode_weights`
 
@@ -211,11 +214,62 @@ class _Int8Rows:
         scales = weight.float().abs().amax(1).clamp(min=1e-12) / 127
         self.values = torch.round(weight.float() / scales[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
         self.scales = scales.to(self.KERNEL_DTYPE)
+        # how far what the kernel computes with lies from the weight, on average
+        self.mean_error = (self.values * self.scales.float()[:, None] - weight.float()).abs().mean().item()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).to(self.KERNEL_DTYPE), self.values,
                                                   self.scales)
         return rows.view(*x.shape[:-1], -1).to(x.dtype)
+
+
+
+class _Int4Groups:
+    """A weight quantized to 4 bits in groups of 32 inputs (a step and a zero per group), used for decoding where it
+    is closer to the weight than `_Int8Rows`.
+
+    That is where the weights already sit on such a grid: SmolLM2 as packaged comes from a Q4_1 GGUF (4 bits, groups
+    of 32, a step and a minimum each), so its layers' weights come back to within the bf16 rounding of the steps, 5x
+    closer than int8 rows, and PyTorch's int4 kernel reads them in half int8's time. A weight off such a grid (a
+    model trained in bf16, the GGUF's embedding) loses more in 4 bits than in 8 and keeps int8 (`decode_copy`). So
+    does a weight with a LoRA adapter folded in, whatever the error says: 4 bits would round the adapter's small,
+    coherent change back onto the base's grid, where int8's rounding noise averages out in the product.
+    """
+
+    GROUP = 32
+    KERNEL_DTYPE = torch.bfloat16
+
+    def __init__(self, weight: torch.Tensor):
+        outputs, inputs = weight.shape
+        groups = weight.float().view(outputs, inputs // self.GROUP, self.GROUP)
+        low = groups.amin(-1, keepdim=True)
+        step = ((groups.amax(-1, keepdim=True) - low) / 15).clamp(min=1e-12)
+        codes = torch.round((groups - low) / step).clamp(0, 15)
+        # The kernel computes (code - 8) * step + zero, with step and zero per group, [groups, outputs, 2].
+        steps_zeros = torch.cat([step, low + 8 * step], -1).to(self.KERNEL_DTYPE)
+        self.steps_zeros = steps_zeros.transpose(0, 1).contiguous()
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.view(outputs, inputs).to(torch.int32), 2)
+        step, zero = steps_zeros.float().unbind(-1)
+        self.mean_error = ((codes - 8) * step[..., None] + zero[..., None] - groups).abs().mean().item()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        rows = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]).to(self.KERNEL_DTYPE),
+                                                          self.packed, self.GROUP, self.steps_zeros)
+        return rows.view(*x.shape[:-1], -1).to(x.dtype)
+
+
+def decode_copy(weight: torch.Tensor, four_bit: bool = True) -> _Int8Rows | _Int4Groups | None:
+    """The quantized copy of a weight that one-token decode steps multiply through: with `four_bit`, 4-bit groups
+    where they are closer to the weight than int8 rows (see `_Int4Groups`), else int8 rows; None (the engine's own
+    weight) for a width the int8 kernel cannot take (it computes garbage unless the inputs are a multiple of 16)."""
+    if weight.shape[1] % 16:
+        return None
+    rows = _Int8Rows(weight)
+    outputs, inputs = weight.shape
+    if not four_bit or inputs % _Int4Groups.GROUP or outputs % 16 or weight.device.type != "cpu":  # int4 kernel's
+        return rows
+    groups = _Int4Groups(weight)
+    return groups if groups.mean_error <= rows.mean_error else rows
 
 
 @dataclass
@@ -229,13 +283,14 @@ class _Layer:
     norm2: torch.Tensor
     gate_up: torch.Tensor
     down: torch.Tensor
-    decode: dict[str, _Int8Rows] | None = None  # int8 copies of qkv, out, gate_up and down for one-token steps
+    decode: dict[str, _Int8Rows | _Int4Groups] | None = None  # quantized qkv, out, gate_up, down for one-token steps
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor, int8: _Int8Rows | None, bias: torch.Tensor | None = None):
-    if int8 is None:
+def _linear(x: torch.Tensor, weight: torch.Tensor, quantized: _Int8Rows | _Int4Groups | None,
+            bias: torch.Tensor | None = None):
+    if quantized is None:
         return F.linear(x, weight, bias)
-    return int8(x) if bias is None else int8(x) + bias
+    return quantized(x) if bias is None else quantized(x) + bias
 
 
 class _LlamaWeights:
@@ -268,20 +323,99 @@ class _LlamaWeights:
                 gate_up=torch.cat([_weight(mlp.gate_proj, adapter, dtype),
                                    _weight(mlp.up_proj, adapter, dtype)]).contiguous(),
                 down=_weight(mlp.down_proj, adapter, dtype).contiguous()))
-        self.head_int8 = None
-        if int8_decode:  # quantized after the adapter is folded in: the adapter's change is kept
+        self.head_decode = None
+        self.quantize = int8_decode  # decode copies still to make (`quantized`)
+        self.adapter = adapter
+
+    def quantized(self) -> _LlamaWeights:
+        """These weights with their decode copies, made on the first decoded token (~3 s for SmolLM2): a request that
+        only prefills (Test connection's one-token completion) never waits for them. They are quantized after the
+        adapter is folded in (to int8 rows only: see `_Int4Groups`), so the adapter's change is kept."""
+        if self.quantize:
             for layer in self.layers:
-                layer.decode = {name: _Int8Rows(getattr(layer, name)) for name in ("qkv", "out", "gate_up", "down")}
-            self.head_int8 = _Int8Rows(self.head)
+                layer.decode = {name: decode_copy(getattr(layer, name), four_bit=not self.adapter)
+                                for name in ("qkv", "out", "gate_up", "down")}
+            self.head_decode = decode_copy(self.head, four_bit=not self.adapter)
+            self.quantize = False
+        return self
+
+
+class _Int8Cache:
+    """Int8 copies of a cache's keys and values, which decoded tokens attend through at long contexts.
+
+    One decoded token reads the whole cache: at 3.6k positions SmolLM2's bf16 cache is 83 MB a token, and SDPA's CPU
+    kernel, with one query row a head, reads it at ~5 GB/s (15 ms of a 31 ms token). PyTorch's weight-only int8 kernel
+    reads a key cache quantized per position as if it were a weight, `q · K8ᵀ`, and the values, kept transposed, the
+    same way, `P · V8ᵀᵀ`: 8 ms for the same attention, at half the bytes. Below INT8_ATTENTION_FROM positions SDPA
+    is faster (the int8 path's per-head calls cost more than they save).
+
+    Keys and values are quantized per position and head (symmetric, as `_Int8Rows`), lazily, from the engine's own
+    cache: prefill writes and reuse keeps only that one, so these copies change decoded tokens only, as the int8
+    weights do. Positions past the sequence's length hold stale values that the attention weights by exactly 0.
+    """
+
+    STEP = 256  # capacity grows in multiples of this; the int8 kernel wants an inner dimension divisible by 16
+
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, device):
+        self.keys = torch.zeros((layers, kv_heads, 0, head_dim), dtype=torch.int8, device=device)
+        self.key_scales = torch.zeros((layers, kv_heads, 0), dtype=_Int8Rows.KERNEL_DTYPE, device=device)
+        self.values = torch.zeros((layers, kv_heads, head_dim, 0), dtype=torch.int8, device=device)  # transposed
+        self.value_scales = torch.zeros((layers, kv_heads, 0), dtype=torch.float32, device=device)
+        self.ones = torch.ones(head_dim, dtype=_Int8Rows.KERNEL_DTYPE, device=device)
+        self.length = 0  # positions quantized, in every layer
+
+    def reserve(self, length: int) -> None:
+        capacity = self.keys.shape[2]
+        if length <= capacity:
+            return
+        capacity = -(-length // self.STEP) * self.STEP
+        for name in ("keys", "key_scales", "values", "value_scales"):
+            old = getattr(self, name)
+            axis = 3 if name == "values" else 2
+            grown = old.new_zeros(old.shape[:axis] + (capacity,) + old.shape[axis + 1:])
+            grown.narrow(axis, 0, old.shape[axis]).copy_(old)
+            setattr(self, name, grown)
+
+    def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor, end: int) -> None:
+        """Quantize positions self.length..end of one layer's keys and values ([kv_heads, positions, head_dim])."""
+        start = self.length
+        for cache, scales, source in ((self.keys, self.key_scales, keys), (None, self.value_scales, values)):
+            rows = source[:, start:end].float()
+            step = rows.abs().amax(-1).clamp(min=1e-12) / 127
+            quantized = torch.round(rows / step[..., None]).clamp(-127, 127).to(torch.int8)
+            scales[layer, :, start:end] = step
+            if cache is None:
+                self.values[layer, :, :, start:end] = quantized.transpose(1, 2)
+            else:
+                cache[layer, :, start:end] = quantized
+
+    def attend(self, layer: int, q: torch.Tensor, end: int) -> torch.Tensor:
+        """One decoded token's attention: q [heads, head_dim] -> [heads, head_dim], over positions 0..end."""
+        kv_heads, dim, capacity = self.values.shape[1:]
+        group = q.shape[0] // kv_heads
+        rows = (q * dim ** -0.5).to(_Int8Rows.KERNEL_DTYPE).view(kv_heads, group, dim)
+        # The value product runs over the whole capacity: positions past `end` are weighted by exactly 0.
+        weights = torch.zeros((kv_heads, group, capacity), dtype=torch.float32, device=q.device)
+        for head in range(kv_heads):
+            weights[head, :, :end] = torch.ops.aten._weight_int8pack_mm(
+                rows[head], self.keys[layer, head, :end], self.key_scales[layer, head, :end])
+        weights[..., :end] = torch.softmax(weights[..., :end], -1) * self.value_scales[layer, :, None, :end]
+        weights = weights.to(_Int8Rows.KERNEL_DTYPE)
+        return torch.cat([torch.ops.aten._weight_int8pack_mm(weights[head], self.values[layer, head], self.ones)
+                          for head in range(kv_heads)]).to(q.dtype)
 
 
 class _LlamaCache:
-    """Keys and values of one sequence, [layers, kv_heads, capacity, head_dim], grown in CACHE_STEP blocks."""
+    """Keys and values of one sequence, [layers, kv_heads, capacity, head_dim], grown in CACHE_STEP blocks, and,
+    with int8 decoding, their int8 copies (`_Int8Cache`)."""
 
-    def __init__(self, weights: _LlamaWeights, dtype, device):
+    def __init__(self, weights: _LlamaWeights, dtype, device, int8: bool = False):
         self.shape = (len(weights.layers), weights.kv_heads, 0, weights.head_dim)
         self.dtype, self.device = dtype, device
         self.keys = self.values = torch.empty(self.shape, dtype=dtype, device=device)
+        # The int8 kernel reads keys as rows of head_dim inputs: it needs a multiple of 16.
+        self.int8 = (_Int8Cache(len(weights.layers), weights.kv_heads, weights.head_dim, device)
+                     if int8 and weights.head_dim % 16 == 0 else None)
 
     def reserve(self, length: int) -> None:
         capacity = self.keys.shape[2]
@@ -324,10 +458,12 @@ class _LlamaRunner:
         return self._weights[adapter]
 
     def new_cache(self, adapter: bool) -> _LlamaCache:
-        return _LlamaCache(self.weights(adapter), self.dtype, self.device)
+        return _LlamaCache(self.weights(adapter), self.dtype, self.device, int8=self.int8_decode)
 
     def crop(self, cache: _LlamaCache, length: int) -> None:
-        pass  # positions past `length` are simply overwritten
+        # Positions past `length` are simply overwritten; their int8 copies are made again.
+        if cache.int8 is not None:
+            cache.int8.length = min(cache.int8.length, length)
 
     def reserve(self, cache: _LlamaCache, length: int) -> None:
         cache.reserve(length)
@@ -335,7 +471,7 @@ class _LlamaRunner:
     @torch.inference_mode()
     def forward(self, ids: list[int], cache: _LlamaCache, start: int, adapter: bool,
                 decoding: bool = False) -> torch.Tensor:
-        w = self.weights(adapter)
+        w = self.weights(adapter).quantized() if decoding else self.weights(adapter)
         count, end = len(ids), start + len(ids)
         cache.reserve(end)
         tokens = torch.tensor(ids, device=self.device)
@@ -347,11 +483,15 @@ class _LlamaRunner:
         if count > 1:  # new positions see the cached prefix and, causally, each other
             mask = torch.ones(count, end, dtype=torch.bool, device=self.device).tril(diagonal=start)
         heads, kv_heads, dim = w.heads, w.kv_heads, w.head_dim
+        int8_cache = cache.int8 if decoding and end >= INT8_ATTENTION_FROM else None
+        if int8_cache is not None:
+            int8_cache.reserve(end)
         for i, layer in enumerate(w.layers):
-            # A prefilled position's keys and values are reused later, so only decoding reads the int8 weights.
-            int8 = layer.decode if decoding and layer.decode else {}
+            # A prefilled position's keys and values are reused later, so only decoding reads the quantized weights.
+            quantized = layer.decode if decoding and layer.decode else {}
             h = _rms(x, layer.norm1, w.eps)
-            q, k, v = _linear(h, layer.qkv, int8.get("qkv"), layer.qkv_bias).split([heads * dim, kv_heads * dim, kv_heads * dim], -1)
+            q, k, v = _linear(h, layer.qkv, quantized.get("qkv"), layer.qkv_bias).split(
+                [heads * dim, kv_heads * dim, kv_heads * dim], -1)
             q, k = q.view(1, count, heads, dim), k.view(1, count, kv_heads, dim)
             if layer.q_norm is not None:
                 q, k = _rms(q, layer.q_norm, w.eps), _rms(k, layer.k_norm, w.eps)
@@ -360,16 +500,21 @@ class _LlamaRunner:
             cache.keys[i, :, start:end] = k[0]
             cache.values[i, :, start:end] = v.view(count, kv_heads, dim).transpose(0, 1)
             keys, values = cache.keys[i:i + 1, :, :end], cache.values[i:i + 1, :, :end]
-            if count == 1:  # a group's query heads as rows of one head: 4x faster than SDPA's GQA path on CPU
+            if int8_cache is not None:
+                int8_cache.update(i, cache.keys[i], cache.values[i], end)
+                attended = int8_cache.attend(i, q.view(heads, dim), end).view(1, heads, 1, dim)
+            elif count == 1:  # a group's query heads as rows of one head: 4x faster than SDPA's GQA path on CPU
                 attended = F.scaled_dot_product_attention(q.view(1, kv_heads, heads // kv_heads, dim), keys,
                                                           values).view(1, heads, 1, dim)
             else:
                 attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
                                                           enable_gqa=True)
-            x = x + _linear(attended.transpose(1, 2).reshape(1, count, heads * dim), layer.out, int8.get("out"))
-            gate, up = _linear(_rms(x, layer.norm2, w.eps), layer.gate_up, int8.get("gate_up")).chunk(2, -1)
-            x = x + _linear(F.silu(gate) * up, layer.down, int8.get("down"))
-        return _linear(_rms(x[0, -1], w.norm, w.eps), w.head, w.head_int8 if decoding else None)
+            x = x + _linear(attended.transpose(1, 2).reshape(1, count, heads * dim), layer.out, quantized.get("out"))
+            gate, up = _linear(_rms(x, layer.norm2, w.eps), layer.gate_up, quantized.get("gate_up")).chunk(2, -1)
+            x = x + _linear(F.silu(gate) * up, layer.down, quantized.get("down"))
+        if int8_cache is not None:
+            int8_cache.length = end
+        return _linear(_rms(x[0, -1], w.norm, w.eps), w.head, w.head_decode if decoding else None)
 
 
 class _TransformersRunner:
@@ -434,7 +579,7 @@ class Engine:
         self.runner = runner(model, self.dtype, decode)
         self.kind = "transformers forward" if self.fast_problem else (
             f"mcpft Llama-family forward ({self.dtype}"
-            + (", int8 weights for decoding)" if self.runner.int8_decode else ")"))
+            + (", int8 or int4 weights and an int8 cache for decoding)" if self.runner.int8_decode else ")"))
         self._sequences: dict[bool, _Sequence] = {}
         self.stats = Stats()
 

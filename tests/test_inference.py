@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from mcpft.hermes import tool_calls_end
-from mcpft.inference import (LOOP_MIN_TOKENS, PREFILL_CHUNK, Engine, Sampling, _Int8Rows, decode_weights,
-                             inference_dtype, looping)
+from mcpft import inference
+from mcpft.inference import (LOOP_MIN_TOKENS, PREFILL_CHUNK, Engine, Sampling, _Int4Groups, _Int8Cache, _Int8Rows,
+                             decode_copy, decode_weights, inference_dtype, looping)
 from mcpft.models import cpu_has_native_bf16, load_model
 
 
@@ -70,10 +71,15 @@ def test_greedy_tokens_match_transformers_generate(tiny, fast):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("fast", [True, False], ids=["own forward", "transformers forward"])
-def test_prefix_reuse_gives_the_same_greedy_tokens(tiny, dtype, fast):
+@pytest.mark.parametrize(("fast", "int8_attention_from"), [(True, inference.INT8_ATTENTION_FROM), (True, 0),
+                                                           (False, None)],
+                         ids=["own forward", "own forward, int8 cache", "transformers forward"])
+def test_prefix_reuse_gives_the_same_greedy_tokens(tiny, dtype, fast, int8_attention_from, monkeypatch):
     """Each prompt extends the one before (as an agent's steps do): with reuse only the new part is prefilled, and
-    the answers are the same, token for token, as from an engine that prefills every prompt whole."""
+    the answers are the same, token for token, as from an engine that prefills every prompt whole; also where
+    decoding attends through the int8 copy of the cache (made again past the reused part)."""
+    if int8_attention_from is not None:
+        monkeypatch.setattr(inference, "INT8_ATTENTION_FROM", int8_attention_from)
     model, tokenizer = tiny
     reusing, fresh = Engine(model, dtype=dtype, fast=fast), Engine(model, dtype=dtype, fast=fast)
     reused = []
@@ -171,11 +177,14 @@ def test_int8_rows_compute_the_product_of_the_weight_they_quantize(dtype):
     assert product.shape == (1, 3, 96) and product.dtype == dtype and error < 0.02
 
 
+@pytest.mark.parametrize("int8_attention_from", [inference.INT8_ATTENTION_FROM, 0], ids=["sdpa", "int8 cache"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int8_decoding_keeps_the_adapter_and_stays_near_the_engines_weights(tiny_with_adapter, dtype):
-    """One decoding step with int8 weights against the same step with the engine's own weights (fp32 on a CPU
-    without native BF16, bf16 on one with it), with the adapter and without: quantizing moves the logits far less
-    than the adapter does, so the adapter's change survives it."""
+def test_int8_decoding_keeps_the_adapter_and_stays_near_the_engines_weights(tiny_with_adapter, dtype,
+                                                                            int8_attention_from, monkeypatch):
+    """One decoding step with int8 weights (and the int8 cache) against the same step with the engine's own weights
+    and cache (fp32 on a CPU without native BF16, bf16 on one with it), with the adapter and without: quantizing
+    moves the logits far less than the adapter does, so the adapter's change survives it."""
+    monkeypatch.setattr(inference, "INT8_ATTENTION_FROM", int8_attention_from)
     model, tokenizer = tiny_with_adapter
     ids = prompt_ids(tokenizer, conversation(2)[-1])
     engine = Engine(model, dtype=dtype, decode="int8")
@@ -193,6 +202,53 @@ def test_int8_decoding_keeps_the_adapter_and_stays_near_the_engines_weights(tiny
     for adapter in (True, False):
         assert distance(logits[adapter, True], logits[adapter, False]) < 0.05
     assert distance(logits[True, False], logits[False, False]) > 4 * distance(logits[True, True], logits[True, False])
+
+
+def on_a_4bit_grid(outputs: int, inputs: int) -> torch.Tensor:
+    """A weight as a Q4_1 GGUF stores one: 4-bit codes in groups of 32 inputs, each group with a step and a minimum
+    (its codes run from 0 to 15: the step is the group's range over 15)."""
+    groups = (outputs, inputs // 32, 1)
+    codes = torch.randint(0, 16, (outputs, inputs // 32, 32)).float()
+    codes[..., 0], codes[..., 1] = 0, 15
+    return (codes * torch.rand(groups) * 0.01 - torch.rand(groups) * 0.08).view(outputs, inputs)
+
+
+def test_4bit_groups_serve_a_weight_already_on_a_4bit_grid_and_int8_rows_any_other():
+    torch.manual_seed(0)
+    x = torch.randn(1, 2, 128)
+    for weight, kind in ((on_a_4bit_grid(96, 128), _Int4Groups), (torch.randn(96, 128) * 0.05, _Int8Rows)):
+        copy = decode_copy(weight)
+        assert type(copy) is kind
+        exact = torch.nn.functional.linear(x, weight)
+        error = (copy(x).float() - exact).norm() / exact.norm()
+        assert copy(x).shape == (1, 2, 96) and error < 0.02
+    grid = on_a_4bit_grid(96, 128)  # on the grid, 4 bits lose less than 8: only the steps' bf16 rounding
+    assert _Int4Groups(grid).mean_error < _Int8Rows(grid).mean_error / 3
+    assert type(decode_copy(grid, four_bit=False)) is _Int8Rows  # a weight with an adapter folded in
+    assert decode_copy(torch.randn(8, 40)) is None  # the int8 kernel computes garbage for such a width
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_int8_cache_attends_as_sdpa_does(dtype):
+    """Grouped-query attention of one new position over 700 cached ones, against SDPA on the cache it copies,
+    written in two parts (as a prompt's prefill, then decoded positions) into a cache grown between them."""
+    torch.manual_seed(0)
+    layers, kv_heads, heads, dim, length = 2, 2, 6, 32, 700
+    keys, values = (torch.randn(layers, kv_heads, length, dim).to(dtype) for _ in range(2))
+    cache = _Int8Cache(layers, kv_heads, dim, torch.device("cpu"))
+    for end in (500, length):
+        cache.reserve(end)
+        for layer in range(layers):
+            cache.update(layer, keys[layer], values[layer], end)
+        cache.length = end
+    assert cache.keys.shape[2] % 16 == 0 and cache.keys.shape[2] >= length
+    for layer in range(layers):
+        q = torch.randn(heads, dim).to(dtype)
+        exact = torch.nn.functional.scaled_dot_product_attention(
+            q.float()[None, :, None], keys[layer].float()[None], values[layer].float()[None], enable_gqa=True)[0, :, 0]
+        attended = cache.attend(layer, q, length)
+        assert attended.dtype == dtype and attended.shape == (heads, dim)
+        assert float((attended.float() - exact).norm() / exact.norm()) < 0.02
 
 
 @pytest.mark.parametrize(("tokens", "loops"), [
