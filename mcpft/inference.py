@@ -196,6 +196,13 @@ def fast_path_problem(model) -> str | None:
     return None
 
 
+def _quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Int8 values and fp32 scales of each row (the last dimension), symmetric: a row's largest magnitude is 127."""
+    x = x.float()
+    scales = x.abs().amax(-1).clamp(min=1e-12) / 127
+    return torch.round(x / scales[..., None]).clamp(-127, 127).to(torch.int8), scales
+
+
 class _Int8Rows:
     """A weight quantized to int8 per output row (symmetric: the row's largest magnitude is 127), used for decoding.
 
@@ -211,9 +218,8 @@ class _Int8Rows:
     KERNEL_DTYPE = torch.bfloat16
 
     def __init__(self, weight: torch.Tensor):
-        scales = weight.float().abs().amax(1).clamp(min=1e-12) / 127
-        self.values = torch.round(weight.float() / scales[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
-        self.scales = scales.to(self.KERNEL_DTYPE)
+        values, scales = _quantize_rows(weight)
+        self.values, self.scales = values.contiguous(), scales.to(self.KERNEL_DTYPE)
         # how far what the kernel computes with lies from the weight, on average
         self.mean_error = (self.values * self.scales.float()[:, None] - weight.float()).abs().mean().item()
 
@@ -379,15 +385,10 @@ class _Int8Cache:
     def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor, end: int) -> None:
         """Quantize positions self.length..end of one layer's keys and values ([kv_heads, positions, head_dim])."""
         start = self.length
-        for cache, scales, source in ((self.keys, self.key_scales, keys), (None, self.value_scales, values)):
-            rows = source[:, start:end].float()
-            step = rows.abs().amax(-1).clamp(min=1e-12) / 127
-            quantized = torch.round(rows / step[..., None]).clamp(-127, 127).to(torch.int8)
-            scales[layer, :, start:end] = step
-            if cache is None:
-                self.values[layer, :, :, start:end] = quantized.transpose(1, 2)
-            else:
-                cache[layer, :, start:end] = quantized
+        keys8, self.key_scales[layer, :, start:end] = _quantize_rows(keys[:, start:end])
+        values8, self.value_scales[layer, :, start:end] = _quantize_rows(values[:, start:end])
+        self.keys[layer, :, start:end] = keys8
+        self.values[layer, :, :, start:end] = values8.transpose(1, 2)
 
     def attend(self, layer: int, q: torch.Tensor, end: int) -> torch.Tensor:
         """One decoded token's attention: q [heads, head_dim] -> [heads, head_dim], over positions 0..end."""
