@@ -229,7 +229,6 @@ class _Int8Rows:
         return rows.view(*x.shape[:-1], -1).to(x.dtype)
 
 
-
 class _Int4Groups:
     """A weight quantized to 4 bits in groups of 32 inputs (a step and a zero per group), used for decoding where it
     is closer to the weight than `_Int8Rows`.
