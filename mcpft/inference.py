@@ -220,8 +220,10 @@ class _Int8Rows:
     def __init__(self, weight: torch.Tensor):
         values, scales = _quantize_rows(weight)
         self.values, self.scales = values.contiguous(), scales.to(self.KERNEL_DTYPE)
-        # how far what the kernel computes with lies from the weight, on average
-        self.mean_error = (self.values * self.scales.float()[:, None] - weight.float()).abs().mean().item()
+
+    def mean_error(self, weight: torch.Tensor) -> float:
+        """How far what the kernel computes with lies from `weight` (the one quantized), on average."""
+        return (self.values * self.scales.float()[:, None] - weight.float()).abs().mean().item()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).to(self.KERNEL_DTYPE), self.values,
@@ -274,7 +276,7 @@ def decode_copy(weight: torch.Tensor, four_bit: bool = True) -> _Int8Rows | _Int
     if not four_bit or inputs % _Int4Groups.GROUP or outputs % 16 or weight.device.type != "cpu":  # int4 kernel's
         return rows
     groups = _Int4Groups(weight)
-    return groups if groups.mean_error <= rows.mean_error else rows
+    return groups if groups.mean_error <= rows.mean_error(weight) else rows
 
 
 @dataclass

@@ -223,7 +223,7 @@ def test_4bit_groups_serve_a_weight_already_on_a_4bit_grid_and_int8_rows_any_oth
         error = (copy(x).float() - exact).norm() / exact.norm()
         assert copy(x).shape == (1, 2, 96) and error < 0.02
     grid = on_a_4bit_grid(96, 128)  # on the grid, 4 bits lose less than 8: only the steps' bf16 rounding
-    assert _Int4Groups(grid).mean_error < _Int8Rows(grid).mean_error / 3
+    assert _Int4Groups(grid).mean_error < _Int8Rows(grid).mean_error(grid) / 3
     assert type(decode_copy(grid, four_bit=False)) is _Int8Rows  # a weight with an adapter folded in
     assert decode_copy(torch.randn(8, 40)) is None  # the int8 kernel computes garbage for such a width
 
