@@ -26,14 +26,15 @@ from mcpft.models import load_tokenizer  # noqa: E402
 from mcpft.render import render  # noqa: E402
 
 
-def row_figures(work: Path, base_model: str | None) -> dict:
-    """Tokens per training row and the trained share, from the run's own store."""
-    from mcpft.dataset import rows_from_traces
+def row_figures(work: Path, base_model: str | None, recipe: PayoffRecipe) -> dict:
+    """Tokens per training row and the trained share, from the run's own store, as the recipe trains them."""
+    from mcpft.dataset import rows_from_traces, without_reasoning
     from mcpft.store import Store
 
     tokenizer = load_tokenizer(base_model, data_dir())
     with Store(work / "demo.db") as store:
         rows = rows_from_traces(store.traces(tags=["demo", "train"]))
+    rows = rows if recipe.train_reasoning else without_reasoning(rows)
     rendered = [render(tokenizer, row) for row in rows]
     tokens = [r.n_tokens for r in rendered]
     trained = sum(sum(r.train_mask) for r in rendered)
@@ -48,12 +49,15 @@ def main() -> None:
     for name, kind in (("train-traces", int), ("heldout-tasks", int), ("epochs", float), ("lr", float),
                        ("grad-accum", int), ("lora-r", int), ("lora-layers", int), ("agent-max-steps", int), ("max-new-tokens", int)):
         parser.add_argument(f"--{name}", type=kind, default=None, help="default: space.yaml's demo recipe")
+    parser.add_argument("--train-reasoning", action=argparse.BooleanOptionalAction, default=None,
+                        help="train the teacher's reasoning too (default: space.yaml's demo recipe)")
     args = parser.parse_args()
     settings = load_settings()
     recipe = PayoffRecipe.from_settings(
         settings, train_traces=args.train_traces, heldout_tasks=args.heldout_tasks, epochs=args.epochs,
         learning_rate=args.lr, gradient_accumulation_steps=args.grad_accum, lora_r=args.lora_r,
-        lora_layers=args.lora_layers, agent_max_steps=args.agent_max_steps, max_new_tokens=args.max_new_tokens)
+        lora_layers=args.lora_layers, agent_max_steps=args.agent_max_steps, max_new_tokens=args.max_new_tokens,
+        train_reasoning=args.train_reasoning)
     base_model = args.base_model or default_base_model(settings)
     bars: dict[str, tqdm] = {}
 
@@ -67,7 +71,7 @@ def main() -> None:
     report = run_payoff(recipe, args.out, base_model, on_progress)
     for bar in bars.values():
         bar.close()
-    figures = {**report.to_dict(), "row_figures": row_figures(args.out, base_model)}
+    figures = {**report.to_dict(), "row_figures": row_figures(args.out, base_model, recipe)}
     (args.out / "payoff.json").write_text(json.dumps(figures, indent=2, default=str))
     print(payoff_table(report))
     print(json.dumps({k: figures[k] for k in ("base_success", "tuned_success", "seconds", "train", "row_figures")},

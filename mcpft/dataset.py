@@ -75,6 +75,13 @@ def _marked(message: dict, train: bool, keep_reasoning: bool = True) -> dict:
     return marked
 
 
+def without_reasoning(rows: list[dict]) -> list[dict]:
+    """The rows with no assistant reasoning anywhere: trained on, a model learns to call and answer without thinking
+    aloud first (a small model copies a teacher's reasoning sentences and errs inside them)."""
+    return [{**row, "messages": [{k: v for k, v in m.items() if k != "reasoning_content"} for m in row["messages"]]}
+            for row in rows]
+
+
 def _row(trace: Trace, turn: int, messages: list[dict], tools_json: str) -> dict:
     return {"id": f"{trace.id}-{turn}", "trace_id": trace.id, "turn": turn, "timestamp": trace.created,
             "model": trace.model, "messages": messages, "tools": tools_json}

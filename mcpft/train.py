@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from mcpft.config import data_dir as default_data_dir
+from mcpft.dataset import without_reasoning
 from mcpft.models import (adapter_problem, explain_out_of_memory, load_tokenizer, model_context, model_layers,
                           model_name, resolve_model)
 from mcpft.render import Rendered, render_many
@@ -89,6 +90,8 @@ class TrainConfig:
     backend: str = _option("auto", "auto: Unsloth on CUDA when installed, else TRL + PEFT", choices=BACKENDS)
     precision: str = _option("auto", "mixed precision: auto = bf16 autocast on a GPU or CPU with native bf16, fp16 "
                                      "on older GPUs, fp32 on other CPUs", choices=PRECISIONS)
+    reasoning: bool = _option(True, "train the assistant's reasoning (its thinking) too; --no-reasoning drops it "
+                                    "from the rows, so the model calls and answers without thinking aloud")
 
     def __post_init__(self):
         self.target_modules = tuple(self.target_modules)
@@ -438,6 +441,7 @@ def _checked_rows(config: TrainConfig, rows: list[dict], base_model: str | None,
     tokenizer = load_tokenizer(str(folder), data_dir)
     _check_chat_markup(tokenizer, base_model)
     max_length = resolve_max_length(config, model_context(str(folder), data_dir), cuda_available())
+    rows = rows if config.reasoning else without_reasoning(rows)
     prepared_rows = prepare_rows(tokenizer, rows, max_length, config.eval_fraction, config.seed)
     if not prepared_rows.train:
         raise TrainError("every row was held out for evaluation: lower eval_fraction")

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from mcpft.dataset import ExportError, export_rows, load_rows, rows_from_traces, unroll
+from mcpft.dataset import ExportError, export_rows, load_rows, rows_from_traces, unroll, without_reasoning
 from mcpft.trace import normalize_trace
 
 TOOLS = [{"type": "function", "function": {"name": "nav", "description": "", "parameters": {}}}]
@@ -53,6 +53,18 @@ def test_without_unroll_one_row_trains_everything():
     assert trained(row) == ["", "answer one", "answer two", "", "answer three"]
     assert [m.get("reasoning_content") for m in row["messages"] if m["role"] == "assistant"] == \
         ["r1a", "r1b", "r2", "r3a", "r3b"]
+
+
+def test_rows_without_reasoning_keep_everything_else():
+    rows = unroll(THREE_TURNS)
+    bare = without_reasoning(rows)
+    assert not any("reasoning_content" in m for row in bare for m in row["messages"])
+    assert [trained(row) for row in bare] == [trained(row) for row in rows]  # the same turns trained, same words
+    for before, after in zip(rows, bare):
+        assert [{k: v for k, v in m.items() if k != "reasoning_content"} for m in before["messages"]] == \
+            after["messages"]
+        assert {k: v for k, v in before.items() if k != "messages"} == {k: v for k, v in after.items() if k != "messages"}
+    assert rows[2]["messages"][-1]["reasoning_content"] == "r3b"  # the rows given are left as they were
 
 
 def test_system_prompt_can_be_kept_out_of_training():

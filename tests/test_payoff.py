@@ -7,6 +7,7 @@ import json
 import pytest
 
 from mcpft.cli import main
+from mcpft.config import load_settings
 from mcpft.demo.payoff import PayoffError, PayoffRecipe
 from mcpft.store import Store
 
@@ -29,6 +30,8 @@ def test_payoff_from_an_empty_store_to_a_before_after(tiny_model_dir, tmp_path, 
     with Store(out / "demo.db") as store:
         assert len(store.traces(tags=["demo", "train"])) == 2
     assert (out / "adapter" / "adapter_config.json").is_file()
+    run = json.loads((out / "adapter" / "mcpft_run.json").read_text())
+    assert run["config"]["reasoning"] is PayoffRecipe.from_settings(load_settings()).train_reasoning
     assert (out / "transcripts-base.jsonl").is_file() and (out / "transcripts-tuned.jsonl").is_file()
 
     assert main(argv) == 2  # the work dir now holds a run: a payoff starts from an empty store
@@ -45,3 +48,5 @@ def test_the_recipe_comes_from_space_yaml_and_is_checked():
     with pytest.raises(PayoffError, match="lora_layers must be a whole number of at least 1 .*, got 0"):
         PayoffRecipe.from_settings({"demo": {"lora_layers": 0}})
     assert PayoffRecipe.from_settings({"demo": {"lora_layers": 15}}).lora_layers == 15
+    with pytest.raises(PayoffError, match="train_reasoning must be true or false, got 'no'"):
+        PayoffRecipe.from_settings({"demo": {"train_reasoning": "no"}})

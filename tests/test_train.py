@@ -274,6 +274,19 @@ def test_the_plan_counts_what_would_train_before_anything_loads(tiny_model_dir, 
     assert not (tmp_path / "out").exists()  # nothing written: only a plan
 
 
+def test_no_reasoning_trains_the_calls_and_answers_without_the_thinking(tiny_model_dir, tmp_path):
+    raw = weather_trace()
+    raw["messages"][2]["reasoning_content"] = "The user wants the weather, so I call the tool for the city. " * 3
+    raw["messages"][4]["reasoning_content"] = "The tool says it is sunny."
+    rows = rows_from_traces([normalize_trace(raw)])
+    bare = rows_from_traces([normalize_trace(weather_trace())])
+    thinking, plain = (training_plan(TrainConfig(reasoning=keep), rows, base_model=str(tiny_model_dir),
+                                     data_dir=tmp_path) for keep in (True, False))
+    reference = training_plan(TrainConfig(), bare, base_model=str(tiny_model_dir), data_dir=tmp_path)
+    assert thinking["trained_tokens"] > plain["trained_tokens"]
+    assert (plain["tokens"], plain["trained_tokens"]) == (reference["tokens"], reference["trained_tokens"])
+
+
 def test_the_estimate_uses_this_machines_measured_speed_once_a_run_measured_it(tiny_model_dir, tmp_path):
     """Before any run here the plan prices a run from the reference rates; a finished run records its own rate for
     this machine, model and precision, and the next plan uses it (carried to the new rows' length and shape)."""

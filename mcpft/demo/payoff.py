@@ -47,6 +47,7 @@ class PayoffRecipe:
     lora_layers: int | None = None  # LoRA in the last N decoder layers only (None: all)
     agent_max_steps: int = 6
     max_new_tokens: int = 320  # per agent step: a 4-field browser_fill_form call alone is ~170 tokens
+    train_reasoning: bool = False  # the teacher's reasoning left out of the rows: 135M copies its sentences wrong
 
     def __post_init__(self):
         for name in ("train_traces", "heldout_tasks", "gradient_accumulation_steps", "lora_r", "agent_max_steps",
@@ -57,6 +58,8 @@ class PayoffRecipe:
         if self.lora_layers is not None and (not isinstance(self.lora_layers, int) or self.lora_layers < 1):
             raise PayoffError(f"demo recipe: lora_layers must be a whole number of at least 1 (or unset: all "
                               f"layers), got {self.lora_layers!r}")
+        if not isinstance(self.train_reasoning, bool):
+            raise PayoffError(f"demo recipe: train_reasoning must be true or false, got {self.train_reasoning!r}")
         for name in ("epochs", "learning_rate"):
             if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) <= 0:
                 raise PayoffError(f"demo recipe: {name} must be a positive number, got {getattr(self, name)!r}")
@@ -167,7 +170,8 @@ def _train(recipe: PayoffRecipe, rows: list[dict], adapter_dir: Path, base_model
         raise PayoffError("no teacher trace was collected unflagged: nothing to train on")
     config = TrainConfig(epochs=recipe.epochs, learning_rate=recipe.learning_rate, lora_r=recipe.lora_r,
                          lora_alpha=2 * recipe.lora_r, lora_layers=recipe.lora_layers,
-                         gradient_accumulation_steps=recipe.gradient_accumulation_steps)
+                         gradient_accumulation_steps=recipe.gradient_accumulation_steps,
+                         reasoning=recipe.train_reasoning)
     result = train(config, rows, adapter_dir, base_model=base_model,
                    on_progress=lambda p: progress("train", p.step, p.total))
     # The precision follows the CPU (bf16 autocast where it has native BF16): figures from different hosts differ.

@@ -216,6 +216,8 @@ def build(ctx: AppContext, shared: Shared) -> None:
                                        f"{GPU_MAX_LENGTH} on GPU, capped by the model)", precision=0, minimum=0,
                                        elem_id="max-length")
                 seed = gr.Number(defaults.seed, label="Seed", precision=0)
+                reasoning = gr.Checkbox(defaults.reasoning, label="Train the thinking too (off: calls and answers "
+                                        "only, what the demo's small model learns best)", elem_id="train-reasoning")
         with gr.Row():
             plan_button = gr.Button("Check what will train", elem_id="train-plan-button")
             start_button = gr.Button("Start training", variant="primary", elem_id="train-start")
@@ -243,12 +245,13 @@ def build(ctx: AppContext, shared: Shared) -> None:
             push_button = gr.Button("Push")
         run_note = gr.Markdown()
 
-    def run_config(path, r, alpha, layers, lr, n_epochs, accum, steps, length, seed_) -> TrainConfig:
+    def run_config(path, r, alpha, layers, lr, n_epochs, accum, steps, length, seed_, thinking) -> TrainConfig:
         try:
             return TrainConfig(lora_r=int(r), lora_alpha=int(alpha), lora_layers=int(layers) or None,
                                learning_rate=float(lr), epochs=float(n_epochs),
                                gradient_accumulation_steps=int(accum), max_steps=int(steps) or None,
-                               max_length=int(length) or None, seed=int(seed_), backend=path)
+                               max_length=int(length) or None, seed=int(seed_), backend=path,
+                               reasoning=bool(thinking))
         except (TrainError, TypeError, ValueError) as error:
             raise gr.Error(f"Hyperparameters: {error}") from None
 
@@ -341,7 +344,7 @@ def build(ctx: AppContext, shared: Shared) -> None:
 
     owner = shared.owner
     train_inputs = [owner, base_model, backend, tags, heldout_tag, include_flagged, lora_r, lora_alpha,
-                    lora_layers, learning_rate, epochs, accumulation, max_steps, max_length, seed]
+                    lora_layers, learning_rate, epochs, accumulation, max_steps, max_length, seed, reasoning]
     plan_button.click(check_plan, train_inputs, [plan_note])
     start_button.click(start, train_inputs, [progress, loss_plot, log, result, run],
                        concurrency_limit=1, concurrency_id="train")
