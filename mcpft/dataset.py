@@ -70,16 +70,17 @@ def _marked(message: dict, train: bool, keep_reasoning: bool = True) -> dict:
     if message["role"] != "assistant":
         return message
     marked = {**message, "train": train}
-    if not keep_reasoning:
-        marked.pop("reasoning_content", None)
-    return marked
+    return marked if keep_reasoning else _unreasoned(marked)
+
+
+def _unreasoned(message: dict) -> dict:
+    return {key: value for key, value in message.items() if key != "reasoning_content"}
 
 
 def without_reasoning(rows: list[dict]) -> list[dict]:
     """The rows with no assistant reasoning anywhere: trained on, a model learns to call and answer without thinking
     aloud first (a small model copies a teacher's reasoning sentences and errs inside them)."""
-    return [{**row, "messages": [{k: v for k, v in m.items() if k != "reasoning_content"} for m in row["messages"]]}
-            for row in rows]
+    return [{**row, "messages": [_unreasoned(m) for m in row["messages"]]} for row in rows]
 
 
 def _row(trace: Trace, turn: int, messages: list[dict], tools_json: str) -> dict:
