@@ -17,7 +17,9 @@ On a CPU with native BF16 (AVX512-BF16 or AMX) weights and cache are bf16, which
 reads; elsewhere on a CPU they stay fp32 (emulated bf16 is slower than fp32). A GPU uses the model's own dtype. On
 every CPU, decoding reads quantized copies of the weights: int8 rows (`_Int8Rows`: a quarter of fp32's bytes, half
 of bf16's), or 4-bit groups where the weights already sit on such a grid (`_Int4Groups`: the packaged SmolLM2 comes
-from a 4-bit GGUF); and from INT8_ATTENTION_FROM positions on, an int8 copy of the cache (`_Int8Cache`).
+from a 4-bit GGUF). Attention in bf16 on an AVX512-BF16 CPU runs mcpft's own kernel (`mcpft.cpu_attention`: 3-7x
+PyTorch's there); elsewhere PyTorch's, and from INT8_ATTENTION_FROM positions on decoding reads an int8 copy of the
+cache (`_Int8Cache`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from mcpft import cpu_attention
 from mcpft.models import cpu_has_native_bf16
 
 FAST_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
@@ -300,6 +303,12 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, quantized: _Int8Rows | _Int4G
     return quantized(x) if bias is None else quantized(x) + bias
 
 
+def _attention_shape(config) -> tuple[int, int, int]:
+    """Query heads, key-value heads, head dimension."""
+    heads = config.num_attention_heads
+    return heads, config.num_key_value_heads, getattr(config, "head_dim", None) or config.hidden_size // heads
+
+
 class _LlamaWeights:
     """The tensors of one model state (base, or base + adapter), fused for fewer, larger matrix products."""
 
@@ -307,8 +316,7 @@ class _LlamaWeights:
         base = _peft_base(model)
         config, inner = base.config, base.model
         self.eps = config.rms_norm_eps
-        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.heads, self.kv_heads, self.head_dim = _attention_shape(config)
         self.rotary = inner.rotary_emb
         self.embed = _weight(inner.embed_tokens, adapter, dtype)
         self.norm = inner.norm.weight.detach().to(dtype)
@@ -453,6 +461,15 @@ class _LlamaRunner:
         self.device = next(model.parameters()).device
         self.int8_decode = (decode or decode_weights(self.device)) == "int8"
         self._weights: dict[bool, _LlamaWeights] = {}
+        self.attention_kernel = self._attention_kernel(_peft_base(model).config)
+
+    def _attention_kernel(self, config) -> cpu_attention.Kernel | None:
+        """mcpft's attention kernel where it computes this model's attention: bf16 on a CPU that has it."""
+        if self.device.type != "cpu" or self.dtype != torch.bfloat16:
+            return None
+        heads, kv_heads, head_dim = _attention_shape(config)
+        found = cpu_attention.kernel() if cpu_attention.supports(head_dim, heads, kv_heads) else None
+        return found if isinstance(found, cpu_attention.Kernel) else None
 
     def weights(self, adapter: bool) -> _LlamaWeights:
         if adapter not in self._weights:
@@ -460,7 +477,9 @@ class _LlamaRunner:
         return self._weights[adapter]
 
     def new_cache(self, adapter: bool) -> _LlamaCache:
-        return _LlamaCache(self.weights(adapter), self.dtype, self.device, int8=self.int8_decode)
+        # The attention kernel reads the bf16 cache faster than the int8 copy is read (docs/benchmarks.md).
+        return _LlamaCache(self.weights(adapter), self.dtype, self.device,
+                           int8=self.int8_decode and self.attention_kernel is None)
 
     def crop(self, cache: _LlamaCache, length: int) -> None:
         # Positions past `length` are simply overwritten; their int8 copies are made again.
@@ -481,10 +500,11 @@ class _LlamaRunner:
         x = F.embedding(tokens, w.embed)[None]
         cos, sin = w.rotary(x, positions)
         cos, sin = cos.to(self.dtype)[:, None], sin.to(self.dtype)[:, None]
-        mask = None
-        if count > 1:  # new positions see the cached prefix and, causally, each other
-            mask = torch.ones(count, end, dtype=torch.bool, device=self.device).tril(diagonal=start)
         heads, kv_heads, dim = w.heads, w.kv_heads, w.head_dim
+        kernel = self.attention_kernel
+        mask = None
+        if count > 1 and kernel is None:  # new positions see the cached prefix and, causally, each other
+            mask = torch.ones(count, end, dtype=torch.bool, device=self.device).tril(diagonal=start)
         int8_cache = cache.int8 if decoding and end >= INT8_ATTENTION_FROM else None
         if int8_cache is not None:
             int8_cache.reserve(end)
@@ -502,16 +522,20 @@ class _LlamaRunner:
             cache.keys[i, :, start:end] = k[0]
             cache.values[i, :, start:end] = v.view(count, kv_heads, dim).transpose(0, 1)
             keys, values = cache.keys[i:i + 1, :, :end], cache.values[i:i + 1, :, :end]
-            if int8_cache is not None:
+            if kernel is not None and count == 1:
+                attended = kernel.decode(q.view(heads, dim), cache.keys[i], cache.values[i], end).view(1, 1, -1)
+            elif kernel is not None:
+                attended = kernel.prefill(q[0], cache.keys[i], cache.values[i], end)[None]
+            elif int8_cache is not None:
                 int8_cache.update(i, cache.keys[i], cache.values[i], end)
-                attended = int8_cache.attend(i, q.view(heads, dim), end).view(1, heads, 1, dim)
+                attended = int8_cache.attend(i, q.view(heads, dim), end).view(1, 1, heads * dim)
             elif count == 1:  # a group's query heads as rows of one head: 4x faster than SDPA's GQA path on CPU
                 attended = F.scaled_dot_product_attention(q.view(1, kv_heads, heads // kv_heads, dim), keys,
-                                                          values).view(1, heads, 1, dim)
+                                                          values).view(1, 1, heads * dim)
             else:
-                attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
-                                                          enable_gqa=True)
-            x = x + _linear(attended.transpose(1, 2).reshape(1, count, heads * dim), layer.out, quantized.get("out"))
+                attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+                attended = attended.transpose(1, 2).reshape(1, count, heads * dim)
+            x = x + _linear(attended, layer.out, quantized.get("out"))
             gate, up = _linear(_rms(x, layer.norm2, w.eps), layer.gate_up, quantized.get("gate_up")).chunk(2, -1)
             x = x + _linear(F.silu(gate) * up, layer.down, quantized.get("down"))
         if int8_cache is not None:
@@ -579,11 +603,16 @@ class Engine:
         self.fast_problem = fast_path_problem(model) if fast else "the fast path was turned off"
         runner = _TransformersRunner if self.fast_problem else _LlamaRunner
         self.runner = runner(model, self.dtype, decode)
-        self.kind = "transformers forward" if self.fast_problem else (
-            f"mcpft Llama-family forward ({self.dtype}"
-            + (", int8 or int4 weights and an int8 cache for decoding)" if self.runner.int8_decode else ")"))
+        self.kind = "transformers forward" if self.fast_problem else self._own_forward_kind()
         self._sequences: dict[bool, _Sequence] = {}
         self.stats = Stats()
+
+    def _own_forward_kind(self) -> str:
+        kernel, int8 = self.runner.attention_kernel is not None, self.runner.int8_decode
+        parts = [str(self.dtype)] + (["mcpft's bf16 attention kernel"] if kernel else [])
+        if int8:
+            parts.append("int8 or int4 weights" + ("" if kernel else " and an int8 cache") + " for decoding")
+        return f"mcpft Llama-family forward ({', '.join(parts)})"
 
     def adapter_key(self, adapter: bool) -> bool:
         return bool(adapter) and hasattr(self.model, "disable_adapter")

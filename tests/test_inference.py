@@ -15,6 +15,8 @@ from mcpft.inference import (LOOP_MIN_TOKENS, PREFILL_CHUNK, Engine, Sampling, _
                              decode_copy, decode_weights, inference_dtype, looping)
 from mcpft.models import cpu_has_native_bf16, load_model
 
+HAS_BF16 = torch.cpu._is_avx512_bf16_supported()
+
 
 EXACT = "same"  # decoding reads the model's own fp32 weights, so tokens can be compared with transformers' own
 PARAGRAPH = ("The user wants to find the title of the page. I will navigate to the website, read the snapshot and "
@@ -82,6 +84,8 @@ def test_prefix_reuse_gives_the_same_greedy_tokens(tiny, dtype, fast, int8_atten
         monkeypatch.setattr(inference, "INT8_ATTENTION_FROM", int8_attention_from)
     model, tokenizer = tiny
     reusing, fresh = Engine(model, dtype=dtype, fast=fast), Engine(model, dtype=dtype, fast=fast)
+    # bf16 on a CPU with AVX512-BF16 runs mcpft's attention kernel (the int8 cache is then not used)
+    assert ("attention kernel" in reusing.kind) == (fast and dtype == torch.bfloat16 and HAS_BF16)
     reused = []
     for messages in conversation(6):
         ids = prompt_ids(tokenizer, messages)
