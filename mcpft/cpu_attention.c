@@ -1,10 +1,11 @@
-/* Causal attention of a prefill chunk in bf16 on CPUs with AVX512-BF16 (see mcpft/cpu_attention.py for why).
+/* Attention in bf16 on CPUs with AVX512-BF16 (see mcpft/cpu_attention.py for why): a prefill chunk's, causal, and
+ * one decoded position's (`mcpft_decode_attention`, further down).
  *
- * Flash-attention order (online softmax over blocks of keys, nothing of size queries x keys in memory), laid out
- * so that every vector holds 16 queries: scores S^T[key][query] come from `vdpbf16ps` with the query block packed
- * as bf16 pairs along the head dimension and one key's pair broadcast; P.V comes from `vdpbf16ps` again with the
- * probabilities packed as pairs of keys and the values transposed into pairs of keys. The softmax's row maxima and
- * sums are then plain element-wise vector operations over keys. Accumulation is fp32 throughout.
+ * Prefill: flash-attention order (online softmax over blocks of keys, nothing of size queries x keys in memory),
+ * laid out so that every vector holds 16 queries: scores S^T[key][query] come from `vdpbf16ps` with the query block
+ * packed as bf16 pairs along the head dimension and one key's pair broadcast; P.V comes from `vdpbf16ps` again with
+ * the probabilities packed as pairs of keys and the values transposed into pairs of keys. The softmax's row maxima
+ * and sums are then plain element-wise vector operations over keys. Accumulation is fp32 throughout.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -202,10 +203,12 @@ int mcpft_prefill_attention(const bf16 *q, long q_head_stride, long q_row_stride
 static inline __m512 sum16x16(__m512 x[16]) {
     __m512 half[8], quarter[4];
     for (int i = 0; i < 8; i++) /* per 128-bit lane: (x0+x2, y0+y2, x1+x3, y1+y3) of x = x[2i], y = x[2i+1] */
-        half[i] = _mm512_add_ps(_mm512_unpacklo_ps(x[2 * i], x[2 * i + 1]), _mm512_unpackhi_ps(x[2 * i], x[2 * i + 1]));
+        half[i] = _mm512_add_ps(_mm512_unpacklo_ps(x[2 * i], x[2 * i + 1]),
+                                _mm512_unpackhi_ps(x[2 * i], x[2 * i + 1]));
     for (int i = 0; i < 4; i++) { /* per 128-bit lane: that lane's sums of four vectors */
         __m512d a = _mm512_castps_pd(half[2 * i]), b = _mm512_castps_pd(half[2 * i + 1]);
-        quarter[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+        quarter[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)),
+                                   _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
     }
     __m512 low = _mm512_add_ps(_mm512_shuffle_f32x4(quarter[0], quarter[1], 0x88),
                                _mm512_shuffle_f32x4(quarter[0], quarter[1], 0xDD));
