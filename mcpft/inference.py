@@ -501,9 +501,8 @@ class _LlamaRunner:
         cos, sin = w.rotary(x, positions)
         cos, sin = cos.to(self.dtype)[:, None], sin.to(self.dtype)[:, None]
         heads, kv_heads, dim = w.heads, w.kv_heads, w.head_dim
-        kernel = self.attention_kernel
         mask = None
-        if count > 1 and kernel is None:  # new positions see the cached prefix and, causally, each other
+        if count > 1 and self.attention_kernel is None:  # new positions see the cached prefix and, causally, each other
             mask = torch.ones(count, end, dtype=torch.bool, device=self.device).tril(diagonal=start)
         int8_cache = cache.int8 if decoding and end >= INT8_ATTENTION_FROM else None
         if int8_cache is not None:
@@ -521,26 +520,35 @@ class _LlamaRunner:
             k = _rotate(k.transpose(1, 2), cos, sin)
             cache.keys[i, :, start:end] = k[0]
             cache.values[i, :, start:end] = v.view(count, kv_heads, dim).transpose(0, 1)
-            keys, values = cache.keys[i:i + 1, :, :end], cache.values[i:i + 1, :, :end]
-            if kernel is not None and count == 1:
-                attended = kernel.decode(q.view(heads, dim), cache.keys[i], cache.values[i], end).view(1, 1, -1)
-            elif kernel is not None:
-                attended = kernel.prefill(q[0], cache.keys[i], cache.values[i], end)[None]
-            elif int8_cache is not None:
-                int8_cache.update(i, cache.keys[i], cache.values[i], end)
-                attended = int8_cache.attend(i, q.view(heads, dim), end).view(1, 1, heads * dim)
-            elif count == 1:  # a group's query heads as rows of one head: 4x faster than SDPA's GQA path on CPU
-                attended = F.scaled_dot_product_attention(q.view(1, kv_heads, heads // kv_heads, dim), keys,
-                                                          values).view(1, 1, heads * dim)
-            else:
-                attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
-                attended = attended.transpose(1, 2).reshape(1, count, heads * dim)
+            attended = self._attend(i, q, cache, end, mask, int8_cache)
             x = x + _linear(attended, layer.out, quantized.get("out"))
             gate, up = _linear(_rms(x, layer.norm2, w.eps), layer.gate_up, quantized.get("gate_up")).chunk(2, -1)
             x = x + _linear(F.silu(gate) * up, layer.down, quantized.get("down"))
         if int8_cache is not None:
             int8_cache.length = end
         return _linear(_rms(x[0, -1], w.norm, w.eps), w.head, w.head_decode if decoding else None)
+
+    def _attend(self, layer: int, q: torch.Tensor, cache: _LlamaCache, end: int, mask: torch.Tensor | None,
+                int8_cache: _Int8Cache | None) -> torch.Tensor:
+        """Layer `layer`'s attention of q [1, heads, count, head_dim] over the cache up to `end`, as rows
+        [1, count, heads * head_dim]: mcpft's kernel where it runs, else the int8 cache (decoding at long
+        contexts) or SDPA."""
+        _, heads, count, dim = q.shape
+        keys, values = cache.keys[layer], cache.values[layer]
+        if self.attention_kernel is not None and count == 1:
+            return self.attention_kernel.decode(q.view(heads, dim), keys, values, end).view(1, 1, -1)
+        if self.attention_kernel is not None:
+            return self.attention_kernel.prefill(q[0], keys, values, end)[None]
+        if int8_cache is not None:
+            int8_cache.update(layer, keys, values, end)
+            return int8_cache.attend(layer, q.view(heads, dim), end).view(1, 1, heads * dim)
+        keys, values = keys[None, :, :end], values[None, :, :end]
+        if count == 1:  # a group's query heads as rows of one head: 4x faster than SDPA's GQA path on CPU
+            kv_heads = keys.shape[1]
+            return F.scaled_dot_product_attention(q.view(1, kv_heads, heads // kv_heads, dim), keys,
+                                                  values).view(1, 1, heads * dim)
+        attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+        return attended.transpose(1, 2).reshape(1, count, heads * dim)
 
 
 class _TransformersRunner:
