@@ -114,7 +114,8 @@ def test_a_site_shows_the_world_it_is_given():
         _, html = get(varied, "/products/" + urllib.parse.quote(product.name))
         assert f"Price: {product.price_text}" in html and f"<li>{product.features[0]}</li>" in html
         _, story = get(varied, "/about")
-        assert all(value in story for value in facts.story.values())
+        lines = re.findall(r"<li>([^<]+)</li>", story)
+        assert lines == [f"{data.STORY_LABELS[key]}: {value}" for key, value in facts.story.items()]
 
 
 def test_unknown_pages_are_404(site):

@@ -201,6 +201,10 @@ STORY_FACTS: dict[str, str] = {
     "trees": "12,400",
     "recycled": "68%",
 }
+# Each fact's line on the story page reads "<label>: <value>".
+STORY_LABELS: dict[str, str] = {"founded": "Founded", "founder": "Founder", "headquarters": "Headquarters",
+                                "stores": "Stores", "employees": "Employees", "trees": "Trees planted in 2024",
+                                "recycled": "Recycled materials in our range"}
 
 CONTACT_TOPICS: tuple[str, ...] = ("Order status", "Returns", "Product question", "Wholesale", "Feedback")
 

@@ -141,10 +141,7 @@ def doc_page(slug: str, facts: Facts = FACTS) -> str:
 
 def story_page(facts: Facts = FACTS) -> str:
     story = facts.story
-    items = [f"Founded: {story['founded']}", f"Founder: {story['founder']}",
-             f"Headquarters: {story['headquarters']}", f"Stores: {story['stores']}",
-             f"Employees: {story['employees']}", f"Trees planted in 2024: {story['trees']}",
-             f"Recycled materials in our range: {story['recycled']}"]
+    items = [f"{data.STORY_LABELS[key]}: {value}" for key, value in story.items()]  # in the world's order
     body = f"""<h1>Our story</h1>
 <p>{escape(story['founder'])} started Acme in a garage, repairing tents for friends.</p>
 <h2>Acme in numbers</h2>

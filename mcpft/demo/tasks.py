@@ -237,18 +237,19 @@ def check_first_of(items: tuple[str, ...], what: str, rivals: tuple[str, ...] = 
 
 
 def check_choice(right: Product, other: Product, what: str, keyword: str) -> Checker:
-    """The answer names `right`; when it names both, `right` comes first ("A is lighter than B") and the verdict
-    word `keyword` never follows `other` ("A is lighter. B is lighter." is no choice)."""
+    """The answer names `right` as the `what` one: the verdict word `keyword` never follows `other` ("B is
+    lighter", "A is lighter. B is lighter."), while the figures may come first ("B weighs 1450 g and A 210 g, so A
+    is lighter"); without the word, `right` is named first."""
     def check(answer: str, _: SiteState | None) -> CheckResult:
         answer_words = words(answer)
         right_key, other_key = right.short_name.lower(), other.short_name.lower()
         if right_key not in answer_words:
             return _fail(f"expected {right.name!r} as the {what} one")
-        if other_key in answer_words and answer_words.index(other_key) < answer_words.index(right_key):
-            return _fail(f"names {other.name!r} before {right.name!r}: ambiguous which is {what}")
         sequence = [word for word in answer_words if word in (right_key, other_key, keyword)]
         if any(a == other_key and b == keyword for a, b in zip(sequence, sequence[1:])):
-            return _fail(f"calls {other.name!r} {keyword} too")
+            return _fail(f"calls {other.name!r} {keyword}")
+        if keyword not in sequence and sequence[0] != right_key:
+            return _fail(f"names {other.name!r} before {right.name!r}: ambiguous which is {what}")
         return _ok()
     return check
 

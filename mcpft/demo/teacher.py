@@ -513,15 +513,10 @@ def solve_docs_search_first_result(task: Task, act: Actions, page: Page | None) 
                 answer=f"The first result for \"{query}\" is \"{results[0].name}\".")
 
 
-FACT_LABELS = {"founded": "Founded", "founder": "Founder", "headquarters": "Headquarters", "stores": "Stores",
-               "employees": "Employees", "trees": "Trees planted in 2024",
-               "recycled": "Recycled materials in our range"}
-
-
 def solve_learn_more_fact(task: Task, act: Actions, page: Page | None) -> Step:
     key = task.params["fact"]
     if page is not None and page.h1 == "Our story":
-        label = FACT_LABELS[key]
+        label = data.STORY_LABELS[key]
         value = next((item.split(":", 1)[1].strip() for item in page.items_under("Acme in numbers")
                       if item.startswith(f"{label}:")), None)
         if value is None:
