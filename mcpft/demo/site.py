@@ -141,7 +141,7 @@ def doc_page(slug: str, facts: Facts = FACTS) -> str:
 
 def story_page(facts: Facts = FACTS) -> str:
     story = facts.story
-    items = [f"{data.STORY_LABELS[key]}: {value}" for key, value in story.items()]  # in the world's order
+    items = [f"{data.STORY_LABELS[key]}: {value}" for key, value in story.items()]
     body = f"""<h1>Our story</h1>
 <p>{escape(story['founder'])} started Acme in a garage, repairing tents for friends.</p>
 <h2>Acme in numbers</h2>
