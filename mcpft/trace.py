@@ -143,6 +143,8 @@ def normalize_message(raw, where: str = "message") -> dict:
         reasoning = raw.get("reasoning_content", raw.get("reasoning"))
         if reasoning:
             message["reasoning_content"] = _expect(reasoning, str, f"{where}.reasoning_content", "a string")
+        else:
+            message.update(_think_split(message["content"]))
         calls = raw.get("tool_calls") or []
         _expect(calls, list, f"{where}.tool_calls", "a list")
         if calls:
@@ -166,6 +168,17 @@ def normalize_message(raw, where: str = "message") -> dict:
             message["mcp_result"] = _expect(raw["mcp_result"], dict, f"{where}.mcp_result", "a JSON object")
     _check_unicode(message, where)
     return message
+
+
+def _think_split(content: str) -> dict:
+    """A content that opens with a closed `<think>` block (servers that send the reasoning inline, as Qwen3's raw
+    text does) as reasoning and content, so that the reasoning is in one place: dropped from earlier turns, and by
+    `--no-reasoning`, rather than trained as an answer. Other content stays as it came."""
+    stripped = content.lstrip()
+    if not stripped.startswith("<think>") or "</think>" not in stripped:
+        return {}
+    reasoning, _, rest = stripped[len("<think>"):].partition("</think>")
+    return {"content": rest.lstrip(), **({"reasoning_content": reasoning.strip()} if reasoning.strip() else {})}
 
 
 def _check_unicode(message: dict, where: str) -> None:

@@ -32,6 +32,27 @@ def test_reasoning_is_accepted_as_reasoning_content():
     assert m == {"role": "assistant", "content": "x", "reasoning_content": "because"}
 
 
+def test_inline_think_becomes_reasoning_content():
+    m = normalize_message({"role": "assistant", "content": "\n<think>\nfind the page\n</think>\n\nIt costs $5."})
+    assert m == {"role": "assistant", "content": "It costs $5.", "reasoning_content": "find the page"}
+    empty = normalize_message({"role": "assistant", "content": "<think>\n\n</think>\n\nDone."})
+    assert empty == {"role": "assistant", "content": "Done."}
+
+
+@pytest.mark.parametrize("content", [
+    "Write <think> tags around your notes.",  # a tag inside the answer is text
+    "<think>never closed",  # unterminated: kept as it came, the validation can say so
+])
+def test_content_without_a_leading_closed_think_block_is_kept(content):
+    m = normalize_message({"role": "assistant", "content": content})
+    assert m == {"role": "assistant", "content": content}
+
+
+def test_reasoning_field_wins_over_inline_think():
+    m = normalize_message({"role": "assistant", "content": "<think>a</think>b", "reasoning_content": "r"})
+    assert m == {"role": "assistant", "content": "<think>a</think>b", "reasoning_content": "r"}
+
+
 def test_content_parts_are_joined():
     m = normalize_message({"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]})
     assert m["content"] == "a\nb"
