@@ -18,6 +18,7 @@ import json
 import math
 import os
 import random
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -785,6 +786,69 @@ def load_adapter_model(adapter_dir: str | Path, base_model: str | None = None, d
 
 
 MERGE_DTYPES = ("bf16", "fp16", "fp32")
+
+
+# What an adapter folder holds that an average writes anew (the rest, the tokenizer and its template, is copied).
+_AVERAGED_FILES = ("adapter_model.safetensors", "adapter_config.json", RUN_RECORD, "README.md", "runs")
+
+
+def average_adapters(adapter_dirs: list[str | Path], out_dir: str | Path) -> Path:
+    """One LoRA adapter whose weight change is the mean of the adapters' (a "model soup" of trainings that differ by
+    seed or data: they err in different places; docs/benchmarks.md, sixteenth session, for what it did on the demo).
+    Exact: adapter i changes a weight by s_i·B_i·A_i, so stacking the A's along the rank and the B's, each times
+    s_i / n, gives the mean at rank Σr_i (alpha = rank, so the new scale is 1)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    if len(adapter_dirs) < 2:
+        raise TrainError(f"averaging needs at least two adapters, got {len(adapter_dirs)}")
+    folders = [check_adapter_dir(folder) for folder in adapter_dirs]
+    configs = [_averageable_config(folder) for folder in folders]
+    bases = {adapter_base(folder) for folder in folders}
+    if len(bases) > 1:
+        raise TrainError(f"the adapters were trained on different base models ({', '.join(map(str, bases))}): "
+                         "only adapters of one base can be averaged")
+    weights = [load_file(folder / "adapter_model.safetensors") for folder in folders]
+    if len({frozenset(w) for w in weights}) > 1:
+        raise TrainError("the adapters have LoRA layers in different modules: train them with the same "
+                         "target_modules and lora_layers")
+    out_dir = check_out_dir(out_dir)
+    averaged = {}
+    for name in weights[0]:
+        if ".lora_A." in name:
+            averaged[name] = torch.cat([w[name] for w in weights], dim=0)
+        elif ".lora_B." in name:
+            averaged[name] = torch.cat([w[name] * _lora_scale(c) / len(weights) for w, c in zip(weights, configs)],
+                                       dim=1)
+        else:
+            raise TrainError(f"adapter {folders[0]}: {name} is neither a LoRA A nor B matrix; only plain LoRA "
+                             "adapters can be averaged")
+    rank = sum(config["r"] for config in configs)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(folders[0], out_dir, ignore=shutil.ignore_patterns(*_AVERAGED_FILES), dirs_exist_ok=True)
+    save_file({name: tensor.contiguous() for name, tensor in averaged.items()}, out_dir / "adapter_model.safetensors",
+              metadata={"format": "pt"})
+    config = {**configs[0], "r": rank, "lora_alpha": rank, "use_rslora": False}
+    (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    record = read_run_record(folders[0])
+    write_run_record(out_dir, {**{key: record[key] for key in ("base_model", "base_model_name") if key in record},
+                               "status": "finished", "averaged": {"adapters": [str(f.resolve()) for f in folders],
+                                                                  "at": now_iso()}})
+    return out_dir
+
+
+def _averageable_config(folder: Path) -> dict:
+    config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    if config.get("peft_type") != "LORA" or config.get("rank_pattern") or config.get("alpha_pattern") \
+            or config.get("modules_to_save"):
+        raise TrainError(f"adapter {folder}: only plain LoRA adapters (one rank and alpha, no modules_to_save) can "
+                         "be averaged")
+    return config
+
+
+def _lora_scale(config: dict) -> float:
+    """PEFT's scale of a LoRA layer's B·A: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    return config["lora_alpha"] / (math.sqrt(config["r"]) if config.get("use_rslora") else config["r"])
 
 
 def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "bf16", base_model: str | None = None,

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import threading
 
 import pytest
 import torch
 
+from mcpft.cli import main as cli_main
 from mcpft.cli import train as cli_train
 from mcpft.cli.common import common_options
 from mcpft.dataset import export_rows, rows_from_traces
@@ -17,8 +19,8 @@ from mcpft.render import render
 from mcpft.trace import normalize_trace
 from mcpft.selection import SelectionError, select_rows
 from mcpft.train import (
-    CPU_CHECKPOINT_ABOVE, CPU_MAX_LENGTH, RUN_RECORD, TrainConfig, TrainError, choose_path, load_adapter_model,
-    merge_adapter, prepare_training, resolve_precision, train, training_plan,
+    CPU_CHECKPOINT_ABOVE, CPU_MAX_LENGTH, RUN_RECORD, TrainConfig, TrainError, average_adapters, choose_path,
+    load_adapter_model, merge_adapter, prepare_training, resolve_precision, train, training_plan,
 )
 
 WEATHER_TOOL = {"type": "function", "function": {
@@ -157,6 +159,46 @@ def test_merged_model_matches_the_adapter(trained, tmp_path):
     with safe_open(bf16_dir / "model.safetensors", "pt") as weights:
         assert {weights.get_tensor(name).dtype for name in weights.keys()} == {torch.bfloat16}
     assert json.loads((bf16_dir / RUN_RECORD).read_text())["merged"]["dtype"] == "bf16"
+
+
+def test_averaged_adapter_changes_the_weights_by_the_mean_of_the_adapters(trained, tiny_model_dir, tmp_path,
+                                                                          capsys):
+    """`mcpft average`: one adapter whose merged weights are the mean of each adapter's merged weights."""
+    from safetensors.torch import load_file
+
+    result, rows, _ = trained
+    other = train(TrainConfig(**dict(MEMORISE, max_steps=10), seed=7, lora_r=8, lora_alpha=32), weather_rows(),
+                  tmp_path / "seed-7", base_model=str(tiny_model_dir)).adapter_dir
+    assert cli_main(["average", str(result.adapter_dir), str(other), "--out", str(tmp_path / "mean"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["out"] == str(tmp_path / "mean")
+    config = json.loads((tmp_path / "mean" / "adapter_config.json").read_text())
+    assert config["r"] == 16 + 8 and config["lora_alpha"] == 24  # the ranks stack: the mean is exact
+
+    merged = [load_file(merge_adapter(folder, tmp_path / f"merged-{i}", dtype="fp32") / "model.safetensors")
+              for i, folder in enumerate((result.adapter_dir, other, tmp_path / "mean"))]
+    changed = [name for name in merged[0] if not torch.equal(merged[0][name], merged[1][name])]
+    assert changed  # the two trainings differ, so the mean is a third set of weights
+    for name in merged[0]:
+        assert torch.allclose(merged[2][name], (merged[0][name] + merged[1][name]) / 2, atol=1e-6), name
+    model, tokenizer = load_adapter_model(tmp_path / "mean")  # it loads as any adapter, on its recorded base
+    assert adapter_logits(model, tokenizer, rows[0]).isfinite().all()
+
+
+def test_averaging_refuses_what_it_cannot_average(trained, tmp_path):
+    result, _, _ = trained
+    with pytest.raises(TrainError, match="at least two adapters"):
+        average_adapters([result.adapter_dir], tmp_path / "one")
+    with pytest.raises(TrainError, match="no such folder"):
+        average_adapters([result.adapter_dir, tmp_path / "missing"], tmp_path / "two")
+    with pytest.raises(TrainError, match="not empty|already"):
+        average_adapters([result.adapter_dir, result.adapter_dir], result.adapter_dir)
+    other_base = tmp_path / "other-base"
+    shutil.copytree(result.adapter_dir, other_base)
+    record = json.loads((other_base / RUN_RECORD).read_text())
+    (other_base / RUN_RECORD).write_text(json.dumps({**record, "base_model": "/elsewhere/model"}))
+    with pytest.raises(TrainError, match="different base models"):
+        average_adapters([result.adapter_dir, other_base], tmp_path / "three")
+    assert not (tmp_path / "three").exists()  # nothing half-written
 
 
 def test_trained_mask_is_render_mask(tiny_model_dir, tmp_path, store):

@@ -1,4 +1,4 @@
-"""Model verbs: train, merge, push-model, eval."""
+"""Model verbs: train, merge, average, push-model, eval."""
 
 from __future__ import annotations
 
@@ -50,6 +50,12 @@ def register(verbs, parent):
     p.add_argument("--dtype", choices=MERGE_DTYPES, default="bf16")
     p.add_argument("--base-model", default=None, help="default: the base the adapter was trained on")
     p.set_defaults(handler=cmd_merge)
+
+    p = verbs.add_parser("average", parents=[parent],
+                         help="average LoRA adapters of one base (trainings from other seeds) into one adapter")
+    p.add_argument("adapters", nargs="+", type=Path, metavar="ADAPTER", help="two or more adapter folders")
+    p.add_argument("--out", required=True, type=Path, help="a new or empty folder for the averaged adapter")
+    p.set_defaults(handler=cmd_average)
 
     p = verbs.add_parser("push-model", parents=[parent], help="upload an adapter or merged model with a model card")
     p.add_argument("--dir", required=True, type=Path)
@@ -258,6 +264,15 @@ def cmd_merge(args):
         out = merge_adapter(args.adapter, args.out, dtype=args.dtype, base_model=args.base_model)
     emit(args, {"out": str(out), "dtype": args.dtype, "adapter": str(args.adapter)},
          f"merged {args.adapter} into {out} ({args.dtype})")
+
+
+def cmd_average(args):
+    from mcpft.train import average_adapters
+
+    with _user_errors():
+        out = average_adapters(args.adapters, args.out)
+    emit(args, {"out": str(out), "adapters": [str(a) for a in args.adapters]},
+         f"averaged {len(args.adapters)} adapters into {out}")
 
 
 def cmd_push_model(args):
