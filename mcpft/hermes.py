@@ -63,7 +63,7 @@ def parse_assistant_text(text: str, think_opened: bool = False) -> ParsedAssista
     `think_opened`: the prompt already opened `<think>` (so the text starts inside the reasoning). A `</think>` with no
     `<think>` before it is read the same way. `<tool_call>` blocks count wherever they are, also inside the reasoning.
     """
-    reasoning, content, flags = _split_think(text, think_opened)
+    reasoning, content, flags = split_think(text, think_opened)
     content_first_index = 1 + reasoning.count(CALL_OPEN)  # every `<tool_call>` starts one block
     reasoning, reasoning_calls, reasoning_flags = _extract_calls(reasoning, first_index=1)
     content, content_calls, content_flags = _extract_calls(content, first_index=content_first_index)
@@ -72,7 +72,7 @@ def parse_assistant_text(text: str, think_opened: bool = False) -> ParsedAssista
                            flags=flags + reasoning_flags + content_flags)
 
 
-def _split_think(text: str, think_opened: bool) -> tuple[str, str, list[str]]:
+def split_think(text: str, think_opened: bool = False) -> tuple[str, str, list[str]]:
     """(reasoning, content, flags) of the text; tool call blocks are still in both parts."""
     open_at, close_at = text.find(THINK_OPEN), text.find(THINK_CLOSE)
     if think_opened and text.lstrip().startswith(THINK_OPEN):

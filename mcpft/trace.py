@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
+from mcpft.hermes import THINK_OPEN, split_think
+
 ROLES = ("system", "user", "assistant", "tool")
 # A key (settings, headers, URL query parameter) names a credential when one of its words is one of these...
 SECRET_WORDS = frozenset({"key", "keys", "auth", "sig", "signature", "cookie", "bearer"})
@@ -174,11 +176,12 @@ def _think_split(content: str) -> dict:
     """A content that opens with a closed `<think>` block (servers that send the reasoning inline, as Qwen3's raw
     text does) as reasoning and content, so that the reasoning is in one place: dropped from earlier turns, and by
     `--no-reasoning`, rather than trained as an answer. Other content stays as it came."""
-    stripped = content.lstrip()
-    if not stripped.startswith("<think>") or "</think>" not in stripped:
+    if not content.lstrip().startswith(THINK_OPEN):
         return {}
-    reasoning, _, rest = stripped[len("<think>"):].partition("</think>")
-    return {"content": rest.lstrip(), **({"reasoning_content": reasoning.strip()} if reasoning.strip() else {})}
+    reasoning, rest, flags = split_think(content)
+    if flags:  # never closed: kept as it came
+        return {}
+    return {"content": rest.strip(), **({"reasoning_content": reasoning.strip()} if reasoning.strip() else {})}
 
 
 def _check_unicode(message: dict, where: str) -> None:
