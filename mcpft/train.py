@@ -830,11 +830,20 @@ def average_adapters(adapter_dirs: list[str | Path], out_dir: str | Path) -> Pat
               metadata={"format": "pt"})
     config = {**configs[0], "r": rank, "lora_alpha": rank, "use_rslora": False}
     (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
-    record = read_run_record(folders[0])
-    write_run_record(out_dir, {**{key: record[key] for key in ("base_model", "base_model_name") if key in record},
-                               "status": "finished", "averaged": {"adapters": [str(f.resolve()) for f in folders],
-                                                                  "at": now_iso()}})
+    write_run_record(out_dir, {**_shared_record(folders), "status": "finished",
+                               "averaged": {"adapters": [str(f.resolve()) for f in folders], "at": now_iso()}})
     return out_dir
+
+
+def _shared_record(folders: list[Path]) -> dict:
+    """What the adapters' run records agree on: the base model, and the training settings all of them had (one they
+    differ in, such as the seed, is left out), so readers of an average's record see its recipe."""
+    records = [read_run_record(folder) for folder in folders]
+    shared = {key: records[0][key] for key in ("base_model", "base_model_name") if key in records[0]}
+    configs = [record.get("config", {}) for record in records]
+    if config := {key: value for key, value in configs[0].items() if all(c.get(key) == value for c in configs)}:
+        shared["config"] = config
+    return shared
 
 
 def _averageable_config(folder: Path) -> dict:

@@ -173,6 +173,9 @@ def test_averaged_adapter_changes_the_weights_by_the_mean_of_the_adapters(traine
     assert json.loads(capsys.readouterr().out)["out"] == str(tmp_path / "mean")
     config = json.loads((tmp_path / "mean" / "adapter_config.json").read_text())
     assert config["r"] == 16 + 8 and config["lora_alpha"] == 24  # the ranks stack: the mean is exact
+    record = json.loads((tmp_path / "mean" / RUN_RECORD).read_text())
+    assert record["config"]["learning_rate"] == MEMORISE["learning_rate"]  # what both members trained with
+    assert "seed" not in record["config"] and "lora_r" not in record["config"]  # where they differ, nothing
 
     merged = [load_file(merge_adapter(folder, tmp_path / f"merged-{i}", dtype="fp32") / "model.safetensors")
               for i, folder in enumerate((result.adapter_dir, other, tmp_path / "mean"))]
