@@ -277,10 +277,9 @@ HEADQUARTERS = ("Boulder, Colorado", "Bend, Oregon", "Missoula, Montana", "Flags
 
 def vary(seed: int, keep_products: frozenset[str] = frozenset(), keep_docs: frozenset[str] = frozenset()) -> Facts:
     """Another version of `FACTS`, drawn from `seed`: the products not in `keep_products` get a new first word in
-    their name ("Falcon Backpack 45L", slug `falcon-backpack`) and new prices, weights, warranties, materials,
-    countries and feature order; every product, a kept one too, trades places in the catalogue (so any place can hold
-    a product that is not kept); the docs not in `keep_docs` list each section's items in a new order; the story's
-    facts change. What a task asks stays; the names in it and its answer move."""
+    their name ("Falcon Backpack 45L", slug `falcon-backpack`), trade places in the catalogue and get new prices,
+    weights, warranties, materials, countries and feature order; the docs not in `keep_docs` list each section's
+    items in a new order; the story's facts change. What a task asks stays; the names in it and its answer move."""
     rng = random.Random(seed)
     movable = [p for p in PRODUCTS if p.slug not in keep_products]
     first_words = rng.sample(NAME_WORDS, len(movable))
@@ -297,8 +296,8 @@ def vary(seed: int, keep_products: frozenset[str] = frozenset(), keep_docs: froz
             name=f"{first_word} {product.name.split(' ', 1)[1]}", price=price, weight_g=weight,
             warranty_years=rng.choice((1, 2, 3, 5, 10)), material=material, made_in=country,
             features=tuple(rng.sample(product.features, len(product.features))))
-    placed = [varied.get(p.slug, p) for p in PRODUCTS]
-    products = tuple(rng.sample(placed, len(placed)))
+    order = iter(rng.sample(list(varied.values()), len(varied)))
+    products = tuple(p if p.slug in keep_products else next(order) for p in PRODUCTS)
     docs = tuple(doc if doc.slug in keep_docs else dataclasses.replace(doc, sections=tuple(
         DocSection(s.heading, tuple(rng.sample(s.items, len(s.items)))) for s in doc.sections)) for doc in DOCS)
     story = {

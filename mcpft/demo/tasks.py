@@ -26,10 +26,6 @@ SPLITS = ("train", "heldout")
 HELDOUT_PRODUCTS = frozenset({"alpine-trekking-poles", "ember-camp-stove", "horizon-binoculars"})
 HELDOUT_DOCS = frozenset({"warranty", "trail-safety"})
 HELDOUT_TEMPLATES = frozenset({"compare_price", "docs_search_first_result"})
-# Templates that ask for a place in the catalogue, not for a product: a training world moves the held-out products
-# too, so training asks every place (the demo's own world has held-out products at three of them), each time with a
-# train product there.
-PLACE_TEMPLATES = frozenset({"price_by_position", "page2_product"})
 
 ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh")
 NUMBER_WORDS = {"zero": 0, "no": 0, "none": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6,
@@ -654,31 +650,3 @@ def training_facts(seed: int) -> Facts:
     moved and re-valued, so a model trained on many such traces must read answers off the page (the held-out
     tasks run in the demo's own world, `FACTS`)."""
     return data.vary(seed, keep_products=HELDOUT_PRODUCTS, keep_docs=HELDOUT_DOCS)
-
-
-def trainable_tasks() -> list[Task]:
-    """The tasks training worlds ask: the train split's, and the place templates' at every place."""
-    return [task for task in all_tasks() if task.split == "train" or task.template in PLACE_TEMPLATES]
-
-
-def training_task(task: Task, number: int) -> Task:
-    """`task` as training trace `number` asks it, in `training_facts(number)`. Where that world put a held-out product
-    at a place task's place, the product trades places with the next train product, so that every place is asked
-    and no training trace opens a held-out product."""
-    world = training_facts(number)
-    asked = task_by_id(task.id, world)
-    if asked.split == "train":
-        return asked
-    if task.template not in PLACE_TEMPLATES:
-        raise ValueError(f"task {task.id} is not a train task in any training world")
-    return task_by_id(task.id, _moved_aside(world, asked.params["product"]))
-
-
-def _moved_aside(world: Facts, slug: str) -> Facts:
-    """`world` with product `slug` and the next train product in the catalogue trading places."""
-    products = list(world.products)
-    at = products.index(world.product_by_slug(slug))
-    to = next(i % len(products) for i in range(at + 1, at + len(products))
-              if products[i % len(products)].slug not in HELDOUT_PRODUCTS)
-    products[at], products[to] = products[to], products[at]
-    return dataclasses.replace(world, products=tuple(products))

@@ -25,7 +25,7 @@ from mcpft.agent.mcp import ToolHub
 from mcpft.demo.site import Site, serve_site
 from mcpft.demo.snapshot import tabs
 from mcpft.demo.data import FACTS, Facts
-from mcpft.demo.tasks import Task, load_tasks, trainable_tasks, training_task
+from mcpft.demo.tasks import Task, load_tasks, task_by_id, training_facts
 from mcpft.demo.teacher import TeacherError, next_step, recognise
 from mcpft.recording import open_trace, sink_for
 from mcpft.serve import Generation, GenerationRequest, RequestError, create_app, serve_in_thread
@@ -215,25 +215,21 @@ def _no_answer(result: TurnResult) -> str:
     return f"no answer ({result.stop_reason})"
 
 
-def pick_tasks(split: str, n: int, vary: bool = False) -> list[Task]:
+def pick_tasks(split: str, n: int) -> list[Task]:
     """`n` tasks of the split, templates taken in turn (so a small `n` still covers them all), going round again
-    when `n` is larger than the split. Deterministic. With `vary` (the train split only), task i is asked in a world
-    of its own (`training_task(task, i)`), and the place templates at every place."""
-    if vary and split != "train":
-        raise ValueError(f"only the train split is asked in worlds of its own, not {split!r}")
+    when `n` is larger than the split. Deterministic."""
     by_template: dict[str, list[Task]] = {}
-    for task in trainable_tasks() if vary else load_tasks(split):
+    for task in load_tasks(split):
         by_template.setdefault(task.template, []).append(task)
     interleaved = [t for round_ in itertools.zip_longest(*by_template.values()) for t in round_ if t is not None]
-    picked = [interleaved[i % len(interleaved)] for i in range(n)]
-    return [training_task(task, number) for number, task in enumerate(picked, start=1)] if vary else picked
+    return [interleaved[i % len(interleaved)] for i in range(n)]
 
 
 async def collect(store: Store, n: int, split: str = "train", browser_dir: Path | None = None, owner: str = "",
                   on_task: Callable[[TaskOutcome], None] | None = None, vary: bool | None = None) -> DemoReport:
     """Teacher traces for `n` tasks, stored as they happen, tagged `demo` and the split; a failed task's trace is
     kept but excluded from training. With `vary` (the default for the train split) trace i runs in a world of its
-    own (`training_task(task, i)`: other product names, prices, order, story), so the names and values in the traces
+    own (`training_facts(i)`: other product names, prices, order, story), so the names and values in the traces
     are ones a model can only get right by copying them from the prompt or the page, not by recalling them; the
     held-out split is always the demo's own world."""
     vary = split == "train" if vary is None else vary
@@ -242,7 +238,8 @@ async def collect(store: Store, n: int, split: str = "train", browser_dir: Path 
     teacher = TeacherBackend()
     async with teacher_endpoint(teacher) as endpoint, running_world(browser_dir) as world:
         report.base_url = endpoint.base_url
-        for task in pick_tasks(split, n, vary):
+        for number, task in enumerate(pick_tasks(split, n), start=1):
+            task = task_by_id(task.id, training_facts(number)) if vary else task
             teacher.facts = task.facts
             trace_id = open_trace(store, model=TEACHER, base_url=endpoint.base_url, tools=world.tools.openai_tools(),
                                   settings={"task_id": task.id, "max_steps": COLLECT_MAX_STEPS}, owner=owner,
