@@ -81,6 +81,8 @@ class TrainConfig:
     warmup_steps: float = _option(0.0, "warm-up steps; below 1, a fraction of all steps")
     weight_decay: float = _option(0.0, "weight decay")
     seed: int = _option(42, "seed of the LoRA init, the shuffling and the eval split")
+    shuffle: bool = _option(True, "rows in a new seeded order each epoch; --no-shuffle trains them in the order "
+                                  "given (the store's: the demo collects its templates in turn)")
     eval_fraction: float = _option(0.0, "share of traces held out for an eval loss (split by trace, never by row)")
     load_in_4bit: bool = _option(False, "QLoRA: 4-bit base weights (Unsloth path only)")
     full_finetune: bool = _option(False, "train every weight instead of LoRA layers (TRL, no PEFT): the output is a "
@@ -599,6 +601,7 @@ def _sft_config(config: TrainConfig, out_dir: Path, max_length: int, on_cuda: bo
         max_steps=config.max_steps or -1, learning_rate=config.learning_rate,
         lr_scheduler_type=config.lr_scheduler_type, warmup_steps=config.warmup_steps,
         weight_decay=config.weight_decay, optim=resolve_optim(config, on_cuda), seed=config.seed,
+        train_sampling_strategy="random" if config.shuffle else "sequential",
         bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=not on_cuda,
         gradient_checkpointing=gradient_checkpointing, logging_steps=1, save_strategy="no", eval_strategy="no",
         report_to=["tensorboard"], disable_tqdm=True, dataloader_pin_memory=on_cuda)

@@ -225,6 +225,18 @@ def test_trained_mask_is_render_mask(tiny_model_dir, tmp_path, store):
         assert 0 < sum(trained_mask) < len(trained_mask)
 
 
+def test_no_shuffle_trains_the_rows_in_the_order_given(tiny_model_dir, tmp_path):
+    rows = [row for city in ("Paris", "Oslo", "Rome", "Lima", "Kyiv", "Doha") for row in weather_rows(city=city)]
+    orders = {}
+    for shuffle in (False, True):
+        prepared = prepare_training(TrainConfig(shuffle=shuffle, max_steps=1), rows, tmp_path / f"shuffle-{shuffle}",
+                                    base_model=str(tiny_model_dir))
+        orders[shuffle] = [batch["input_ids"][0].tolist() for batch in prepared.trainer.get_train_dataloader()]
+    given = [render(prepared.tokenizer, row).input_ids for row in rows]
+    assert orders[False] == given
+    assert orders[True] != given and sorted(orders[True]) == sorted(given)
+
+
 def test_loss_at_trained_positions_equals_the_full_logits_loss(tiny_model_dir, tmp_path):
     """Logits at the trained positions only give the model's own loss and the same gradients, mean or summed."""
     from mcpft.train import trained_positions_loss
