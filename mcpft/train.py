@@ -463,14 +463,13 @@ def training_plan(config: TrainConfig, rows: list[dict], base_model: str | None 
     plan = prepared.summary()
     per_epoch = math.ceil(plan["rows_used"] / (config.batch_size * config.gradient_accumulation_steps))
     plan["steps"] = config.max_steps or max(1, math.ceil(per_epoch * config.epochs))
-    plan["estimated_s"] = plan["speed"] = None
+    plan["speed"] = None  # a CPU estimate (its "seconds"), or None: a GPU's rate is only known once it has run
     if not cuda_available():
         mean_row = prepared.mean_row()
         rows_trained = min(plan["rows_used"] * config.epochs,
                            plan["steps"] * config.batch_size * config.gradient_accumulation_steps)
         plan["speed"] = estimate(data_dir, model_name(base_model), resolve_precision(config, on_cuda=False),
                                  rows_trained * mean_row, mean_row, run_cost(config.full_finetune, lora_layers))
-        plan["estimated_s"] = plan["speed"]["seconds"]
     return plan
 
 

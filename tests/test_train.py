@@ -128,7 +128,7 @@ def test_lora_in_the_last_layers_only(tiny_model_dir, tmp_path):
     assert losses[-1] < losses[0] - 1.0
     long_rows = weather_rows(answer="Rain all day, " * 300)  # ~1k tokens: an estimate of seconds, not 0
     plans = [training_plan(TrainConfig(lora_layers=n, epochs=4), long_rows, base_model=str(tiny_model_dir),
-                           data_dir=tmp_path)["estimated_s"] for n in (None, 1)]
+                           data_dir=tmp_path)["speed"]["seconds"] for n in (None, 1)]
     assert 0 < plans[1] < plans[0]
     with pytest.raises(TrainError, match="lora_layers 3: .* has only 2 decoder layers"):
         train(TrainConfig(lora_layers=3), rows, tmp_path / "deep", base_model=str(tiny_model_dir))
@@ -327,7 +327,7 @@ def test_the_plan_counts_what_would_train_before_anything_loads(tiny_model_dir, 
     assert (plan["rows"], plan["rows_used"], plan["steps"]) == (2, 1, 3)
     assert [item["id"] for item in plan["rows_left_out"]] == ["long"]
     assert 0 < plan["trained_tokens"] < plan["tokens"] <= 400
-    assert plan["estimated_s"] >= 0  # this machine has no CUDA: a CPU estimate
+    assert plan["speed"]["seconds"] >= 0  # this machine has no CUDA: a CPU estimate
     assert not (tmp_path / "out").exists()  # nothing written: only a plan
 
 
@@ -352,7 +352,7 @@ def test_the_estimate_uses_this_machines_measured_speed_once_a_run_measured_it(t
 
     rows = weather_rows(answer="Rain all day, " * 300)
     plan = training_plan(TrainConfig(epochs=4), rows, base_model=str(tiny_model_dir), data_dir=tmp_path)
-    assert plan["speed"]["source"] == "reference" and plan["estimated_s"] > 0
+    assert plan["speed"]["source"] == "reference" and plan["speed"]["seconds"] > 0
     (tmp_path / SPEED_FILE).write_text("{not json")  # a damaged file costs only the local figure
     assert training_plan(TrainConfig(), rows, base_model=str(tiny_model_dir),
                          data_dir=tmp_path)["speed"]["source"] == "reference"
@@ -368,7 +368,7 @@ def test_the_estimate_uses_this_machines_measured_speed_once_a_run_measured_it(t
     after = training_plan(TrainConfig(epochs=4), rows, base_model=str(tiny_model_dir), data_dir=tmp_path)
     assert after["speed"]["source"] == "this machine"
     assert after["speed"]["tokens_per_s"] == pytest.approx(measured["tokens_per_s"], rel=0.01)
-    assert after["estimated_s"] == round(4 * plan["tokens"] / measured["tokens_per_s"])
+    assert after["speed"]["seconds"] == round(4 * plan["tokens"] / measured["tokens_per_s"])
     shorter = training_plan(TrainConfig(epochs=4), weather_rows(), base_model=str(tiny_model_dir), data_dir=tmp_path)
     mean_row = shorter["tokens"] / shorter["rows_used"]  # shorter rows train faster per token, as the reference says
     assert shorter["speed"]["tokens_per_s"] == pytest.approx(

@@ -89,12 +89,12 @@ def plan_text(plan: dict, n_traces: int) -> str:
     lines = [f"**{plan['rows_used']} of {plan['rows']} row(s) will train** (from {n_traces} trace(s)): "
              f"{plan['tokens']:,} tokens, {plan['trained_tokens']:,} of them trained, longest row {plan['longest']:,} "
              f"of the max length {plan['max_length']:,}; {plan['steps']} optimizer step(s)."]
-    if plan["estimated_s"] is not None:
-        speed = plan["speed"]
+    speed = plan["speed"]
+    if speed is not None:
         basis = (f"this machine's last run, carried to these rows: {speed['tokens_per_s']:,.0f} tokens/s"
                  if speed["source"] == "this machine" else
                  "the speed measured on a reference 2-core CPU; a first run here measures this machine's")
-        lines.append(f"Estimated time on this CPU: about {max(1, round(plan['estimated_s'] / 60))} min (from "
+        lines.append(f"Estimated time on this CPU: about {max(1, round(speed['seconds'] / 60))} min (from "
                      f"{basis}; loading adds about half a minute).")
     if plan["rows_left_out"]:
         lines.append(f"**{len(plan['rows_left_out'])} row(s) will be left out:** " + "; ".join(
