@@ -36,7 +36,7 @@ def _cache_dir() -> Path:
 
 def _build(compiler: str) -> Path:
     """Compile the kernel unless this source with these flags already was; a finished library is renamed into
-    place, so processes building at once never load a half-written file."""
+    place, so processes building at once never load a half-written file, and the builds it replaces are removed."""
     source = SOURCE.read_bytes()
     digest = hashlib.sha256(source + " ".join((compiler,) + FLAGS).encode()).hexdigest()[:16]
     library = _cache_dir() / f"cpu_attention-{digest}.so"
@@ -48,6 +48,9 @@ def _build(compiler: str) -> Path:
         subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"], check=True, capture_output=True,
                        text=True, timeout=120)
         os.replace(built, library)
+    for stale in library.parent.glob("cpu_attention-*.so"):  # builds of an older source or other flags
+        if stale != library:
+            stale.unlink(missing_ok=True)  # a process that loaded it keeps its mapping
     return library
 
 

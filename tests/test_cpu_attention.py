@@ -20,7 +20,7 @@ def test_the_kernel_is_built_exactly_where_the_cpu_computes_bf16():
         assert "AVX512-BF16" in found
 
 
-def test_it_is_compiled_once_into_the_cache_folder_and_without_a_compiler_says_so(tmp_path, monkeypatch):
+def test_it_is_compiled_once_replacing_older_builds_and_without_a_compiler_says_so(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     found = kernel.__wrapped__()  # not the process's cached answer
@@ -28,9 +28,12 @@ def test_it_is_compiled_once_into_the_cache_folder_and_without_a_compiler_says_s
     assert not list(tmp_path.rglob("*.so"))
     monkeypatch.setenv("CC", "cc")
     if HAS_BF16:
+        stale = tmp_path / "mcpft" / "kernels" / "cpu_attention-0123456789abcdef.so"  # an older source's build
+        stale.parent.mkdir(parents=True, exist_ok=True)
+        stale.write_bytes(b"old")
         assert isinstance(kernel.__wrapped__(), Kernel)
         built_once = list((tmp_path / "mcpft" / "kernels").glob("cpu_attention-*.so"))
-        assert len(built_once) == 1
+        assert len(built_once) == 1 and built_once[0] != stale
         stamp = built_once[0].stat().st_mtime_ns
         assert isinstance(kernel.__wrapped__(), Kernel) and built_once[0].stat().st_mtime_ns == stamp
     monkeypatch.setenv("MCPFT_ATTENTION_KERNEL", "off")
