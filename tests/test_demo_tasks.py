@@ -97,6 +97,8 @@ def test_checker_accepts_the_right_answer_and_rejects_wrong_ones(task, site):
     ("no_tool_arithmetic-3", "15% of 80 is 12."),
     ("docs_first_item-warranty-makingaclaim", "The first item is: Find your order number or receipt."),  # quoted
     ("docs_first_item-payment-paymentsecurity", "Card details are never stored on our servers."),
+    ("docs_search_first_result-refund", 'The first result is "Returns and Exchanges". Yes: "Returns and Exchanges".'),
+    ("product_spec-trailblazer-backpack-weight", "It weighs 1450 g.\nIt weighs 1450 g."),  # twice is no loop yet
 ])
 def test_checkers_tolerate_phrasing(task_id, answer):
     assert task_by_id(task_id).check(answer).ok
@@ -135,6 +137,12 @@ def test_checkers_tolerate_phrasing(task_id, answer):
     ("compare_price-trailblazer-backpack-ember-camp-stove", "The Trailblazer Backpack costs more.",
      "expected the difference"),
     ("learn_more_fact-founded", "It was founded in 1978.", "expected '1987'"),
+    ("docs_search_first_result-refund",  # a tuned model's loop (payoff run 50) that names the right title in passing
+     'Searching the docs for "refund" gives: "Refund"\nSearching the docs for "refund" gives: refund\n'
+     'Searching the docs for "Returns and Exchanges" gives: returns and exchanges\n'
+     'Searching the docs for "Refund" gives: refund', "repeats itself ('searching the docs for refund gives refund' 3"),
+    ("product_spec-trailblazer-backpack-weight", "It weighs 1450 g. It weighs 1450 g! It weighs 1450 g.",
+     "repeats itself"),
 ])
 def test_checkers_reject_hedged_or_incomplete_answers(task_id, answer, reason):
     verdict = task_by_id(task_id).check(answer)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Callable, Mapping, Protocol
@@ -75,14 +76,15 @@ class Task:
         if not answer.strip():
             return _fail("the answer is empty")
         verdict = self.checker(answer, site_state)
-        hedge = hedging(answer) if verdict.ok else None
-        return _fail(hedge) if hedge else verdict
+        flaw = (hedging(answer) or repeating(answer)) if verdict.ok else None
+        return _fail(flaw) if flaw else verdict
 
 
 # ---- answer reading helpers -----------------------------------------------------------------------------------
 
 NUMBER = r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?"
 MONEY = re.compile(rf"\$\s*({NUMBER})|({NUMBER})\s*(?:dollars?|usd)\b", re.IGNORECASE)
+REPEATS = 3  # times one sentence may come in an answer before the answer counts as a loop
 HEDGES = ("or", "either", "nor", "maybe", "perhaps", "possibly", "probably")
 NEGATION = re.compile(r"\b(?:not|never|cannot)\b|n['’]t\b", re.IGNORECASE)
 # Product names carry numbers ("Backpack 45L", "Tent 2P") that are no part of an answer's value.
@@ -159,6 +161,15 @@ def hedging(answer: str) -> str | None:
     None when it does not."""
     found = hedge_words(_verbatim().sub(" ", answer))
     return f"hedges or negates ({found[0]!r}) instead of committing to one answer" if found else None
+
+
+def repeating(answer: str) -> str | None:
+    """Why the answer is a loop rather than an answer (one sentence said `REPEATS` times or more: a small model stuck
+    repeating itself can name the right value in passing), or None when it is not."""
+    sentences = (" ".join(re.findall(r"\w+", part.casefold())) for part in re.split(r"\n+|(?<=[.!?])\s+", answer))
+    counts = Counter(sentence for sentence in sentences if sentence)
+    said, times = counts.most_common(1)[0] if counts else ("", 0)
+    return f"repeats itself ({said!r} {times} times) instead of answering once" if times >= REPEATS else None
 
 
 def _ok(reason: str = "matches") -> CheckResult:
