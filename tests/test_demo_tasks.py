@@ -12,6 +12,7 @@ from mcpft.demo.tasks import (HELDOUT_DOCS, HELDOUT_PRODUCTS, HELDOUT_TEMPLATES,
                               training_facts)
 
 ALL = load_tasks()
+COLLECTED_WORLDS = 300  # `demo collect` draws world i for trace i; the payoff runs measured up to 300 traces
 FORM_TASKS = [task for task in ALL if task.template == "contact_form"]
 
 
@@ -143,10 +144,26 @@ def test_checkers_tolerate_phrasing(task_id, answer):
      'Searching the docs for "Refund" gives: refund', "repeats itself ('searching the docs for refund gives refund' 3"),
     ("product_spec-trailblazer-backpack-weight", "It weighs 1450 g. It weighs 1450 g! It weighs 1450 g.",
      "repeats itself"),
+    ("price_by_position-5",  # the right price told as another product's (payoff run 50)
+     "The fifth product in the catalogue is the Canyon Sleeping Bag, priced at $89.00.",
+     "also names other products ['Canyon Water Bottle']"),
+    ("product_spec-alpine-trekking-poles-weight", "The Glacier Sleeping Bag weighs 520 g.",
+     "also names other products"),
+    ("product_first_feature-alpine-trekking-poles",
+     "The Summit Down Jacket's first feature: Quick flick-lock adjustment.", "also names other products"),
 ])
 def test_checkers_reject_hedged_or_incomplete_answers(task_id, answer, reason):
     verdict = task_by_id(task_id).check(answer)
     assert not verdict.ok and reason in verdict.reason
+
+
+def test_every_expected_answer_passes_its_check_in_the_worlds_training_draws():
+    """The teacher's answers are judged by the same checks; a trace whose right answer failed would be left out.
+    ("The Cedar Backpack 45L costs $271.95." where another product costs $45.00: the name's 45 is no price.)"""
+    for seed in range(1, COLLECTED_WORLDS + 1):
+        for task in load_tasks("train", training_facts(seed)):
+            if task.template != "contact_form":  # a form's check reads the site
+                assert task.check(task.expected).ok, (seed, task.id, task.check(task.expected).reason)
 
 
 def test_check_rejects_a_non_string_answer():

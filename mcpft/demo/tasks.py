@@ -184,14 +184,27 @@ def _fail(reason: str) -> CheckResult:
 # Each states the right value and rejects an answer that also states a rival value of the same kind; hedges and
 # negations are refused for every task by `Task.check`.
 
+def about(product: Product, facts: Facts, check: Checker) -> Checker:
+    """`check`, on an answer that names no other product of the world (by its name's first word): the right value
+    told as another product's ("the fifth is the Canyon …, $89.00") is a wrong answer."""
+    others = {p.short_name.lower(): p.name for p in facts.products if p.slug != product.slug}
+
+    def checked(answer: str, state: SiteState | None) -> CheckResult:
+        verdict = check(answer, state)
+        named = sorted({others[word] for word in words(answer) if word in others}) if verdict.ok else []
+        return _fail(f"also names other products {named}") if named else verdict
+    return checked
+
+
 def check_price(product: Product, facts: Facts, require_name: bool = False) -> Checker:
     other_prices = {p.price for p in facts.products if p.price != product.price}
 
     def check(answer: str, _: SiteState | None) -> CheckResult:
-        if not mentions_number(answer, product.price):
+        unnamed = PRODUCT_NAMES.sub(" ", answer)  # "Backpack 45L" states no $45.00
+        if not mentions_number(unnamed, product.price):
             return _fail(f"expected the price {product.price_text}")
-        rivals = {a for a in amounts(answer) if not same(a, product.price)}
-        rivals |= {price for price in other_prices if mentions_number(answer, price)}
+        rivals = {a for a in amounts(unnamed) if not same(a, product.price)}
+        rivals |= {price for price in other_prices if mentions_number(unnamed, price)}
         if rivals:
             return _fail(f"also names other prices {sorted(rivals)}")
         if require_name and not mentions_product(answer, product):
@@ -433,7 +446,8 @@ def price_by_position_tasks(facts: Facts) -> list[Task]:
                    "and tell me its price.",
             needs_tools=True, params={"position": index + 1, "product": product.slug},
             expected=f"The {ordinal} product, the {product.name}, costs {product.price_text}.",
-            wrong=f"It costs {_neighbour(product, facts).price_text}.", checker=check_price(product, facts)))
+            wrong=f"It costs {_neighbour(product, facts).price_text}.",
+            checker=about(product, facts, check_price(product, facts))))
     return tasks
 
 
@@ -449,7 +463,7 @@ def page2_product_tasks(facts: Facts) -> list[Task]:
             needs_tools=True, params={"position": index + 1, "product": product.slug},
             expected=f"The {ordinal} product on page 2 is the {product.name}, priced at {product.price_text}.",
             wrong=f"It is the {other.name}, priced at {other.price_text}.",
-            checker=check_price(product, facts, require_name=True)))
+            checker=about(product, facts, check_price(product, facts, require_name=True))))
     return tasks
 
 
@@ -467,7 +481,8 @@ def product_spec_tasks(facts: Facts) -> list[Task]:
                 prompt=f"{question}? Look it up on the shop at {{base_url}}.",
                 needs_tools=True, params={"product": product.slug, "spec": spec},
                 expected=f"{spec} of the {product.name}: {product.specs[spec]}.",
-                wrong=f"{spec}: {other.specs[spec]}.", checker=check_spec(product, spec, facts)))
+                wrong=f"{spec}: {other.specs[spec]}.",
+                checker=about(product, facts, check_spec(product, spec, facts))))
     return tasks
 
 
@@ -478,7 +493,7 @@ def product_first_feature_tasks(facts: Facts) -> list[Task]:
         needs_tools=True, params={"product": product.slug},
         expected=f"The first feature listed is: {product.features[0]}.",
         wrong=f"The first feature listed is: {product.features[1]}.",
-        checker=check_first_of(product.features, "feature"))
+        checker=about(product, facts, check_first_of(product.features, "feature")))
         for listed, product in ((listed, facts.counterpart(listed.slug)) for listed in data.PRODUCTS)]
 
 
