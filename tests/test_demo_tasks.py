@@ -88,10 +88,10 @@ def test_checker_accepts_the_right_answer_and_rejects_wrong_ones(task, site):
     ("compare_weight-summit-down-jacket-drift-rain-shell", "The Summit Down Jacket is lighter than the Drift Rain Shell"),
     ("compare_weight-summit-down-jacket-drift-rain-shell", "Summit (380 g)"),
     ("compare_weight-summit-down-jacket-drift-rain-shell",  # the figures first, then the verdict
-     "The Drift Rain Shell weighs 395 g and the Summit Down Jacket weighs 380 g, so the Summit Down Jacket is lighter."),
+     "The Drift Rain Shell weighs 410 g and the Summit Down Jacket weighs 380 g, so the Summit Down Jacket is lighter."),
     ("compare_weight-summit-down-jacket-drift-rain-shell", "The Drift Rain Shell is heavier; the Summit is lighter."),
     ("compare_weight-summit-down-jacket-drift-rain-shell",
-     "Of the Drift Rain Shell (395 g) and the Summit Down Jacket (380 g), the Summit Down Jacket is lighter."),
+     "Of the Drift Rain Shell (0.41 kg) and the Summit Down Jacket (380 g), the Summit Down Jacket is lighter."),
     ("price_by_position-1", "The price is $129.00."),
     ("product_spec-trailblazer-backpack-weight", "The Trailblazer Backpack 45L weighs 1450 g (1.45 kg)."),
     ("learn_more_fact-trees", "Acme planted 12,400 trees in 2024."),  # the year the question gave is no rival
@@ -133,7 +133,7 @@ def test_checkers_tolerate_phrasing(task_id, answer):
     ("compare_weight-summit-down-jacket-drift-rain-shell", "The Drift Rain Shell is lighter than the Summit",
      "calls 'Drift Rain Shell' lighter"),
     ("compare_weight-summit-down-jacket-drift-rain-shell",
-     "The Summit Down Jacket weighs 380 g and the Drift Rain Shell weighs 395 g, so the Drift Rain Shell is lighter.",
+     "The Summit Down Jacket weighs 380 g and the Drift Rain Shell weighs 410 g, so the Drift Rain Shell is lighter.",
      "calls 'Drift Rain Shell' lighter"),
     ("compare_price-trailblazer-backpack-ember-camp-stove", "The Trailblazer Backpack costs more.",
      "expected the difference"),
@@ -141,7 +141,16 @@ def test_checkers_tolerate_phrasing(task_id, answer):
     ("docs_search_first_result-refund",  # a tuned model's loop (payoff run 50) that names the right title in passing
      'Searching the docs for "refund" gives: "Refund"\nSearching the docs for "refund" gives: refund\n'
      'Searching the docs for "Returns and Exchanges" gives: returns and exchanges\n'
-     'Searching the docs for "Refund" gives: refund', "repeats itself ('searching the docs for refund gives refund' 3"),
+     'Searching the docs for "Refund" gives: refund', "repeats itself ('searching the docs for' 4 times)"),
+    ("docs_search_first_result-refund", 'Searching the docs for "refund" gives: "refund"\n<tool_call>\n{"name": '
+     '"browser_fill_form", "arguments": {"fields": [{"element": "Returns and Exchanges link"}]}}\n</tool_call>',
+     "holds tool-call markup"),
+    ("compare_weight-summit-down-jacket-drift-rain-shell",  # the right verdict on a made-up figure
+     "The Summit Down Jacket is lighter: it weighs 380 g, while the Drift Rain Shell weighs 319 g.",
+     "states weights that are neither product's [319.0]"),
+    ("compare_weight-summit-down-jacket-drift-rain-shell",
+     "The Summit Down Jacket is lighter: it weighs 410 g, while the Drift Rain Shell weighs 410 g.",
+     "gives both products the weight 410 g"),
     ("product_spec-trailblazer-backpack-weight", "It weighs 1450 g. It weighs 1450 g! It weighs 1450 g.",
      "repeats itself"),
     ("price_by_position-5",  # the right price told as another product's (payoff run 50)

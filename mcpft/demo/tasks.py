@@ -76,7 +76,7 @@ class Task:
         if not answer.strip():
             return _fail("the answer is empty")
         verdict = self.checker(answer, site_state)
-        flaw = (hedging(answer) or repeating(answer)) if verdict.ok else None
+        flaw = (hedging(answer) or repeating(answer) or unparsed_call(answer)) if verdict.ok else None
         return _fail(flaw) if flaw else verdict
 
 
@@ -84,7 +84,8 @@ class Task:
 
 NUMBER = r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?"
 MONEY = re.compile(rf"\$\s*({NUMBER})|({NUMBER})\s*(?:dollars?|usd)\b", re.IGNORECASE)
-REPEATS = 3  # times one sentence may come in an answer before the answer counts as a loop
+REPEATS, LOOP_WORDS = 3, 4  # a run of 4 words said 3 times makes an answer a loop
+CALL_MARKUP = "<tool_call>"
 HEDGES = ("or", "either", "nor", "maybe", "perhaps", "possibly", "probably")
 NEGATION = re.compile(r"\b(?:not|never|cannot)\b|n['’]t\b", re.IGNORECASE)
 # Product names carry numbers ("Backpack 45L", "Tent 2P") that are no part of an answer's value.
@@ -164,12 +165,17 @@ def hedging(answer: str) -> str | None:
 
 
 def repeating(answer: str) -> str | None:
-    """Why the answer is a loop rather than an answer (one sentence said `REPEATS` times or more: a small model stuck
-    repeating itself can name the right value in passing), or None when it is not."""
-    sentences = (" ".join(re.findall(r"\w+", part.casefold())) for part in re.split(r"\n+|(?<=[.!?])\s+", answer))
-    counts = Counter(sentence for sentence in sentences if sentence)
-    said, times = counts.most_common(1)[0] if counts else ("", 0)
-    return f"repeats itself ({said!r} {times} times) instead of answering once" if times >= REPEATS else None
+    """Why the answer is a loop rather than an answer (a run of `LOOP_WORDS` words said `REPEATS` times or more: a
+    small model stuck repeating itself can name the right value in passing), or None when it is not."""
+    said = re.findall(r"\w+", answer.casefold())
+    runs = Counter(" ".join(said[i:i + LOOP_WORDS]) for i in range(len(said) - LOOP_WORDS + 1))
+    run, times = runs.most_common(1)[0] if runs else ("", 0)
+    return f"repeats itself ({run!r} {times} times) instead of answering once" if times >= REPEATS else None
+
+
+def unparsed_call(answer: str) -> str | None:
+    """Why the answer is a tool call gone wrong (its markup left in the text), or None when it is not."""
+    return "holds tool-call markup: a call that did not parse, not an answer" if CALL_MARKUP in answer else None
 
 
 def _ok(reason: str = "matches") -> CheckResult:
@@ -274,6 +280,27 @@ def check_choice(right: Product, other: Product, what: str, keyword: str) -> Che
             return _fail(f"calls {other.name!r} {keyword}")
         if keyword not in sequence and sequence[0] != right_key:
             return _fail(f"names {other.name!r} before {right.name!r}: ambiguous which is {what}")
+        return _ok()
+    return check
+
+
+def check_compared_weights(lighter: Product, heavier: Product) -> Checker:
+    """`lighter` named the lighter one, and the weights the answer gives (g or kg) are the two products' own: none
+    made up, and not one figure for both."""
+    choice = check_choice(lighter, heavier, "lighter", keyword="lighter")
+    weights = (lighter.weight_g, heavier.weight_g)
+
+    def check(answer: str, state: SiteState | None) -> CheckResult:
+        verdict = choice(answer, state)
+        if not verdict.ok:
+            return verdict
+        stated = numbers(PRODUCT_NAMES.sub(" ", answer))
+        meant = [next((w for w in weights if same(n, w) or same(n * 1000, w)), None) for n in stated]
+        made_up = sorted(n for n, w in zip(stated, meant) if w is None)
+        if made_up:
+            return _fail(f"states weights that are neither product's {made_up}")
+        if len(meant) > 1 and len(set(meant)) == 1:
+            return _fail(f"gives both products the weight {meant[0]} g")
         return _ok()
     return check
 
@@ -519,7 +546,7 @@ def compare_weight_tasks(facts: Facts) -> list[Task]:
             needs_tools=True, params={"products": [first.slug, second.slug]},
             expected=f"The {lighter.name} is lighter ({lighter.weight_g} g vs {heavier.weight_g} g).",
             wrong=f"The {heavier.name} is lighter.",
-            checker=check_choice(lighter, heavier, "lighter", keyword="lighter")))
+            checker=check_compared_weights(lighter, heavier)))
     return tasks
 
 
