@@ -187,8 +187,8 @@ def _fail(reason: str) -> CheckResult:
 
 
 # ---- checkers -------------------------------------------------------------------------------------------------
-# Each states the right value and rejects an answer that also states a rival value of the same kind; hedges and
-# negations are refused for every task by `Task.check`.
+# Each states the right value and rejects an answer that also states a rival value of the same kind; hedges,
+# negations, loops and unparsed calls are refused for every task by `Task.check`.
 
 def about(product: Product, facts: Facts, check: Checker) -> Checker:
     """`check`, on an answer that names no other product of the world (by its name's first word): the right value
