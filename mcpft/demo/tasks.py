@@ -22,6 +22,7 @@ from typing import Any, Callable, Mapping, Protocol
 
 from mcpft.demo import data
 from mcpft.demo.data import FACTS, Facts, Product
+from mcpft.hermes import CALL_OPEN
 
 SPLITS = ("train", "heldout")
 HELDOUT_PRODUCTS = frozenset({"alpine-trekking-poles", "ember-camp-stove", "horizon-binoculars"})
@@ -85,7 +86,6 @@ class Task:
 NUMBER = r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?"
 MONEY = re.compile(rf"\$\s*({NUMBER})|({NUMBER})\s*(?:dollars?|usd)\b", re.IGNORECASE)
 REPEATS, LOOP_WORDS = 3, 4  # a run of 4 words said 3 times makes an answer a loop
-CALL_MARKUP = "<tool_call>"
 HEDGES = ("or", "either", "nor", "maybe", "perhaps", "possibly", "probably")
 NEGATION = re.compile(r"\b(?:not|never|cannot)\b|n['’]t\b", re.IGNORECASE)
 # Product names carry numbers ("Backpack 45L", "Tent 2P") that are no part of an answer's value.
@@ -93,6 +93,11 @@ _NAME_TOKENS = {p.name for p in data.PRODUCTS} | {t for p in data.PRODUCTS for t
                                                   if any(c.isdigit() for c in t)}
 PRODUCT_NAMES = re.compile(r"\b(?:" + "|".join(map(re.escape, sorted(_NAME_TOKENS, key=len, reverse=True))) + r")\b",
                            re.IGNORECASE)
+
+
+def unnamed(text: str) -> str:
+    """`text` without the product names in it, whose numbers ("Backpack 45L") are no price or weight it states."""
+    return PRODUCT_NAMES.sub(" ", text)
 
 
 def words(text: str) -> list[str]:
@@ -175,7 +180,7 @@ def repeating(answer: str) -> str | None:
 
 def unparsed_call(answer: str) -> str | None:
     """Why the answer is a tool call gone wrong (its markup left in the text), or None when it is not."""
-    return "holds tool-call markup: a call that did not parse, not an answer" if CALL_MARKUP in answer else None
+    return "holds tool-call markup: a call that did not parse, not an answer" if CALL_OPEN in answer else None
 
 
 def _ok(reason: str = "matches") -> CheckResult:
@@ -206,11 +211,11 @@ def check_price(product: Product, facts: Facts, require_name: bool = False) -> C
     other_prices = {p.price for p in facts.products if p.price != product.price}
 
     def check(answer: str, _: SiteState | None) -> CheckResult:
-        unnamed = PRODUCT_NAMES.sub(" ", answer)  # "Backpack 45L" states no $45.00
-        if not mentions_number(unnamed, product.price):
+        values = unnamed(answer)
+        if not mentions_number(values, product.price):
             return _fail(f"expected the price {product.price_text}")
-        rivals = {a for a in amounts(unnamed) if not same(a, product.price)}
-        rivals |= {price for price in other_prices if mentions_number(unnamed, price)}
+        rivals = {a for a in amounts(values) if not same(a, product.price)}
+        rivals |= {price for price in other_prices if mentions_number(values, price)}
         if rivals:
             return _fail(f"also names other prices {sorted(rivals)}")
         if require_name and not mentions_product(answer, product):
@@ -223,7 +228,7 @@ def check_numeric(accepted: tuple[float, ...], want: str, context: tuple[float, 
     """States one of `accepted` (with `unit` when given) and no other number but those the question gave
     (`context`, e.g. "17 times 23") or a product name holds."""
     def check(answer: str, _: SiteState | None) -> CheckResult:
-        stated = numbers(PRODUCT_NAMES.sub(" ", answer))
+        stated = numbers(unnamed(answer))
         if unit not in answer.lower() or not any(same(n, a) for n in stated for a in accepted):
             return _fail(f"expected {want}")
         rivals = sorted({n for n in stated if not any(same(n, a) for a in accepted + context)})
@@ -294,7 +299,7 @@ def check_compared_weights(lighter: Product, heavier: Product) -> Checker:
         verdict = choice(answer, state)
         if not verdict.ok:
             return verdict
-        stated = numbers(PRODUCT_NAMES.sub(" ", answer))
+        stated = numbers(unnamed(answer))
         meant = [next((w for w in weights if same(n, w) or same(n * 1000, w)), None) for n in stated]
         made_up = sorted(n for n, w in zip(stated, meant) if w is None)
         if made_up:
