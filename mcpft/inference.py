@@ -561,7 +561,9 @@ class _TransformersRunner:
     def new_cache(self, adapter: bool):
         from transformers import DynamicCache
 
-        return DynamicCache(config=self.model.config)
+        # Without the config every layer keeps all its positions, sliding-window layers too: those would drop what
+        # falls out of their window, and a reused prefix must crop back to any position (the mask keeps the window).
+        return DynamicCache()
 
     def reserve(self, cache, length: int) -> None:
         pass  # a DynamicCache grows as it goes

@@ -109,6 +109,24 @@ def test_a_different_prompt_reuses_only_the_common_whole_chunks(tiny):
     assert engine.stats.reused == PREFILL_CHUNK
 
 
+def test_a_sliding_window_model_reuses_a_prefix_further_back_than_its_window(tiny_model_dir):
+    """A sliding-window layer's cache drops what leaves its window; the engine (transformers' forward, for such
+    models) must still crop back to a reused prefix behind it and answer as the model itself does."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, use_sliding_window=True,
+                                                 sliding_window=16, layer_types=["sliding_attention", "full_attention"])
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    engine = Engine(model.eval(), dtype=torch.float32)
+    assert engine.fast_problem == "sliding-window attention"
+    first = prompt_ids(tokenizer, conversation(4)[-1])
+    list(engine.generate(first, 4))
+    changed = list(first)
+    changed[PREFILL_CHUNK + 10] = (changed[PREFILL_CHUNK + 10] + 1) % len(tokenizer)
+    assert list(engine.generate(changed, 8)) == transformers_greedy(model, changed, 8)
+    assert engine.stats.reused == PREFILL_CHUNK and len(first) - PREFILL_CHUNK > 16
+
+
 @pytest.mark.parametrize("fast", [True, False], ids=["own forward", "transformers forward"])
 def test_an_adapter_and_its_base_keep_their_own_caches(tiny_with_adapter, fast):
     """Requests alternate between the adapter and its base on one engine: each answers as a fresh model would."""
