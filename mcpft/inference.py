@@ -560,10 +560,13 @@ class _TransformersRunner:
 
     def new_cache(self, adapter: bool):
         from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-        # Without the config every layer keeps all its positions, sliding-window layers too: those would drop what
-        # falls out of their window, and a reused prefix must crop back to any position (the mask keeps the window).
-        return DynamicCache()
+        cache = DynamicCache(config=self.model.config)  # the config's layer kinds (hybrid models need theirs)
+        # A sliding-window layer drops what falls out of its window, and a reused prefix must crop back to any
+        # position: here such layers keep every position (the attention mask still applies the window).
+        cache.layers = [DynamicLayer() if type(layer) is DynamicSlidingWindowLayer else layer for layer in cache.layers]
+        return cache
 
     def reserve(self, cache, length: int) -> None:
         pass  # a DynamicCache grows as it goes
