@@ -10,12 +10,16 @@ written inside `<think>`) and is described in `flags`. `format_tool_calls` and
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass, field
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 _SNIPPET = 60  # characters of offending text quoted in a flag
+# What an unreadable block seems to hold: its "name" string, and where its arguments begin.
+_NAME = re.compile(r'"name"\s*:\s*"((?:[^"\\]|\\.)*)"')
+_ARGUMENTS_KEY = re.compile(r'"(?:arguments|parameters)"\s*:\s*')
 _DECODER = json.JSONDecoder()
 
 
@@ -102,7 +106,7 @@ def _extract_calls(segment: str, first_index: int) -> tuple[str, list[dict], lis
             block_calls, trailing = _parse_call_body(segment[body_at:body_end])
         except _MalformedCall as error:
             kept.append(segment[start:block_end])
-            flags.append(f"malformed tool call {index}: {error}; kept as text")
+            flags.append(f"malformed tool call {index}: {error}")
         else:
             calls.extend(block_calls)
             if trailing:
@@ -110,6 +114,46 @@ def _extract_calls(segment: str, first_index: int) -> tuple[str, list[dict], lis
         position, index = block_end, index + 1
     kept.append(segment[position:])
     return "".join(kept), calls, flags
+
+
+def unreadable_calls(content: str) -> tuple[str, list[dict], list[str]]:
+    """The `<tool_call>` blocks `parse_assistant_text` left in its `content` because it could not read them, taken out
+    as calls for an agent to answer, never to run: (content without them, calls, why each could not be read). A
+    call holds what its block seems to hold (its "name" string, else ""; the text after "arguments": less a last
+    closing brace, else the whole body), so that the model's history, rendered, shows the call as it wrote it."""
+    kept, calls, problems = [], [], []
+    position = 0
+    while (start := content.find(CALL_OPEN, position)) != -1:
+        kept.append(content[position:start])
+        body_at = start + len(CALL_OPEN)
+        body_end, position = _block_end(content, body_at)
+        body = content[body_at:body_end].strip()
+        problems.append(f"it could not be read: {_why_unreadable(body)}")
+        calls.append(_unreadable_call(body))
+    kept.append(content[position:])
+    return "".join(kept).strip(), calls, problems
+
+
+def _why_unreadable(body: str) -> str:
+    try:
+        _parse_call_body(body)
+    except _MalformedCall as error:
+        return str(error)
+    raise ValueError("a readable <tool_call> block: take the calls out with parse_assistant_text first")
+
+
+def _unreadable_call(body: str) -> dict:
+    found = _NAME.search(body)
+    name = found.group(1) if found else ""
+    try:
+        name = json.loads(f'"{name}"')  # the JSON escapes it may hold
+    except json.JSONDecodeError:
+        pass
+    arguments_at = _ARGUMENTS_KEY.search(body)
+    arguments = body[arguments_at.end():].rstrip() if arguments_at else body
+    if arguments_at and arguments.endswith("}"):  # the block's own brace, which templates write after the arguments
+        arguments = arguments[:-1].rstrip()
+    return {"id": new_call_id(), "type": "function", "function": {"name": name, "arguments": arguments}}
 
 
 def _block_end(segment: str, body_at: int) -> tuple[int, int]:

@@ -14,6 +14,7 @@ from mcpft.hermes import (
     format_assistant_text,
     format_tool_calls,
     parse_assistant_text,
+    unreadable_calls,
 )
 
 CALL_ID = re.compile(r"^call_[0-9a-f]{24}$")
@@ -289,3 +290,33 @@ def test_streamed_reasoning_and_content_are_what_the_parser_returns(case):
     parsed = parse_assistant_text(text, think_opened=think_opened)
     streamed = tuple("".join(p for k, p in pieces if k == kind) for kind in ("reasoning", "content"))
     assert streamed == (parsed.reasoning, parsed.content)
+
+
+def test_unreadable_blocks_become_calls_that_render_as_the_model_wrote_them():
+    """What an agent answers instead of taking a broken call for the answer: each block left in the content is a
+    call (never to run) with why it could not be read, and the template writes the turn back as it was written."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from mcpft.chat_template import hermes_template
+
+    text = 'Let me look.\n<tool_call>\n{"name": "echo", "arguments": {"text": "hi"}\n</tool_call>'  # one } short
+    parsed = parse_assistant_text(text)
+    assert parsed.tool_calls == [] and parsed.flags == [
+        "malformed tool call 1: invalid JSON (Expecting ',' delimiter at character 44) in "
+        "'{\"name\": \"echo\", \"arguments\": {\"text\": \"hi\"}'"]
+    content, calls, problems = unreadable_calls(parsed.content)
+    assert (content, [(c["function"]["name"], c["function"]["arguments"]) for c in calls]) == (
+        "Let me look.", [("echo", '{"text": "hi"')])
+    assert CALL_ID.match(calls[0]["id"]) and problems == ["it could not be read: " + parsed.flags[0].split(": ", 1)[1]]
+    turn = [{"role": "user", "content": "go"}, {"role": "assistant", "content": content, "tool_calls": calls}]
+    rendered = render_jinja_template(conversations=[turn], chat_template=hermes_template())[0][0]
+    assert rendered.endswith(f"<|im_start|>assistant\n{text}<|im_end|>\n")
+
+    content, calls, problems = unreadable_calls(
+        '<tool_call>browser_navigate https://example.com</tool_call> then <tool_call>{"name": "a\\u0062", "x')
+    assert (content, [(c["function"]["name"], c["function"]["arguments"]) for c in calls]) == (
+        "then", [("", "browser_navigate https://example.com"), ("ab", '{"name": "a\\u0062", "x')])
+    assert problems[0] == ("it could not be read: invalid JSON (Expecting value at character 0) in "
+                           "'browser_navigate https://example.com'")
+    with pytest.raises(ValueError, match="readable <tool_call> block"):
+        unreadable_calls('<tool_call>{"name": "a"}</tool_call>')

@@ -1,7 +1,8 @@
 """Runs that did not succeed are stored as they happened and flagged, so they never train unless asked for: a model
 looping on one tool until the step limit (`step_limit`), a reply that repeats itself (`repetition`), a final answer
 with no word in it (`no_answer`) or one that gives up (`gave_up`); and a native tool call the model malformed (no
-name, arguments that are no JSON object) is stored, flagged, answered with what was wrong, and the run goes on.
+name, arguments that are no JSON object, a Hermes block that cannot be read) is stored, flagged, answered with what
+was wrong, and the run goes on.
 
 Real parts: tests/result_mcp_server.py as a subprocess through the tool hub, the agent loop, the CLI, a scripted
 endpoint over HTTP on 127.0.0.1 (tests/scripted_endpoint.py) that keeps the request bodies, and the SQLite store."""
@@ -47,6 +48,17 @@ def malformed_then_answer(step, _):
     return answer("Done.")
 
 
+BROKEN_CALL = '<tool_call>\n{"name": "echo", "arguments": {"text": "hi"}\n</tool_call>'  # one } short
+
+
+def garbled_then_answer(step, messages):
+    """A good call and an unreadable one as Hermes text (the server parses nothing), then what it was told."""
+    if step == 0:
+        return answer(f'Let me look.\n<tool_call>\n{{"name": "echo", "arguments": {{"text": "ok"}}}}\n</tool_call>'
+                      f"\n{BROKEN_CALL}")
+    return answer("Told: " + messages[-1]["content"][:40])
+
+
 SCRIPTS = {
     "looper": loop_on_fail,
     "parrot": echo_then(answer("ha" * 2000)),
@@ -55,6 +67,7 @@ SCRIPTS = {
     "quitter": echo_then(answer("I'm sorry, but I couldn't finish this task.")),
     "honest": echo_then(answer("The page lists no flight on that day.")),
     "malformer": malformed_then_answer,
+    "garbler": garbled_then_answer,
 }
 
 
@@ -178,6 +191,34 @@ def test_malformed_native_calls_are_stored_flagged_and_told_and_the_run_goes_on(
     second = endpoint.requests["malformer"][1]["messages"]
     assert [c["function"]["name"] for c in second[1]["tool_calls"]] == ["", "echo", "echo"]
     assert [m["content"] for m in second[2:5]] == [nameless["content"], listed["content"], "ok"]
+
+
+def test_an_unreadable_hermes_call_is_answered_not_taken_for_the_answer(store, tmp_path):
+    with ScriptedEndpoint(SCRIPTS) as endpoint:
+        trace_id, (result,) = run_turns(store, endpoint.url, "garbler", ["go"], tmp_path)
+    assert (result.stop_reason, result.steps) == ("answer", 2)
+    assert result.answer == "Told: Error: tool call 2 (echo) was not run: i"  # not the broken text
+    assert (result.tool_calls, result.malformed_calls, result.tool_errors) == (2, 1, 1)
+
+    trace = store.get(trace_id)
+    assert [m["role"] for m in trace.messages] == ["user", "assistant", "tool", "tool", "assistant"]
+    step = trace.messages[1]
+    assert step["content"] == "Let me look."
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in step["tool_calls"]] == [
+        ("echo", '{"text": "ok"}'), ("echo", '{"text": "hi"')]
+    why = ("invalid JSON (Expecting ',' delimiter at character 44) in "
+           "'{\"name\": \"echo\", \"arguments\": {\"text\": \"hi\"}'")
+    assert step["flags"] == [f"malformed tool call 2: {why}"]
+    assert trace.messages[2]["content"] == "ok"
+    assert trace.messages[3]["content"] == (f"Error: tool call 2 (echo) was not run: it could not be read: {why}. "
+                                            "Call one of these tools by name, with a JSON object of arguments: "
+                                            f"{TOOL_NAMES}")
+    assert codes(trace) == [("invalid_arguments", 1), ("malformed_output", 1)]  # never trains
+
+    # The model was sent its call back as it wrote it, and told why it could not be read.
+    second = endpoint.requests["garbler"][1]["messages"]
+    assert second[1]["tool_calls"][1]["function"] == {"name": "echo", "arguments": '{"text": "hi"'}
+    assert second[3]["content"] == trace.messages[3]["content"]
 
 
 def test_a_nameless_call_no_longer_breaks_mcpft_run(store, tmp_path, capsys):

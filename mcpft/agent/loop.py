@@ -6,8 +6,9 @@ answers per call. A stop request is honoured at any point, also in the middle of
 An answer cut short (the user stopped it, the connection closed mid-answer, max_tokens) is recorded as far as it
 came, with its flag (mcpft.trace.CUT_SHORT), so that the record is faithful and the trace never trains; so is the
 reply that reaches the step limit still calling tools (mcpft.trace.STEP_LIMIT). A tool call the model malformed (no
-function name, arguments that are no JSON object) is recorded as it came, never run or offered for approval, and
-answered with a tool message that says what was wrong, so the model can correct itself.
+function name, arguments that are no JSON object, a Hermes `<tool_call>` block that cannot be read) is recorded as it
+came, never run or offered for approval, and answered with a tool message that says what was wrong, so the model can
+correct itself.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Awaitable, Callable, Protocol
 
 from mcpft.agent.endpoint import CompletionSettings, Endpoint, EndpointError, complete, learn_reasoning_form
 from mcpft.agent.mcp import ToolResult, error_result
-from mcpft.hermes import ParsedAssistant
+from mcpft.hermes import CALL_OPEN, ParsedAssistant, unreadable_calls
 from mcpft.trace import cut_short, cut_short_flag, is_error_result, step_limit_flag
 
 REJECTED = "User rejected tool call."  # what the model is told, as in the Trelis workshop's agent
@@ -157,6 +158,7 @@ class Agent:
                 return
             cut = cut_short(reply)
             cut_off = cut is not None and cut[0] == "cut_off"
+            unreadable = take_unreadable_calls(reply) if cut is None else {}
             calls = reply.get("tool_calls", [])
             if calls and not cut_off and step == self.config.max_steps:  # flagged now: the store only appends
                 reply.setdefault("flags", []).append(step_limit_flag(self._step_limit_detail(calls)))
@@ -167,11 +169,12 @@ class Agent:
             if not calls:
                 result.answer, result.stop_reason = reply["content"], "answer"
                 return
-            await self._run_calls(calls, result)
+            await self._run_calls(calls, result, unreadable)
 
-    async def _run_calls(self, calls: list[dict], result: TurnResult):
-        """Answer the malformed calls with what is wrong; offer the others for approval and run the approved."""
-        problems = [malformed_call(call) for call in calls]
+    async def _run_calls(self, calls: list[dict], result: TurnResult, unreadable: dict[str, str]):
+        """Answer the malformed calls with what is wrong (`unreadable`: call id -> why its block could not be read);
+        offer the others for approval and run the approved."""
+        problems = [unreadable.get(call["id"]) or malformed_call(call) for call in calls]
         well_formed = [call for call, problem in zip(calls, problems) if problem is None]
         answered = 0
         try:
@@ -269,6 +272,17 @@ def tool_message(call: dict, outcome: ToolResult) -> dict:
         message["structured_content"] = outcome.structured
     message["mcp_result"] = outcome.mcp_result()
     return message
+
+
+def take_unreadable_calls(reply: dict) -> dict[str, str]:
+    """A reply whose text still holds `<tool_call>` blocks tried to call a tool and wrote the call so that it could
+    not be read. Each such block leaves the content for the reply's calls, so that it is answered with why (and the
+    model can try again) instead of ending the turn as its answer: call id -> why it could not be read."""
+    if CALL_OPEN not in reply["content"]:
+        return {}
+    reply["content"], calls, problems = unreadable_calls(reply["content"])
+    reply["tool_calls"] = reply.get("tool_calls", []) + calls
+    return {call["id"]: problem for call, problem in zip(calls, problems)}
 
 
 def malformed_call(call: dict) -> str | None:
