@@ -120,7 +120,8 @@ def unreadable_calls(content: str) -> tuple[str, list[dict], list[str]]:
     """The `<tool_call>` blocks `parse_assistant_text` left in its `content` because it could not read them, taken out
     as calls for an agent to answer, never to run: (content without them, calls, why each could not be read). A
     call holds what its block seems to hold (its "name" string, else ""; the text after "arguments": less a last
-    closing brace, else the whole body), so that the model's history, rendered, shows the call as it wrote it."""
+    closing brace, else the whole body), so that the model's history, rendered, shows the call as it wrote it.
+    A readable block stays in the text."""
     kept, calls, problems = [], [], []
     position = 0
     while (start := content.find(CALL_OPEN, position)) != -1:
@@ -128,18 +129,15 @@ def unreadable_calls(content: str) -> tuple[str, list[dict], list[str]]:
         body_at = start + len(CALL_OPEN)
         body_end, position = _block_end(content, body_at)
         body = content[body_at:body_end].strip()
-        problems.append(f"it could not be read: {_why_unreadable(body)}")
-        calls.append(_unreadable_call(body))
+        try:
+            _parse_call_body(body)
+        except _MalformedCall as error:
+            problems.append(f"it could not be read: {error}")
+            calls.append(_unreadable_call(body))
+        else:  # readable: text a server left beside its own parsed calls, not this function's to take
+            kept.append(content[start:position])
     kept.append(content[position:])
     return "".join(kept).strip(), calls, problems
-
-
-def _why_unreadable(body: str) -> str:
-    try:
-        _parse_call_body(body)
-    except _MalformedCall as error:
-        return str(error)
-    raise ValueError("a readable <tool_call> block: take the calls out with parse_assistant_text first")
 
 
 def _unreadable_call(body: str) -> dict:

@@ -318,5 +318,6 @@ def test_unreadable_blocks_become_calls_that_render_as_the_model_wrote_them():
         "then", [("", "browser_navigate https://example.com"), ("ab", '{"name": "a\\u0062", "x')])
     assert problems[0] == ("it could not be read: invalid JSON (Expecting value at character 0) in "
                            "'browser_navigate https://example.com'")
-    with pytest.raises(ValueError, match="readable <tool_call> block"):
-        unreadable_calls('<tool_call>{"name": "a"}</tool_call>')
+    readable = '<tool_call>{"name": "a"}</tool_call>'  # e.g. left by a server beside the calls it parsed
+    content, calls, _ = unreadable_calls(f"{readable} <tool_call>{{</tool_call>")
+    assert content == readable and [call["function"] for call in calls] == [{"name": "", "arguments": "{"}]

@@ -281,7 +281,8 @@ def take_unreadable_calls(reply: dict) -> dict[str, str]:
     if CALL_OPEN not in reply["content"]:
         return {}
     reply["content"], calls, problems = unreadable_calls(reply["content"])
-    reply["tool_calls"] = reply.get("tool_calls", []) + calls
+    if calls:
+        reply["tool_calls"] = reply.get("tool_calls", []) + calls
     return {call["id"]: problem for call, problem in zip(calls, problems)}
 
 
