@@ -97,22 +97,21 @@ def split_think(text: str, think_opened: bool = False) -> tuple[str, str, list[s
 def _extract_calls(segment: str, first_index: int) -> tuple[str, list[dict], list[str]]:
     """(text without the readable blocks, calls, flags); unreadable blocks stay in the text where they were."""
     kept, calls, flags = [], [], []
-    position, index = 0, first_index
-    while (start := segment.find(CALL_OPEN, position)) != -1:
-        kept.append(segment[position:start])
-        body_at = start + len(CALL_OPEN)
-        body_end, block_end = _block_end(segment, body_at)
+    index = first_index
+    for piece, body in _pieces(segment):
+        if body is None:
+            kept.append(piece)
+            continue
         try:
-            block_calls, trailing = _parse_call_body(segment[body_at:body_end])
+            block_calls, trailing = _parse_call_body(body)
         except _MalformedCall as error:
-            kept.append(segment[start:block_end])
+            kept.append(piece)
             flags.append(f"malformed tool call {index}: {error}")
         else:
             calls.extend(block_calls)
             if trailing:
                 flags.append(f"tool call {index}: ignored text after the JSON: {_quote(trailing)}")
-        position, index = block_end, index + 1
-    kept.append(segment[position:])
+        index += 1
     return "".join(kept), calls, flags
 
 
@@ -121,23 +120,35 @@ def unreadable_calls(content: str) -> tuple[str, list[dict], list[str]]:
     as calls for an agent to answer, never to run: (content without them, calls, why each could not be read). A
     call holds what its block seems to hold (its "name" string, else ""; the text after "arguments": less a last
     closing brace, else the whole body), so that the model's history, rendered, shows the call as it wrote it.
-    A readable block stays in the text."""
+    A readable block stays in the text (a server's, beside the calls it parsed itself)."""
     kept, calls, problems = [], [], []
-    position = 0
-    while (start := content.find(CALL_OPEN, position)) != -1:
-        kept.append(content[position:start])
-        body_at = start + len(CALL_OPEN)
-        body_end, position = _block_end(content, body_at)
-        body = content[body_at:body_end].strip()
-        try:
-            _parse_call_body(body)
-        except _MalformedCall as error:
-            problems.append(f"it could not be read: {error}")
-            calls.append(_unreadable_call(body))
-        else:  # readable: text a server left beside its own parsed calls, not this function's to take
-            kept.append(content[start:position])
-    kept.append(content[position:])
+    for piece, body in _pieces(content):
+        problem = None if body is None else _why_unreadable(body)
+        if problem is None:
+            kept.append(piece)
+        else:
+            problems.append(f"it could not be read: {problem}")
+            calls.append(_unreadable_call(body.strip()))
     return "".join(kept).strip(), calls, problems
+
+
+def _why_unreadable(body: str) -> str | None:
+    try:
+        _parse_call_body(body)
+    except _MalformedCall as error:
+        return str(error)
+    return None
+
+
+def _pieces(segment: str) -> list[tuple[str, str | None]]:
+    """The segment in order as (text, None) and (a `<tool_call>` block with its tags, its body) pieces."""
+    pieces, position = [], 0
+    while (start := segment.find(CALL_OPEN, position)) != -1:
+        body_at = start + len(CALL_OPEN)
+        body_end, block_end = _block_end(segment, body_at)
+        pieces += [(segment[position:start], None), (segment[start:block_end], segment[body_at:body_end])]
+        position = block_end
+    return pieces + [(segment[position:], None)]
 
 
 def _unreadable_call(body: str) -> dict:
@@ -312,12 +323,7 @@ class _SectionStream:
 
 def _readable_block(block: str) -> bool:
     """Whether a `<tool_call>` block (its tags included) holds calls that `parse_assistant_text` takes out."""
-    body = block[len(CALL_OPEN):].removesuffix(CALL_CLOSE)
-    try:
-        _parse_call_body(body)
-    except _MalformedCall:
-        return False
-    return True
+    return _why_unreadable(block[len(CALL_OPEN):].removesuffix(CALL_CLOSE)) is None
 
 
 def _partial_tag_length(text: str, tags: tuple[str, ...]) -> int:
