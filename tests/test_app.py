@@ -103,6 +103,13 @@ def visitor_traces(ctx):
     return ctx.store.traces()
 
 
+def sideways_overflow(page, selector: str) -> list[str]:
+    """The elements inside `selector` wider than their box that scroll sideways (a column out of sight)."""
+    return page.locator(selector).evaluate("""root => [root, ...root.querySelectorAll('*')]
+        .filter(el => ['auto', 'scroll'].includes(getComputedStyle(el).overflowX) && el.scrollWidth > el.clientWidth + 1)
+        .map(el => `${el.tagName}.${el.className}: ${el.scrollWidth} > ${el.clientWidth}`)""")
+
+
 def send(page, text: str):
     page.locator("#agent-input textarea").fill(text)
     page.locator("#agent-send").click()
@@ -179,6 +186,7 @@ def test_curate_edits_persist_to_the_store(app, page):
 
     trace_row(page, "hello").get_by_role("gridcell").nth(3).click()
     expect(page.locator("#messages-table")).to_contain_text("The tool said: one: hello")
+    assert sideways_overflow(page, "#messages-table") == [], "the messages table scrolls sideways"
     table_row(page, "#messages-table", "The tool said").get_by_role("gridcell").nth(2).click()
     value = page.locator("#message-value textarea")
     expect(value).to_have_value("The tool said: one: hello")

@@ -35,6 +35,8 @@ PURPOSE = ("**Curate** picks what the model learns from: tick *included* for the
 INCLUDE_FLAGGED = "Include flagged traces"  # the export checkbox, named in the messages that point to it
 INCLUDE_HELDOUT = f"Include the held-out traces (tagged {HELDOUT_TAG})"
 MESSAGE_COLUMNS = ["#", "role", "content", "reasoning", "tool calls"]
+# Shares of the table's width, so long texts wrap in their column instead of pushing "tool calls" out of sight.
+MESSAGE_WIDTHS = ["7%", "13%", "34%", "23%", "23%"]
 FIELDS = ["content", "reasoning_content", "tool_calls"]
 PREVIEW_CHARS = 400
 
@@ -245,7 +247,7 @@ def build(ctx: AppContext, shared: Shared) -> gr.Tab:
             with gr.Column(scale=3):
                 messages = gr.Dataframe(headers=MESSAGE_COLUMNS, value=[], interactive=False, wrap=True,
                                         max_height=420, label="Messages (select one to edit it)",
-                                        elem_id="messages-table")
+                                        column_widths=MESSAGE_WIDTHS, elem_id="messages-table")
             with gr.Column(scale=2):
                 with gr.Row():
                     index = gr.Number(None, label="Message #", precision=0, minimum=0, elem_id="message-index")
