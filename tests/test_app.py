@@ -272,6 +272,9 @@ def test_evaluate_shows_the_side_by_side_table(page):
     expect(page.locator("#eval-metrics")).to_contain_text("Steps passed")
     expect(page.locator("#eval-bars")).to_contain_text("Right arguments")
     expect(table).to_contain_text("Expected: ")
+    for cell in table.locator("tbody tr").first.locator("td").all()[1:]:  # each model's verdict, then its answer
+        verdict, answer = cell.inner_text().split("\n", 1)
+        assert re.match(r"[✓✗] (passed|failed)", verdict) and answer.strip(), cell.inner_text()
     status = page.locator("#eval-status")  # the verdict in words, counts first, and the sample called small
     expect(status).to_contain_text(re.compile(r"Fine-tuned passed \d+ of \d+ held-out steps \(base \d+ of \d+\)"))
     expect(status).to_contain_text("That is a small sample")

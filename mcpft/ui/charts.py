@@ -58,7 +58,7 @@ class Attempt:
             return '<span class="mcpft-fail">not run</span>'
         mark = '<span class="mcpft-pass">✓ passed</span>' if self.passed else '<span class="mcpft-fail">✗ failed</span>'
         note = f" <small>({html.escape(self.note)})</small>" if self.note else ""
-        return f"{mark}{note}<br>{html.escape(self.answer or '(no answer)')}"
+        return f"{mark}{note}<br>{html.escape(self.answer.strip() or '(no answer)')}"  # blank text shows as nothing
 
 
 def side_by_side_html(what: str, items: list[tuple[str, str, Attempt, Attempt]]) -> str:
