@@ -15,9 +15,9 @@ from mcpft.agent.endpoint import Endpoint, EndpointError
 from mcpft.cli import main
 from mcpft.demo.snapshot import tabs
 from mcpft.demo.tasks import load_tasks, task_by_id, training_facts
-from mcpft.demo.world import (DEMO_TAG, DEMO_TOOLS, TEACHER, TeacherBackend, check_endpoint, collect, evaluate_tasks,
-                              pick_tasks, running_world, teacher_endpoint)
-from mcpft.serve import create_app, serve_in_thread
+from mcpft.demo.world import (DEMO_TAG, DEMO_TOOLS, TEACHER, TeacherBackend, check_endpoint, collect, demo_task_in,
+                              evaluate_tasks, pick_tasks, running_world, teacher_endpoint)
+from mcpft.serve import Generation, GenerationRequest, create_app, serve_in_thread
 from tests.scripted import ScriptedBackend
 
 
@@ -118,6 +118,29 @@ def test_eval_scores_the_teacher_and_a_model_that_misbehaves(tmp_path, monkeypat
     assert by_id["no_tool_arithmetic-7"].unneeded_calls == 1
     assert by_id["price_by_position-5"].unneeded_calls == 0 and not by_id["price_by_position-5"].success
     assert by_id["price_by_position-5"].reason.startswith("expected the price $")  # the checker's reason
+
+
+class Guesser:
+    """A model that answers every task with its right answer, never opening a page."""
+
+    def start(self, request: GenerationRequest) -> Generation:
+        prompt = next(m["content"] for m in request.messages if m["role"] == "user")
+        return Generation(chunks=iter([demo_task_in(prompt).expected]))
+
+
+def test_eval_fails_a_right_answer_given_without_reading_the_site(tmp_path):
+    guessed = ["compare_weight-trailblazer-backpack-ember-camp-stove", "no_tool_definition-api"]
+    assert all(task_by_id(task_id).check(task_by_id(task_id).expected) for task_id in guessed)
+    url, stop = serve_in_thread(create_app({"guesser": Guesser()}))
+    try:
+        report = asyncio.run(evaluate_tasks(Endpoint(url, "guesser"), "heldout", browser_dir=tmp_path,
+                                            task_ids=guessed))
+    finally:
+        stop()
+    compare, definition = report.tasks
+    assert (compare.tool_calls, compare.success) == (0, False)
+    assert compare.reason == "answered without reading the site (no tool call worked): a guess"
+    assert definition.success  # a task about no site needs no call
 
 
 def test_eval_marks_the_tasks_an_endpoint_fails_mid_run(tmp_path):

@@ -71,11 +71,15 @@ class Task:
     def prompt_for(self, base_url: str) -> str:
         return self.prompt.format(base_url=base_url.rstrip("/"))
 
-    def check(self, answer: str, site_state: SiteState | None = None) -> CheckResult:
+    def check(self, answer: str, site_state: SiteState | None = None, read_site: bool = True) -> CheckResult:
+        """`read_site`: whether any tool call of the run worked. A task about the site answered without reading it
+        is a guess, failed even where it guessed right (which one of two products is lighter is a coin toss)."""
         if not isinstance(answer, str):
             raise TypeError(f"task {self.id}: answer must be a string, got {type(answer).__name__}")
         if not answer.strip():
             return _fail("the answer is empty")
+        if self.needs_tools and not read_site:
+            return _fail("answered without reading the site (no tool call worked): a guess")
         verdict = self.checker(answer, site_state)
         flaw = (hedging(answer) or repeating(answer) or unparsed_call(answer)) if verdict.ok else None
         return _fail(flaw) if flaw else verdict

@@ -199,7 +199,8 @@ async def run_task(world: World, task: Task, endpoint: Endpoint, *, sink=None, s
                   config=AgentConfig(max_steps=max_steps))
     started = time.perf_counter()
     result = await agent.send(task.prompt_for(world.site.base_url))
-    check = task.check(result.answer, world.site) if result.stop_reason == "answer" else None
+    read_site = result.tool_calls > result.tool_errors + result.rejected  # some call brought a page back
+    check = task.check(result.answer, world.site, read_site) if result.stop_reason == "answer" else None
     outcome = TaskOutcome(
         task_id=task.id, template=task.template, needs_tools=task.needs_tools, success=bool(check),
         reason=check.reason if check is not None else _no_answer(result),  # a failed check is falsy
