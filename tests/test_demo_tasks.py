@@ -100,6 +100,8 @@ def test_checker_accepts_the_right_answer_and_rejects_wrong_ones(task, site):
     ("docs_first_item-payment-paymentsecurity", "Card details are never stored on our servers."),
     ("docs_search_first_result-refund", 'The first result is "Returns and Exchanges". Yes: "Returns and Exchanges".'),
     ("product_spec-trailblazer-backpack-weight", "It weighs 1450 g.\nIt weighs 1450 g."),  # twice is no loop yet
+    ("product_spec-ember-camp-stove-material", "The Ember Camp Stove is made of aluminum and steel."),  # US spelling
+    ("product_first_feature-ember-camp-stove", "The first feature listed is: Boils a liter of water in 3 minutes."),
 ])
 def test_checkers_tolerate_phrasing(task_id, answer):
     assert task_by_id(task_id).check(answer).ok

@@ -104,8 +104,16 @@ def unnamed(text: str) -> str:
     return PRODUCT_NAMES.sub(" ", text)
 
 
+# American spellings of British words the site writes ("Aluminium and steel"): a model that answers "aluminum" read
+# the right line.
+BRITISH = {"aluminum": "aluminium", "liter": "litre", "liters": "litres", "color": "colour", "colors": "colours",
+           "odor": "odour", "fiber": "fibre", "fibers": "fibres", "gray": "grey", "meter": "metre", "meters": "metres",
+           "center": "centre"}
+
+
 def words(text: str) -> list[str]:
-    return re.findall(r"[a-z0-9]+", text.lower())
+    """The lower-case words and numbers of the text, American spellings in their British form."""
+    return [BRITISH.get(word, word) for word in re.findall(r"[a-z0-9]+", text.lower())]
 
 
 def compact(text: str) -> str:
