@@ -80,6 +80,14 @@ def test_a_product_page_answers_at_its_name_as_typed(site, address):
     assert get(site, "/products/" + urllib.parse.quote("Alpine Trekking"))[0] == 404  # a partial name is no name
 
 
+@pytest.mark.parametrize("address", [" staying safe on the trail", "The Warranty", "trail-safety", "Sizing  GUIDE"])
+def test_a_doc_page_answers_at_its_topic_title_or_slug(site, address):
+    status, html = get(site, "/docs/" + urllib.parse.quote(address))
+    doc = data.FACTS.doc_by_address(address)
+    assert status == 200 and f"<h1>{doc.title}</h1>" in html
+    assert get(site, "/docs/" + urllib.parse.quote("staying safe"))[0] == 404  # a partial topic is no topic
+
+
 @pytest.mark.parametrize("query", ["wash", "order", "kayak", "Gift VOUCHER"])
 def test_docs_search_reports_the_count_and_links_of_search_docs(site, query):
     status, html = get(site, "/docs/search?" + urllib.parse.urlencode({"q": query}))

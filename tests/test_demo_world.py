@@ -42,6 +42,19 @@ def test_pick_tasks_covers_templates_first():
     assert pick_tasks("train", 300)[split_size].id == pick_tasks("train", 300)[0].id  # round again after all
 
 
+def test_pick_tasks_gives_a_template_its_share_spread_among_the_others():
+    picked = pick_tasks("train", 97, {"compare_weight": 0.2})
+    places = [i for i, task in enumerate(picked) if task.template == "compare_weight"]
+    assert len(picked) == 97 and len(places) == 20  # at least a fifth of 97
+    assert max(b - a for a, b in zip(places, places[1:])) <= 5  # spread, not bunched at one end
+    compare_tasks = [t.id for t in load_tasks("train") if t.template == "compare_weight"]
+    assert {picked[i].id for i in places} == set(compare_tasks)  # its tasks in turn
+    assert len({t.template for t in picked}) == 11  # the other templates still taken in turn
+    assert [t.id for t in pick_tasks("train", 5, {"contact_form": 0.2})][0].startswith("contact_form")
+    with pytest.raises(ValueError, match="shares add up to 1.1: they must leave room"):
+        pick_tasks("train", 10, {"contact_form": 0.6, "product_spec": 0.5})
+
+
 def test_collect_stores_clean_teacher_traces(store, tmp_path):
     report = asyncio.run(collect(store, 4, "train", browser_dir=tmp_path / "browser"))
     assert report.totals()["successes"] == 4

@@ -50,3 +50,9 @@ def test_the_recipe_comes_from_space_yaml_and_is_checked():
     assert PayoffRecipe.from_settings({"demo": {"lora_layers": 15}}).lora_layers == 15
     with pytest.raises(PayoffError, match="train_reasoning must be true or false, got 'no'"):
         PayoffRecipe.from_settings({"demo": {"train_reasoning": "no"}})
+    assert PayoffRecipe.from_settings({"demo": {"template_shares": {"contact_form": 0.5}}}).template_shares == \
+        {"contact_form": 0.5}
+    with pytest.raises(PayoffError, match="template share: no template 'compare_price' in the split"):
+        PayoffRecipe.from_settings({"demo": {"template_shares": {"compare_price": 0.2}}})  # a held-out template
+    with pytest.raises(PayoffError, match="share of 'contact_form' must be a fraction between 0 and 1, got 2"):
+        PayoffRecipe.from_settings({"demo": {"template_shares": {"contact_form": 2}}})

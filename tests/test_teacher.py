@@ -179,7 +179,8 @@ FIRST_PAGES = {  # template -> the address the teacher opens first (the page the
     "price_by_position": "/products?page=1", "page2_product": "/products?page=2",
     # A product's page: its name as the prompt writes it, the space before it included (the same tokens).
     "product_spec": "/products/ {product}", "product_first_feature": "/products/ {product}",
-    "compare_weight": "/products/ {product}", "compare_price": "/products/ {product}", "docs_first_item": "/docs",
+    "compare_weight": "/products/ {product}", "compare_price": "/products/ {product}",
+    "docs_first_item": "/docs/ {topic}",  # the topic as the prompt writes it, like a product's name
     "docs_search_count": "/docs/search?q={query}", "docs_search_first_result": "/docs/search?q={query}",
     "learn_more_fact": "", "contact_form": "/contact",
 }
@@ -194,7 +195,8 @@ def test_the_teacher_goes_straight_to_the_page_the_task_names(task):
     params = task.params
     first_slug = (params.get("products") or [params.get("product")])[0]
     first_name = data.FACTS.product_by_slug(first_slug).name if first_slug else ""
-    path = FIRST_PAGES[task.template].format(product=first_name,
+    topic = data.FACTS.doc_by_slug(params["doc"]).topic if "doc" in params else ""
+    path = FIRST_PAGES[task.template].format(product=first_name, topic=topic,
                                              query=params.get("query", "").replace(" ", "+"))
     assert call["function"]["name"] == "browser_navigate"
     assert json.loads(call["function"]["arguments"]) == {"url": BASE + path}

@@ -31,7 +31,8 @@ def register(verbs, parent):
     p.add_argument("--port", type=int, default=0)
     p.set_defaults(handler=cmd_serve)
 
-    p = sub.add_parser("collect", parents=[parent], help="store teacher traces for N tasks (auto-approved)")
+    p = sub.add_parser("collect", parents=[parent], help="store teacher traces for N tasks (auto-approved; the train "
+                                                         "split in the mix of space.yaml's demo recipe)")
     p.add_argument("--n", type=positive_int, required=True)
     p.add_argument("--split", choices=("train", "heldout"), default="train")
     p.set_defaults(handler=cmd_collect)
@@ -78,12 +79,18 @@ def _outcome_line(outcome) -> str:
 
 def cmd_collect(args):
     from mcpft.agent.browser import BrowserSetupError
+    from mcpft.config import load_settings
+    from mcpft.demo.payoff import PayoffError, PayoffRecipe
     from mcpft.demo.world import collect
 
+    try:  # the train split in the demo recipe's mix of templates, as `demo payoff` collects it
+        shares = PayoffRecipe.from_settings(load_settings()).template_shares if args.split == "train" else None
+    except PayoffError as e:
+        raise CliError(str(e)) from None
     store = open_store(args)
     bar = progress(total=args.n, desc=f"collect {args.split}", unit="task")
     try:
-        report = asyncio.run(collect(store, args.n, args.split, on_task=lambda o: bar.update()))
+        report = asyncio.run(collect(store, args.n, args.split, on_task=lambda o: bar.update(), shares=shares))
     except BrowserSetupError as e:
         raise CliError(str(e)) from None
     finally:

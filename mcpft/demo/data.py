@@ -255,6 +255,15 @@ class Facts:
                 return doc
         raise KeyError(f"no doc page with slug {slug!r}")
 
+    def doc_by_address(self, address: str) -> DocPage:
+        """The doc page an address names: its slug, its title or its topic as a person types them (any case, single
+        spaces)."""
+        wanted = " ".join(address.split()).casefold()
+        for doc in self.docs:
+            if wanted in (doc.slug, doc.title.casefold(), doc.topic.casefold()):
+                return doc
+        raise KeyError(f"no doc page named {address!r}")
+
     def search_docs(self, query: str) -> tuple[DocPage, ...]:
         """Doc pages whose text contains `query` (case-insensitive), in catalogue order; an empty query finds
         nothing."""

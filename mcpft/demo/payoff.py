@@ -21,7 +21,8 @@ from pathlib import Path
 
 from mcpft.agent.endpoint import CompletionSettings, Endpoint
 from mcpft.dataset import rows_from_traces
-from mcpft.demo.world import DEMO_TAG, collect, evaluate_tasks, pick_tasks
+from mcpft.demo.tasks import load_tasks
+from mcpft.demo.world import DEMO_TAG, check_shares, collect, evaluate_tasks, pick_tasks
 from mcpft.store import Store
 
 STAGES = ("collect", "train", "base", "tuned")
@@ -48,6 +49,8 @@ class PayoffRecipe:
     agent_max_steps: int = 6
     max_new_tokens: int = 320  # per agent step: a 4-field browser_fill_form call alone is ~170 tokens
     train_reasoning: bool = False  # the teacher's reasoning left out of the rows: 135M copies its sentences wrong
+    # Train templates given a part of the traces of their own (`pick_tasks`), the others taken in turn.
+    template_shares: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self):
         for name in ("train_traces", "heldout_tasks", "gradient_accumulation_steps", "lora_r", "agent_max_steps",
@@ -60,6 +63,10 @@ class PayoffRecipe:
                               f"layers), got {self.lora_layers!r}")
         if not isinstance(self.train_reasoning, bool):
             raise PayoffError(f"demo recipe: train_reasoning must be true or false, got {self.train_reasoning!r}")
+        try:
+            check_shares(self.template_shares, {task.template for task in load_tasks("train")})
+        except ValueError as error:
+            raise PayoffError(f"demo recipe: {error}") from None
         for name in ("epochs", "learning_rate"):
             if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) <= 0:
                 raise PayoffError(f"demo recipe: {name} must be a positive number, got {getattr(self, name)!r}")
@@ -119,7 +126,7 @@ def run_payoff(recipe: PayoffRecipe, work_dir: Path, base_model: str | None = No
 
     with _timed(report, "collect"), Store(work_dir / "demo.db") as store:
         counter = _Counter("collect", recipe.train_traces, progress)
-        asyncio.run(collect(store, recipe.train_traces, "train", on_task=counter.tick))
+        asyncio.run(collect(store, recipe.train_traces, "train", on_task=counter.tick, shares=recipe.template_shares))
         rows = rows_from_traces(store.traces(tags=[DEMO_TAG, "train"], include_flagged=False))
     with _timed(report, "train"):
         report.train = _train(recipe, rows, adapter_dir, base_model, progress)

@@ -125,11 +125,11 @@ def docs_search_page(query: str, facts: Facts = FACTS) -> str:
     return _page(f"Search: {query}", body)
 
 
-def doc_page(slug: str, facts: Facts = FACTS) -> str:
+def doc_page(address: str, facts: Facts = FACTS) -> str:
     try:
-        doc = facts.doc_by_slug(slug)
+        doc = facts.doc_by_address(address)
     except KeyError as error:
-        raise PageNotFound(slug) from error
+        raise PageNotFound(address) from error
     sections = "\n".join(f"<h2>{escape(section.heading)}</h2>\n{_list([escape(i) for i in section.items])}"
                          for section in doc.sections)
     body = f"""<h1>{escape(doc.title)}</h1>
@@ -212,7 +212,7 @@ def render_get(path: str, query: dict[str, list[str]], facts: Facts = FACTS) -> 
     if path == "/docs/search":
         return docs_search_page(query.get("q", [""])[0], facts)
     if path.startswith("/docs/"):
-        return doc_page(path.removeprefix("/docs/"), facts)
+        return doc_page(unquote(path.removeprefix("/docs/")), facts)
     if path == "/about":
         return story_page(facts)
     if path == "/contact":

@@ -303,10 +303,8 @@ def goto_product(act: Actions, page: Page | None, product: data.Product) -> Step
 def goto_doc(act: Actions, page: Page | None, doc: data.DocPage) -> Step | None:
     if page is not None and page.h1 == doc.title:
         return None
-    link = page.link(doc.title) if page is not None else None
-    if link is not None:
-        return act.click(link, f"\"{doc.title}\" is the page about {doc.topic}; I'll open it.")
-    return act.navigate(act.browsing.base_url + "/docs", "The docs index at /docs lists every docs page.")
+    path = doc_path(doc)
+    return act.navigate(act.browsing.base_url + path, f"The docs page about {doc.topic} is at {path}.")
 
 
 def goto_search(act: Actions, page: Page | None, query: str) -> Step | None:
@@ -323,6 +321,11 @@ def product_path(product: data.Product) -> str:
     # " Alpine", which "/products/Alpine" would split into "Al" + "pine", a spelling a small model gets wrong for a
     # name it never wrote; with the space the address is a copy of the prompt's tokens (the site ignores the space).
     return f"/products/ {product.name}"
+
+
+def doc_path(doc: data.DocPage) -> str:
+    # The topic as the prompt has it ("the docs page about the warranty"), as product_path copies a product's name.
+    return f"/docs/ {doc.topic}"
 
 
 def catalogue_path(number: int) -> str:

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import tempfile
 import time
 from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import openai
 from openai.pagination import AsyncPage
@@ -216,30 +217,56 @@ def _no_answer(result: TurnResult) -> str:
     return f"no answer ({result.stop_reason})"
 
 
-def pick_tasks(split: str, n: int) -> list[Task]:
+def pick_tasks(split: str, n: int, shares: Mapping[str, float] | None = None) -> list[Task]:
     """`n` tasks of the split, templates taken in turn (so a small `n` still covers them all), going round again
-    when `n` is larger than the split. Deterministic."""
+    when `n` is larger than the split. `shares` gives a template a part of the `n` of its own (at least share·n of
+    its tasks, in turn), spread evenly among the others'. Deterministic."""
     by_template: dict[str, list[Task]] = {}
     for task in load_tasks(split):
         by_template.setdefault(task.template, []).append(task)
+    own = []
+    for template, share in check_shares(shares or {}, set(by_template)).items():
+        tasks = by_template.pop(template)
+        own += [tasks[i % len(tasks)] for i in range(math.ceil(share * n))]
     interleaved = [t for round_ in itertools.zip_longest(*by_template.values()) for t in round_ if t is not None]
-    return [interleaved[i % len(interleaved)] for i in range(n)]
+    picked = [interleaved[i % len(interleaved)] for i in range(max(0, n - len(own)))]
+    every = max(1, len(picked) // max(1, len(own)))
+    for index, task in enumerate(own):
+        picked.insert(index * (every + 1), task)
+    return picked[:n]
+
+
+def check_shares(shares: Mapping[str, float], templates: set[str]) -> Mapping[str, float]:
+    """`shares` as given, or a ValueError naming the template or share that is wrong."""
+    if not isinstance(shares, Mapping):
+        raise ValueError(f"template shares must map template names to fractions, got {shares!r}")
+    for template, share in shares.items():
+        if template not in templates:
+            raise ValueError(f"template share: no template {template!r} in the split; known: "
+                             f"{', '.join(sorted(templates))}")
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share < 1:
+            raise ValueError(f"template share of {template!r} must be a fraction between 0 and 1, got {share!r}")
+    if sum(shares.values()) >= 1:
+        raise ValueError(f"template shares add up to {sum(shares.values()):g}: they must leave room for the other "
+                         "templates (under 1)")
+    return shares
 
 
 async def collect(store: Store, n: int, split: str = "train", browser_dir: Path | None = None, owner: str = "",
-                  on_task: Callable[[TaskOutcome], None] | None = None, vary: bool | None = None) -> DemoReport:
-    """Teacher traces for `n` tasks, stored as they happen, tagged `demo` and the split; a failed task's trace is
-    kept but excluded from training. With `vary` (the default for the train split) trace i runs in a world of its
-    own (`training_facts(i)`: other product names, prices, order, story), so the names and values in the traces
-    are ones a model can only get right by copying them from the prompt or the page, not by recalling them; the
-    held-out split is always the demo's own world."""
+                  on_task: Callable[[TaskOutcome], None] | None = None, vary: bool | None = None,
+                  shares: Mapping[str, float] | None = None) -> DemoReport:
+    """Teacher traces for `n` tasks (`shares`: as `pick_tasks`), stored as they happen, tagged `demo` and the split;
+    a failed task's trace is kept but excluded from training. With `vary` (the default for the train split) trace i
+    runs in a world of its own (`training_facts(i)`: other product names, prices, order, story), so the names and
+    values in the traces are ones a model can only get right by copying them from the prompt or the page, not by
+    recalling them; the held-out split is always the demo's own world."""
     vary = split == "train" if vary is None else vary
     browser_dir = browser_dir or store.path.parent / "demo-browser"
     report = DemoReport(split=split, model=TEACHER, base_url="")
     teacher = TeacherBackend()
     async with teacher_endpoint(teacher) as endpoint, running_world(browser_dir) as world:
         report.base_url = endpoint.base_url
-        for number, task in enumerate(pick_tasks(split, n), start=1):
+        for number, task in enumerate(pick_tasks(split, n, shares), start=1):
             task = task_by_id(task.id, training_facts(number)) if vary else task
             teacher.facts = task.facts
             trace_id = open_trace(store, model=TEACHER, base_url=endpoint.base_url, tools=world.tools.openai_tools(),
