@@ -139,6 +139,8 @@ def test_checkers_tolerate_phrasing(task_id, answer):
      "calls 'Drift Rain Shell' lighter"),
     ("compare_price-trailblazer-backpack-ember-camp-stove", "The Trailblazer Backpack costs more.",
      "expected the difference"),
+    ("compare_price-trailblazer-backpack-ember-camp-stove",  # the cheaper price, which is also the difference
+     "The Trailblazer Backpack 45L costs 129.00, while the Ember Camp Stove costs 64.50.", "only as a price"),
     ("learn_more_fact-founded", "It was founded in 1978.", "expected '1987'"),
     ("docs_search_first_result-refund",  # a tuned model's loop (payoff run 50) that names the right title in passing
      'Searching the docs for "refund" gives: "Refund"\nSearching the docs for "refund" gives: refund\n'

@@ -322,10 +322,17 @@ def check_compared_weights(lighter: Product, heavier: Product) -> Checker:
     return check
 
 
+DIFFERENCE_WORDS = re.compile(r"\b(?:more|difference|differ|differs|extra|higher|dearer|pricier|expensive|by)\b",
+                              re.IGNORECASE)
+
+
 def check_price_difference(dearer: Product, cheaper: Product) -> Checker:
     difference = round(dearer.price - cheaper.price, 2)
     name_check = check_choice(dearer, cheaper, "more expensive", keyword="more")
     stated_prices = (difference, dearer.price, cheaper.price)
+
+    # Where the difference is also a price (129.00 - 64.50), the figure alone may be that price read off a page.
+    as_price = any(same(difference, price) for price in (dearer.price, cheaper.price))
 
     def check(answer: str, state: SiteState | None) -> CheckResult:
         named = name_check(answer, state)
@@ -333,6 +340,8 @@ def check_price_difference(dearer: Product, cheaper: Product) -> Checker:
             return named
         if not mentions_number(answer, difference):
             return _fail(f"expected the difference ${difference:,.2f}")
+        if as_price and not DIFFERENCE_WORDS.search(answer):
+            return _fail(f"states ${difference:,.2f} only as a price: no difference given")
         rivals = sorted({a for a in amounts(answer) if not any(same(a, p) for p in stated_prices)})
         if rivals:
             return _fail(f"also names other amounts {rivals}")
