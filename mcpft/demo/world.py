@@ -220,7 +220,7 @@ def _no_answer(result: TurnResult) -> str:
 def pick_tasks(split: str, n: int, shares: Mapping[str, float] | None = None) -> list[Task]:
     """`n` tasks of the split, templates taken in turn (so a small `n` still covers them all), going round again
     when `n` is larger than the split. `shares` gives a template a part of the `n` of its own (at least share·n of
-    its tasks, in turn), spread evenly among the others'. Deterministic."""
+    its tasks, in turn), spread evenly among the others. Deterministic."""
     by_template: dict[str, list[Task]] = {}
     for task in load_tasks(split):
         by_template.setdefault(task.template, []).append(task)
