@@ -155,6 +155,15 @@ async def test_teacher_solves_one_task_per_template(task, site, hub):
     calls = [m for m in episode.messages if m.get("tool_calls")]
     assert bool(calls) == task.needs_tools
     assert_grounded(episode.messages, {t["function"]["name"] for t in tools})
+    # The answer opens with what was asked, not with the way the prompt opens: "Searching the docs for … gives 2
+    # results" was the one sentence tuned models had for prompts opening "Search the docs", and they answered the
+    # unseen first-result template with it (docs/benchmarks.md, run 58).
+    assert opening(episode.answer) != opening(task.prompt), episode.answer
+
+
+def opening(text: str) -> list[str]:
+    """The first three words, each cut to five letters ("Searching the docs" opens as "Search the docs")."""
+    return [word[:5].lower() for word in re.findall(r"[A-Za-z]+", text)[:3]]
 
 
 @pytest.mark.anyio

@@ -617,7 +617,7 @@ def docs_search_count_tasks(facts: Facts) -> list[Task]:
                 id=f"docs_search_count-{query}", template="docs_search_count", split=split,
                 prompt=f"Search the docs at {{base_url}} for \"{query}\" and tell me how many results there are.",
                 needs_tools=True, params={"query": query},
-                expected=f"The search for \"{query}\" gives {count} result{'' if count == 1 else 's'}.",
+                expected=f"There {'is' if count == 1 else 'are'} {count} result{'' if count == 1 else 's'} for \"{query}\".",
                 wrong=f"There are {count + 1} results.", checker=check_count(count, len(facts.docs))))
     return tasks
 
