@@ -28,7 +28,7 @@ from typing import Any, Awaitable, Callable, Mapping, Sequence
 
 from mcpft.demo import data
 from mcpft.demo.snapshot import Node, Page, Tab, page_url, read_page, tabs
-from mcpft.demo.tasks import FACT_ANSWERS, ORDINALS, Task, all_tasks
+from mcpft.demo.tasks import FACT_ANSWERS, ORDINALS, Task, all_tasks, results_sentence
 from mcpft.hermes import format_assistant_text, parse_assistant_text
 
 MAX_ASSISTANT_TURNS = 16
@@ -502,8 +502,7 @@ def solve_docs_search_count(task: Task, act: Actions, page: Page | None) -> Step
     noun = "result" if count == 1 else "results"
     # The answer opens with what was asked, not with the search: "Searching the docs for …" was the one sentence a
     # tuned model had for prompts opening "Search the docs", so it answered the unseen first-result template with it.
-    return Step(f"The results page says {count} {noun} for \"{query}\".",
-                answer=f"There {'is' if count == 1 else 'are'} {count} {noun} for \"{query}\".")
+    return Step(f"The results page says {count} {noun} for \"{query}\".", answer=results_sentence(query, count))
 
 
 def solve_docs_search_first_result(task: Task, act: Actions, page: Page | None) -> Step:
