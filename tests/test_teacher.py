@@ -159,6 +159,10 @@ async def test_teacher_solves_one_task_per_template(task, site, hub):
     # results" was the one sentence tuned models had for prompts opening "Search the docs", and they answered the
     # unseen first-result template with it (docs/benchmarks.md, run 58).
     assert opening(episode.answer) != opening(task.prompt), episode.answer
+    if task.template == "docs_first_item":
+        # The item right after its heading, as on the page: with the page's title between them ("… on the Warranty
+        # page is: …"), tuned models went on from the title to the page's intro (docs/benchmarks.md, run 61).
+        assert task.facts.doc_by_slug(task.params["doc"]).title not in episode.answer, episode.answer
 
 
 def opening(text: str) -> list[str]:

@@ -28,7 +28,7 @@ from typing import Any, Awaitable, Callable, Mapping, Sequence
 
 from mcpft.demo import data
 from mcpft.demo.snapshot import Node, Page, Tab, page_url, read_page, tabs
-from mcpft.demo.tasks import FACT_ANSWERS, ORDINALS, Task, all_tasks, results_sentence
+from mcpft.demo.tasks import FACT_ANSWERS, ORDINALS, Task, all_tasks, first_item_sentence, results_sentence
 from mcpft.hermes import format_assistant_text, parse_assistant_text
 
 MAX_ASSISTANT_TURNS = 16
@@ -483,7 +483,7 @@ def solve_docs_first_item(task: Task, act: Actions, page: Page | None) -> Step:
     if not items:
         raise TeacherError(f"the {doc.title} page has no list under {heading!r}")
     return Step(f"Under the heading \"{heading}\" the first item is \"{items[0]}\".",
-                answer=f"The first item under \"{heading}\" on the {page.h1} page is: {items[0]}.")
+                answer=first_item_sentence(heading, items[0]))
 
 
 def _result_count(page: Page) -> int:
