@@ -1,6 +1,6 @@
 """`mcpft demo payoff` end to end at a tiny scale: the real teacher collects in the real browser into a new store,
 a tiny model trains on its traces, and base and fine-tuned run a held-out task in the real browser.
-The full scale (SmolLM2, 13 held-out tasks) is bench/uplift_demo.py."""
+The full scale (SmolLM2, all 44 held-out tasks) is bench/uplift_demo.py."""
 
 import json
 

@@ -52,7 +52,8 @@ def register(verbs, parent):
     p = sub.add_parser("payoff", parents=[parent], help="from an empty store: collect teacher traces, train, and "
                                                         "compare base and fine-tuned on held-out tasks")
     p.add_argument("--train-traces", type=positive_int, help="teacher traces to train on (default: space.yaml demo)")
-    p.add_argument("--heldout-tasks", type=positive_int, help="held-out tasks, templates in turn (13 = one each)")
+    p.add_argument("--heldout-tasks", type=positive_int,
+                   help="held-out tasks, templates in turn (44: the whole split, 13: one each)")
     p.add_argument("--epochs", type=float, help="training epochs (default: space.yaml demo)")
     p.add_argument("--base-model", help="folder or Hub id (default: space.yaml's base_model; offline: SmolLM2)")
     p.add_argument("--out", type=Path, help="new or empty work dir for the store, adapter and transcripts "
