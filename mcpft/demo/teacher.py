@@ -500,8 +500,6 @@ def solve_docs_search_count(task: Task, act: Actions, page: Page | None) -> Step
         return step
     count = _result_count(page)
     noun = "result" if count == 1 else "results"
-    # The answer opens with what was asked, not with the search: "Searching the docs for …" was the one sentence a
-    # tuned model had for prompts opening "Search the docs", so it answered the unseen first-result template with it.
     return Step(f"The results page says {count} {noun} for \"{query}\".", answer=results_sentence(query, count))
 
 

@@ -18,12 +18,12 @@ import gradio as gr
 
 from mcpft.demo.payoff import (REPORT_FILE, STAGE_NAMES, STAGES, PayoffError, PayoffRecipe, plain_metrics,
                                run_payoff, task_sentence)
+from mcpft.evaluate import SMALL_SAMPLE
 from mcpft.ui.charts import CSS, Attempt, bars_html, side_by_side_html
 from mcpft.ui.owner import owner_slug, require_owner
 from mcpft.ui.state import AppContext, Shared
 
 HEARTBEAT_S = 1.0  # the status line's clock moves at least this often, also while a stage prepares
-SMALL_SAMPLE = 20
 NO_RUN_YET = "No demo run yet."
 SITE = "the demo site"  # a task's prompt names the site's address, which changes with every task
 
